@@ -1,0 +1,115 @@
+"""The ``harness`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
+
+EXIT_BAD_INPUT = 2
+EXIT_TRIALS_FAILED = 1
+
+
+def _quiet_libraries() -> None:
+    # MLflow and Alembic log every migration and warn about optional extras; the user wants the study.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="mlflow")
+
+
+def cmd_run_study(args: argparse.Namespace) -> int:
+    from harness.matrix import expand
+
+    spec = load_spec(args.spec)
+    trials = expand(spec, where=args.spec)
+    if args.dry_run:
+        for trial in trials:
+            c = trial.config
+            budget = f"{c.budget.tokens:,} tokens" if c.budget.tokens else f"{c.budget.epochs:g} epochs"
+            moe = "dense FFN" if trial.variant == "dense" else f"router={c.moe.router} expert={c.moe.expert}"
+            print(f"{trial.key:40s} backbone={c.model.backbone} {moe} budget={budget}")
+        print(f"{len(trials)} trials in study '{spec.name}'")
+        return 0
+
+    from harness.study import run_study
+    from harness.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    outcome = run_study(spec, uri, progress=not args.no_progress, checkpoint_dir=Path(args.checkpoint_dir))
+    print(
+        f"study '{spec.name}': {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
+        f"{len(outcome.failed)} failed; tracking {uri} (experiment {outcome.experiment_id})"
+    )
+    for key, reason in outcome.failed.items():
+        print(f"  FAILED {key}: {reason}")
+    return EXIT_TRIALS_FAILED if outcome.failed else 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from harness.data import download
+
+    for path in download(args.name, Path(args.dest)):
+        print(f"verified {path}")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from harness.config import DataConfig
+    from harness.data import load_corpus
+
+    corpus = load_corpus(DataConfig(path=args.path, name=args.name, min_freq=args.min_freq))
+    for key, value in corpus.summary().items():
+        print(f"{key:18s} {value:,}" if isinstance(value, int) else f"{key:18s} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description="Benchmark MoE layers in small language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run-study", help="train every variant x seed cell of a study spec, logged to MLflow")
+    run.add_argument("spec", help="study spec YAML (see studies/)")
+    run.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
+    )
+    run.add_argument("--dry-run", action="store_true", help="print the expanded trial list and exit")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--checkpoint-dir", default="mlruns/checkpoints", help="where interrupted trials keep their checkpoints"
+    )
+    run.set_defaults(func=cmd_run_study)
+
+    data = commands.add_parser("data", help="WikiText-2 files").add_subparsers(dest="data_command", required=True)
+    download = data.add_parser("download", help="fetch the parquet files from the Hugging Face hub and verify them")
+    download.add_argument("--name", default="wikitext-2-v1", choices=["wikitext-2-v1", "wikitext-2-raw-v1"])
+    download.add_argument("--dest", default=DEFAULT_DATA_PATH)
+    download.set_defaults(func=cmd_data_download)
+    info = data.add_parser("info", help="tokenise (or read the cache) and print split sizes and vocabulary")
+    info.add_argument("--path", default=DEFAULT_DATA_PATH)
+    info.add_argument("--name", default="wikitext-2-v1", choices=["wikitext-2-v1", "wikitext-2-raw-v1"])
+    info.add_argument("--min-freq", type=int, default=1)
+    info.set_defaults(func=cmd_data_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except SpecError as error:
+        print(f"harness: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("harness: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Typed, validated configuration: the one place that knows what a study spec may contain.
+
+A study spec (YAML) has a name, a ``base`` trial config, a ``matrix`` (variants x seeds x
+optional sweeps) and per-variant ``overrides``. Every trial that runs is a fully resolved
+:class:`TrialConfig`; nothing downstream reads raw dicts.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+VARIANTS = ("baseline", "switch", "lora", "hybrid", "dense")
+Variant = Literal["baseline", "switch", "lora", "hybrid", "dense"]
+DATA_ENV = "MOE_HARNESS_DATA"
+DEFAULT_DATA_PATH = "../shared/data/wikitext"
+
+
+class SpecError(ValueError):
+    """A study spec or CLI input that cannot be used; the message is one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class DataConfig(_Strict):
+    path: str = DEFAULT_DATA_PATH
+    """Folder holding ``<name>/{train,validation,test}-00000-of-00001.parquet``; ``$MOE_HARNESS_DATA`` wins."""
+    name: Literal["wikitext-2-v1", "wikitext-2-raw-v1"] = "wikitext-2-v1"
+    min_freq: int = Field(1, ge=1)
+    max_vocab: int | None = Field(None, ge=4)
+
+    def root(self) -> Path:
+        return Path(os.environ.get(DATA_ENV) or self.path).expanduser()
+
+
+class ModelConfig(_Strict):
+    backbone: Literal["lstm", "gpt"] = "lstm"
+    d_model: int = Field(200, ge=1)
+    n_layers: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    tie_weights: bool = True
+    output: Literal["full", "adaptive"] = "full"
+    """``adaptive``: adaptive softmax (Grave et al. 2017) over frequency-sorted clusters."""
+    adaptive_cutoffs: list[int] = [2000, 10000]
+    # GPT only
+    n_heads: int = Field(4, ge=1)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    position: Literal["learned", "rope"] = "learned"
+    moe_every: int = Field(1, ge=1)
+    """GPT: the MoE layer replaces the FFN in every ``moe_every``-th block (the last one included)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.backbone == "gpt" and self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.position=rope needs an even head dimension")
+        if self.output == "adaptive" and sorted(set(self.adaptive_cutoffs)) != self.adaptive_cutoffs:
+            raise ValueError(f"model.adaptive_cutoffs={self.adaptive_cutoffs} must be strictly increasing")
+        return self
+
+
+class MoEConfig(_Strict):
+    n_experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    router: Literal["noisy_topk", "switch", "softmax_topk", "aux_free"] = "noisy_topk"
+    router_init: Literal["default", "zeros", "switch"] = "default"
+    """``default``: zeros for noisy top-k (as Shazeer 2017), PyTorch's Linear init otherwise;
+    ``switch``: truncated normal with std sqrt(0.1 / d_model) (Fedus et al.)."""
+    jitter: float = Field(0.0, ge=0.0, lt=1.0)
+    """Switch input jitter: multiply router input by U(1-jitter, 1+jitter) while training."""
+    bias_update_rate: float = Field(0.001, ge=0.0)
+    """``aux_free``: per-step selection-bias update b_i += rate * sign(mean_load - load_i)."""
+    expert: Literal["mlp", "lora"] = "mlp"
+    d_hidden: int = Field(400, ge=1)
+    activation: Literal["relu", "gelu", "swiglu"] = "relu"
+    granularity: int = Field(1, ge=1)
+    """Fine-grained experts: n_experts*g experts of width d_hidden/g, top_k*g active."""
+    n_shared_experts: int = Field(0, ge=0)
+    capacity_factor: float | None = Field(None, gt=0.0)
+    """``None`` is dropless; otherwise capacity = ceil(cf * k * T / E) slots per expert."""
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_base_trainable: bool = False
+    balance_losses: list[Literal["cv2", "switch"]] = ["cv2"]
+    aux_loss_coef: float = Field(0.01, ge=0.0)
+    z_loss_coef: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"moe.top_k={self.top_k} exceeds moe.n_experts={self.n_experts}")
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"moe.router=switch routes top-1, got moe.top_k={self.top_k}")
+        if self.d_hidden % self.granularity:
+            raise ValueError(f"moe.d_hidden={self.d_hidden} is not divisible by moe.granularity={self.granularity}")
+        return self
+
+    @property
+    def routed_experts(self) -> int:
+        return self.n_experts * self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        return self.top_k * self.granularity
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.d_hidden // self.granularity
+
+
+class OptimConfig(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(0.25, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class BudgetConfig(_Strict):
+    epochs: float | None = Field(None, gt=0.0)
+    tokens: int | None = Field(None, gt=0)
+    eval_every_steps: int = Field(200, ge=1)
+    eval_tokens: int | None = Field(None, gt=0)
+    """Periodic evaluation reads the first ``eval_tokens`` validation tokens (all when unset);
+    the final val/test figures always use the full splits."""
+    log_every_steps: int = Field(20, ge=1)
+    checkpoint_every_steps: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetConfig:
+        if (self.epochs is None) == (self.tokens is None):
+            raise ValueError("budget needs exactly one of budget.epochs or budget.tokens")
+        return self
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(20, ge=1)
+    seq_len: int = Field(35, ge=2)
+    """Truncated-BPTT length (LSTM) or context length (GPT)."""
+    eval_batch_size: int = Field(20, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int | None = Field(None, ge=1)
+    compile: bool = False
+    save_checkpoint: bool = False
+    """Log the final model weights as an MLflow artifact."""
+
+
+class TrialConfig(_Strict):
+    """Everything one training run needs; the matrix expands a study into these."""
+
+    variant: Variant = "baseline"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    moe: MoEConfig = MoEConfig()
+    optim: OptimConfig = OptimConfig()
+    budget: BudgetConfig = BudgetConfig(tokens=100_000)
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> TrialConfig:
+        if self.model.tie_weights and self.model.output == "adaptive":
+            raise ValueError("model.tie_weights=true cannot be combined with model.output=adaptive")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view of every value, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+class MatrixConfig(_Strict):
+    variants: list[Variant] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    sweep: dict[str, list[Any]] = {}
+    """Extra axes: dotted key (e.g. ``moe.n_experts``) -> values."""
+
+    @field_validator("variants", "seeds")
+    @classmethod
+    def _unique(cls, values: list[Any]) -> list[Any]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"duplicate entries in {values}")
+        return values
+
+
+class TuneParam(_Strict):
+    type: Literal["int", "float", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs non-empty choices")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"a {self.type} parameter needs low <= high, got low={self.low} high={self.high}")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"a log-scaled parameter needs low > 0, got low={self.low}")
+        return self
+
+
+class TuneConfig(_Strict):
+    variant: Variant = "hybrid"
+    space: dict[str, TuneParam] = Field(min_length=1)
+    """Dotted trial-config key -> search distribution."""
+    n_trials: int | None = Field(None, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+    sampler: Literal["tpe", "random"] = "tpe"
+    sampler_seed: int = 0
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_warmup_steps: int = Field(0, ge=0)
+    objectives: list[Literal["val_ppl", "time_per_mtok"]] = ["val_ppl"]
+    seeds: list[int] = [0]
+    """Seeds the exported best-config spec runs."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        if self.n_trials is None and self.timeout_s is None:
+            raise ValueError("tune needs tune.n_trials or tune.timeout_s")
+        if not self.objectives or self.objectives[0] != "val_ppl" or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"tune.objectives must start with val_ppl, got {self.objectives}")
+        return self
+
+
+class StudySpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    base: dict[str, Any] = {}
+    matrix: MatrixConfig
+    overrides: dict[Variant, dict[str, Any]] = {}
+    tune: TuneConfig | None = None
+
+
+# What each variant name means, applied on top of ``base`` and below ``overrides``.
+VARIANT_PRESETS: dict[str, dict[str, Any]] = {
+    "baseline": {"moe": {"router": "noisy_topk", "top_k": 2, "expert": "mlp", "balance_losses": ["cv2"]}},
+    "switch": {"moe": {"router": "switch", "top_k": 1, "expert": "mlp", "balance_losses": ["switch"]}},
+    "lora": {"moe": {"router": "noisy_topk", "top_k": 2, "expert": "lora", "balance_losses": ["cv2"]}},
+    "hybrid": {"moe": {"router": "switch", "top_k": 1, "expert": "lora", "balance_losses": ["switch"]}},
+    "dense": {},
+}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """Return a copy of ``tree`` with ``a.b.c`` set to ``value``."""
+    head, *rest = dotted.split(".")
+    out = dict(tree)
+    out[head] = set_dotted(dict(out.get(head) or {}), ".".join(rest), value) if rest else value
+    return out
+
+
+def resolve_trial(spec: StudySpec, variant: str, seed: int, assignment: dict[str, Any] | None = None) -> TrialConfig:
+    """base -> variant preset -> per-variant overrides -> sweep assignment -> variant/seed."""
+    tree = deep_merge(spec.base, VARIANT_PRESETS[variant])
+    tree = deep_merge(tree, spec.overrides.get(variant, {}))
+    for key, value in (assignment or {}).items():
+        tree = set_dotted(tree, key, value)
+    tree.update(variant=variant, seed=seed)
+    return TrialConfig.model_validate(tree)
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys at ``loc`` (for 'did you mean')."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = next((a for a in getattr(annotation, "__args__", (annotation,)) if hasattr(a, "model_fields")), None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _describe(error: ValidationError, model: type[BaseModel], where: str) -> str:
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(loc[-1]), _field_names(model, loc), n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"{where}: unknown key '{key}'{suggestion}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return f"{where}: missing key '{key}'"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"{where}: {key}{shown}: {message}"
+
+
+def validate_trial_tree(tree: dict[str, Any], where: str) -> TrialConfig:
+    try:
+        return TrialConfig.model_validate(tree)
+    except ValidationError as error:
+        raise SpecError(_describe(error, TrialConfig, where)) from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Parse and fully validate a study spec, including every trial it expands to."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such study spec") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpecError(f"{path}: malformed YAML{at}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a study spec must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_describe(error, StudySpec, str(path))) from None
+    check_spec(spec, str(path))
+    return spec
+
+
+def check_spec(spec: StudySpec, where: str) -> None:
+    """Validate the trial configs a spec expands to and that its data exists."""
+    from harness.matrix import expand  # local: matrix builds on this module
+
+    trials = expand(spec, where=where)
+    data = trials[0].config.data
+    folder = data.root() / data.name
+    if not folder.is_dir():
+        source = f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "data.path"
+        raise SpecError(
+            f"{where}: data folder '{folder}' does not exist (set {source}, or run 'harness data download')"
+        )

@@ -1,0 +1,139 @@
+"""Measurements a trial reports besides its losses: memory peaks and expert utilisation."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+from torch import Tensor
+
+from models import MoEStats
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+class ResourceMonitor:
+    """Background sampler of this process's peak RSS and, with a GPU, NVML device memory.
+
+    NVML memory is instantaneous and device-wide, so a thread samples it; without a GPU (or
+    without NVML) the GPU figures are ``None`` ("no value"), never 0.
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.2) -> None:
+        self.device, self.interval_s = device, interval_s
+        self._process = psutil.Process(os.getpid())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="resource-monitor", daemon=True)
+        self._nvml_handle = self._open_nvml() if device.type == "cuda" else None
+        self.peak_rss_bytes = self._process.memory_info().rss
+        self.peak_gpu_bytes: int | None = None
+
+    def _open_nvml(self) -> object | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            return pynvml.nvmlDeviceGetHandleByIndex(self.device.index or torch.cuda.current_device())
+        except Exception:  # no driver / library: record no value
+            return None
+
+    def _sample(self) -> None:
+        self.peak_rss_bytes = max(self.peak_rss_bytes, self._process.memory_info().rss)
+        if self._nvml_handle is not None:
+            import pynvml
+
+            used = int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used)
+            self.peak_gpu_bytes = max(self.peak_gpu_bytes or 0, used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> ResourceMonitor:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def summary(self) -> dict[str, float]:
+        mib = 1024.0**2
+        out = {"peak_rss_mb": self.peak_rss_bytes / mib}
+        if self.peak_gpu_bytes is not None:
+            out["gpu_mem_peak_nvml_mb"] = self.peak_gpu_bytes / mib
+        if self.device.type == "cuda":
+            out["gpu_mem_peak_torch_mb"] = torch.cuda.max_memory_allocated(self.device) / mib
+        return out
+
+
+@dataclass
+class RoutingTally:
+    """Accumulates routing statistics over steps, on device, without host syncs."""
+
+    n_layers: int
+    n_experts: int
+    device: torch.device
+    counts: Tensor = field(init=False)
+    loss_sums: dict[str, Tensor] = field(init=False)
+    entropy_sum: Tensor = field(init=False)
+    dropped_sum: float = 0.0
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = torch.zeros(self.n_layers, self.n_experts, device=self.device)
+        self.loss_sums = {}
+        self.entropy_sum = torch.zeros((), device=self.device)
+        self.dropped_sum, self.calls = 0.0, 0
+
+    def add(self, stats: list[MoEStats]) -> None:
+        if not stats:
+            return
+        self.counts += torch.stack([s.counts for s in stats]).float()
+        for s in stats:
+            for name, value in s.loss_terms.items():
+                self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
+            self.entropy_sum = self.entropy_sum + s.entropy
+            self.dropped_sum += s.dropped_fraction
+        self.calls += len(stats)
+
+    def fractions(self) -> Tensor:
+        """``[layers, experts]`` share of routed slots per expert."""
+        return self.counts / self.counts.sum(-1, keepdim=True).clamp_min(1.0)
+
+    def means(self) -> dict[str, float]:
+        """Router loss terms, entropy and dropped fraction averaged over calls (one host sync)."""
+        if not self.calls:
+            return {}
+        values = {name: float(total) / self.calls for name, total in self.loss_sums.items()}
+        values["routing_entropy"] = float(self.entropy_sum) / self.calls
+        values["dropped_fraction"] = self.dropped_sum / self.calls
+        return values
+
+
+def utilisation_summary(fractions: Tensor, prefix: str) -> dict[str, float]:
+    """Per-layer load CV and normalised entropy of the token shares, plus each share."""
+    out: dict[str, float] = {}
+    n_experts = fractions.size(-1)
+    for layer, row in enumerate(fractions.cpu()):
+        mean = float(row.mean())
+        out[f"{prefix}_cv_l{layer}"] = float(row.std(correction=0)) / mean if mean > 0 else 0.0
+        p = row.clamp_min(1e-12)
+        out[f"{prefix}_entropy_l{layer}"] = (
+            float(-(row * p.log()).sum()) / math.log(n_experts) if n_experts > 1 else 1.0
+        )
+        for expert, share in enumerate(row.tolist()):
+            out[f"{prefix}_l{layer}_e{expert}"] = share
+    return out

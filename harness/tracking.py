@@ -1,0 +1,205 @@
+"""MLflow: where runs go, how a study and its trials are laid out, and how metrics are logged.
+
+Layout: one experiment per study; one parent run per study (role ``study``); one nested run per
+matrix cell (role ``trial``, tag ``harness.cell``), found again by its cell key so an
+interrupted trial resumes into the same run. Step metrics are logged asynchronously in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+import yaml
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run
+from mlflow.entities import RunStatus as MlflowRunStatus
+from mlflow.tracking import MlflowClient
+
+from harness.config import SpecError
+from harness.data import Corpus
+from harness.matrix import Trial
+
+DEFAULT_STORE_DIR = Path("mlruns")
+ROLE, CELL, STUDY = "harness.role", "harness.cell", "harness.study"
+PARENT = "mlflow.parentRunId"
+
+
+def default_tracking_uri(store_dir: Path = DEFAULT_STORE_DIR) -> str:
+    return f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(cli_value: str | None) -> str:
+    """``--tracking-uri`` > ``$MLFLOW_TRACKING_URI`` > the embedded store under ``mlruns/``."""
+    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_description(device: str) -> str:
+    if device != "cpu" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name()}"
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+class TrackingStore:
+    """A tracking URI made ready for a study: reachable, migrated, experiment created."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        elif uri.startswith(("http://", "https://")):
+            self._check_server(uri)
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+
+    @staticmethod
+    def _check_server(uri: str) -> None:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+                if response.status != 200:
+                    raise SpecError(f"tracking server {uri} answered /health with HTTP {response.status}")
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise SpecError(f"tracking server {uri} is unreachable ({reason})") from None
+
+    def artifact_location(self, name: str) -> str | None:
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts" / name).resolve().as_uri()
+        return None
+
+    def experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=self.artifact_location(name))
+        except mlflow.exceptions.MlflowException:
+            experiment = self.client.get_experiment_by_name(name)  # another worker created it first
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def runs(self, experiment_id: str, filter_string: str) -> list[Run]:
+        found, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+            found.extend(page)
+            token = page.token
+            if not token:
+                return found
+
+    def study_run(self, experiment_id: str, study: str, tags: dict[str, str]) -> str:
+        """The study's parent run; created once, shared by every invocation and worker."""
+        query = f"tags.`{ROLE}` = 'study'"
+        existing = self.runs(experiment_id, query)
+        if not existing:
+            self.client.create_run(experiment_id, run_name=study, tags={ROLE: "study", STUDY: study, **tags})
+            existing = self.runs(experiment_id, query)
+        keep = min(existing, key=lambda r: (r.info.start_time, r.info.run_id))
+        for extra in existing:  # workers raced to create it: the oldest wins, childless extras go
+            extra_id = extra.info.run_id
+            if extra_id != keep.info.run_id and not self.runs(experiment_id, f"tags.`{PARENT}` = '{extra_id}'"):
+                self.client.delete_run(extra_id)
+        return keep.info.run_id
+
+    def trial_run(self, experiment_id: str, trial: Trial) -> Run | None:
+        matches = self.runs(experiment_id, f"tags.`{CELL}` = '{trial.key}'")
+        return min(matches, key=lambda r: r.info.start_time) if matches else None
+
+    def open_trial_run(
+        self, experiment_id: str, parent_id: str, trial: Trial, study: str, corpus: Corpus, device: str
+    ) -> str:
+        """Create the trial's run (or reopen it after an interruption) and log its inputs."""
+        existing = self.trial_run(experiment_id, trial)
+        if existing is not None:
+            self.client.update_run(existing.info.run_id, status="RUNNING")
+            return existing.info.run_id
+        config = trial.config
+        tags = {
+            ROLE: "trial",
+            CELL: trial.key,
+            STUDY: study,
+            PARENT: parent_id,
+            "variant": trial.variant,
+            "seed": str(trial.seed),
+            "backbone": config.model.backbone,
+            "git_commit": git_commit(),
+            "device": device_description(device),
+        }
+        run_id = self.client.create_run(experiment_id, run_name=trial.name, tags=tags).info.run_id
+        params = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in config.flat().items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[start : start + 100])
+        self.log_dataset(run_id, corpus)
+        self.client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        return run_id
+
+    def log_dataset(self, run_id: str, corpus: Corpus) -> None:
+        summary = corpus.summary()
+        frame = pd.DataFrame([{"split": s, "tokens": summary[f"{s}_tokens"]} for s in ("train", "validation", "test")])
+        dataset = mlflow.data.from_pandas(frame, source=corpus.name, name=corpus.name, digest=corpus.digest)
+        self.client.log_inputs(
+            run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
+        )
+
+    def finish_trial(self, run_id: str, summary: dict[str, float], tables: dict[str, pd.DataFrame]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items()]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        with tempfile.TemporaryDirectory() as folder:
+            for name, table in tables.items():
+                path = Path(folder) / f"{name}.csv"
+                table.to_csv(path, index=False)
+                self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def log_weights(self, run_id: str, state_dict: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.pt"
+            torch.save(state_dict, path)
+            self.client.log_artifact(run_id, str(path))
+
+    def fail_trial(self, run_id: str, reason: str, status: str = "FAILED") -> None:
+        self.client.set_tag(run_id, "harness.error", reason[:5000])
+        self.client.set_terminated(run_id, status)
+
+    @staticmethod
+    def is_finished(run: Run) -> bool:
+        return run.info.status == MlflowRunStatus.to_string(MlflowRunStatus.FINISHED)
+
+
+class MlflowSink:
+    """Step metrics to MLflow, asynchronously: ``log_metrics`` queues and returns at once."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self._pending: list[Any] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+
+    def flush(self) -> None:
+        for operation in self._pending:
+            operation.wait()
+        self._pending.clear()

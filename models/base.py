@@ -1,0 +1,62 @@
+"""What every backbone shares: the output head, the forward contract, parameter accounting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.moe import MoELayer, MoEStats
+
+
+@dataclass
+class LMOutput:
+    loss: Tensor  # mean next-token NLL (nats) over the batch
+    aux_loss: Tensor  # weighted sum of every MoE layer's router losses
+    state: Any = None  # recurrent state to carry to the next window (LSTM), else None
+    moe_stats: list[MoEStats] = field(default_factory=list)
+
+
+class OutputHead(nn.Module):
+    """Full softmax (optionally tied to the embedding) or adaptive softmax (Grave et al. 2017)."""
+
+    def __init__(self, d_model: int, vocab_size: int, kind: str, cutoffs: list[int], tied: nn.Embedding | None) -> None:
+        super().__init__()
+        self.adaptive = None
+        if kind == "adaptive":
+            usable = [c for c in cutoffs if 0 < c < vocab_size - 1]
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(d_model, vocab_size, usable, div_value=4.0)
+        else:
+            self.proj = nn.Linear(d_model, vocab_size)
+            if tied is not None:
+                self.proj.weight = tied.weight
+
+    def forward(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+        if self.adaptive is not None:
+            return self.adaptive(hidden.float(), targets).loss
+        return F.cross_entropy(self.proj(hidden).float(), targets)
+
+
+class LanguageModel(nn.Module):
+    """Contract for backbones: ``forward(inputs, targets, state) -> LMOutput``."""
+
+    def initial_state(self, batch_size: int) -> Any:
+        return None
+
+    def detach_state(self, state: Any) -> Any:
+        return None
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def param_counts(self) -> dict[str, int]:
+        """Total, trainable, and active per token (routed experts counted k times, not E)."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        active = total
+        for layer in self.moe_layers():
+            active += layer.active_params() - sum(p.numel() for p in layer.parameters())
+        return {"total": total, "trainable": trainable, "active": active}

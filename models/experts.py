@@ -1,0 +1,120 @@
+"""Experts: a dense FFN, a bank of MLP experts, and LoRA experts over one shared base FFN.
+
+Expert banks take tokens already grouped by expert (see ``dispatch``) plus the group sizes and
+run one matmul chain per non-empty group, so compute follows the active experts only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.config import MoEConfig
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h) if activation == "gelu" else F.relu(h)
+
+
+def _in_width(d_hidden: int, activation: str) -> int:
+    return 2 * d_hidden if activation == "swiglu" else d_hidden
+
+
+class FeedForward(nn.Module):
+    """d -> hidden -> d with the chosen activation (SwiGLU doubles the input projection)."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Linear(d_model, _in_width(d_hidden, activation))
+        self.w_out = nn.Linear(d_hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_out(activate(self.w_in(x), self.activation))
+
+
+def _uniform_(weight: Tensor, fan_in: int) -> None:
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+
+
+class MLPExperts(nn.Module):
+    """E independent FFNs stored as stacked weights ``[E, in, out]``."""
+
+    def __init__(self, d_model: int, config: MoEConfig) -> None:
+        super().__init__()
+        n, hidden = config.routed_experts, config.expert_hidden
+        self.activation = config.activation
+        self.w_in = nn.Parameter(torch.empty(n, d_model, _in_width(hidden, config.activation)))
+        self.b_in = nn.Parameter(torch.empty(n, _in_width(hidden, config.activation)))
+        self.w_out = nn.Parameter(torch.empty(n, hidden, d_model))
+        self.b_out = nn.Parameter(torch.empty(n, d_model))
+        for weight in (self.w_in, self.b_in):
+            _uniform_(weight, d_model)
+        for weight in (self.w_out, self.b_out):
+            _uniform_(weight, hidden)
+
+    def params_per_expert(self) -> int:
+        return sum(p[0].numel() for p in (self.w_in, self.b_in, self.w_out, self.b_out))
+
+    def forward(self, x_grouped: Tensor, counts: list[int]) -> Tensor:
+        outputs = []
+        for e, x_e in enumerate(torch.split(x_grouped, counts)):
+            if x_e.numel():
+                h = activate(torch.addmm(self.b_in[e], x_e, self.w_in[e]), self.activation)
+                outputs.append(torch.addmm(self.b_out[e], h, self.w_out[e]))
+        return torch.cat(outputs) if outputs else x_grouped.new_zeros(0, self.w_out.size(-1))
+
+    def forward_every_expert(self, x: Tensor) -> Tensor:
+        """``[T, E, d]``: every expert on every token (reference and naive baseline only)."""
+        h = activate(torch.einsum("td,edh->teh", x, self.w_in) + self.b_in, self.activation)
+        return torch.einsum("teh,ehd->ted", h, self.w_out) + self.b_out
+
+
+class LoRAExperts(nn.Module):
+    """Expert i(x) = base(x) + (alpha / r) * B_i A_i dropout(x), with one shared base FFN.
+
+    The base is computed once for all tokens (``shared``); only the rank-r deltas are per expert.
+    B starts at zero, so every expert equals the base at initialisation.
+    """
+
+    def __init__(self, d_model: int, config: MoEConfig) -> None:
+        super().__init__()
+        n, rank = config.routed_experts, config.lora_rank
+        self.base = FeedForward(d_model, config.d_hidden, config.activation)
+        self.base.requires_grad_(config.lora_base_trainable)
+        self.scale = config.lora_alpha / rank
+        self.dropout = nn.Dropout(config.lora_dropout)
+        self.lora_a = nn.Parameter(torch.empty(n, d_model, rank))
+        self.lora_b = nn.Parameter(torch.zeros(n, rank, d_model))
+        _uniform_(self.lora_a, d_model)
+
+    def params_per_expert(self) -> int:
+        return self.lora_a[0].numel() + self.lora_b[0].numel()
+
+    def shared(self, x: Tensor) -> Tensor:
+        return self.base(x)
+
+    def forward(self, x_grouped: Tensor, counts: list[int]) -> Tensor:
+        x_grouped = self.dropout(x_grouped)
+        outputs = [
+            (x_e @ self.lora_a[e]) @ self.lora_b[e]
+            for e, x_e in enumerate(torch.split(x_grouped, counts))
+            if x_e.numel()
+        ]
+        delta = torch.cat(outputs) if outputs else x_grouped.new_zeros(0, self.lora_b.size(-1))
+        return delta * self.scale
+
+    def forward_every_expert(self, x: Tensor) -> Tensor:
+        delta = torch.einsum("td,edr,erk->tek", self.dropout(x), self.lora_a, self.lora_b) * self.scale
+        return self.base(x).unsqueeze(1) + delta
+
+
+def build_experts(d_model: int, config: MoEConfig) -> MLPExperts | LoRAExperts:
+    return LoRAExperts(d_model, config) if config.expert == "lora" else MLPExperts(d_model, config)

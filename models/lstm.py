@@ -1,0 +1,51 @@
+"""Stacked LSTM language model with the MoE layer between the LSTM and the softmax (Shazeer 2017)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harness.config import TrialConfig
+from models.base import LanguageModel, LMOutput, OutputHead
+from models.experts import FeedForward
+from models.moe import MoELayer
+
+
+class LSTMLanguageModel(LanguageModel):
+    def __init__(self, config: TrialConfig, vocab_size: int) -> None:
+        super().__init__()
+        m = config.model
+        self.embed = nn.Embedding(vocab_size, m.d_model)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.drop = nn.Dropout(m.dropout)
+        self.lstm = nn.LSTM(
+            m.d_model, m.d_model, m.n_layers, dropout=m.dropout if m.n_layers > 1 else 0.0, batch_first=True
+        )
+        if config.variant == "dense":
+            self.block: nn.Module = FeedForward(m.d_model, config.moe.d_hidden, config.moe.activation)
+        else:
+            self.block = MoELayer(m.d_model, config.moe)
+        self.head = OutputHead(
+            m.d_model, vocab_size, m.output, m.adaptive_cutoffs, self.embed if m.tie_weights else None
+        )
+
+    def initial_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        weight = self.embed.weight
+        shape = (self.lstm.num_layers, batch_size, self.lstm.hidden_size)
+        return weight.new_zeros(shape), weight.new_zeros(shape)
+
+    def detach_state(self, state: Any) -> Any:
+        return tuple(s.detach() for s in state)
+
+    def forward(self, inputs: Tensor, targets: Tensor, state: Any = None) -> LMOutput:
+        hidden, state = self.lstm(self.drop(self.embed(inputs)), state)
+        hidden = self.drop(hidden)
+        if isinstance(self.block, MoELayer):
+            update, aux, stats = self.block(hidden)
+            moe_stats = [stats]
+        else:
+            update, aux, moe_stats = self.block(hidden), hidden.new_zeros((), dtype=torch.float32), []
+        hidden = hidden + self.drop(update)  # residual: tokens an expert drops pass through unchanged
+        return LMOutput(self.head(hidden, targets), aux, state, moe_stats)

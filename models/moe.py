@@ -1,0 +1,82 @@
+"""The MoE layer: router -> dispatch -> experts -> combine, plus its losses and routing statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from harness.config import MoEConfig
+from models import losses
+from models.dispatch import capacity_for, combine, kept_weight_sum, plan_dispatch
+from models.experts import FeedForward, LoRAExperts, build_experts
+from models.routers import build_router
+
+
+@dataclass
+class MoEStats:
+    """Detached per-call routing statistics (tensors stay on device; no host sync)."""
+
+    counts: Tensor  # [E] selected slots per expert
+    loss_terms: dict[str, Tensor]  # unweighted: balance_cv2, balance_switch, z
+    entropy: Tensor  # mean per-token routing entropy (nats)
+    dropped_fraction: float
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.n_experts = config.routed_experts
+        self.top_k = config.routed_top_k
+        self.router = build_router(d_model, config)
+        self.experts = build_experts(d_model, config)
+        self.shared_experts = (
+            FeedForward(d_model, config.n_shared_experts * config.expert_hidden, config.activation)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, MoEStats]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        routing = self.router(tokens)
+        capacity = capacity_for(tokens.size(0), self.n_experts, self.top_k, self.config.capacity_factor)
+        plan = plan_dispatch(routing.expert_index, self.n_experts, capacity)
+        expert_out = self.experts(tokens[plan.token_index], plan.counts)
+        out = combine(expert_out, plan, routing.combine_weight)
+        if isinstance(self.experts, LoRAExperts):
+            # sum_k w_k (base(x) + delta_k(x)) = (sum_k w_k) base(x) + sum_k w_k delta_k(x)
+            out = out + kept_weight_sum(plan, routing.combine_weight).unsqueeze(-1).to(out.dtype) * self.experts.shared(
+                tokens
+            )
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+
+        terms = {
+            "balance_cv2": losses.importance_load_loss(routing.dense_gates(), routing.load),
+            "balance_switch": losses.switch_balance_loss(routing.probs, routing.expert_index),
+            "z": losses.router_z_loss(routing.logits),
+        }
+        cfg = self.config
+        aux = cfg.z_loss_coef * terms["z"]
+        for name in cfg.balance_losses:
+            aux = aux + cfg.aux_loss_coef * terms[f"balance_{name}"]
+        probs = routing.probs.detach()
+        stats = MoEStats(
+            counts=torch.bincount(routing.expert_index.reshape(-1), minlength=self.n_experts).detach(),
+            loss_terms={k: v.detach() for k, v in terms.items()},
+            entropy=-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean(),
+            dropped_fraction=plan.dropped_fraction,
+        )
+        return out.reshape(shape), aux, stats
+
+    def active_params(self) -> int:
+        """Parameters one token touches: router, shared parts, and k routed experts."""
+        total = sum(p.numel() for p in self.router.parameters())
+        if isinstance(self.experts, LoRAExperts):
+            total += sum(p.numel() for p in self.experts.base.parameters())
+        if self.shared_experts is not None:
+            total += sum(p.numel() for p in self.shared_experts.parameters())
+        return total + self.top_k * self.experts.params_per_expert()

@@ -1,0 +1,131 @@
+"""Shared fixtures: small real data, a throwaway MLflow store, a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MOE_HARNESS_DATA") or REPO.parent / "shared" / "data" / "wikitext")
+TINY_LINES = {"train": 600, "validation": 120, "test": 120}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    folder = SHARED_DATA / "wikitext-2-v1"
+    if not folder.is_dir():
+        pytest.fail(f"WikiText-2 not found at {folder}; set MOE_HARNESS_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first lines of each real WikiText-2 split, in the same parquet layout."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "wikitext-2-v1"
+    folder.mkdir()
+    for split, n_lines in TINY_LINES.items():
+        name = f"{split}-00000-of-00001.parquet"
+        table = pq.read_table(shared_data / "wikitext-2-v1" / name).slice(0, n_lines)
+        pq.write_table(pa.table({"text": table.column("text")}), folder / name)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test reads the tiny data and caches under its own temp dir; nothing touches ./mlruns."""
+    monkeypatch.setenv("MOE_HARNESS_DATA", str(tiny_data))
+    monkeypatch.setenv("MOE_HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root: drop to the postgres user when we are root.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL 15 on loopback, in a temp dir; yields a SQLAlchemy URL of a fresh database."""
+    if not shutil.which("initdb") or not shutil.which("pg_ctl"):
+        pytest.fail("PostgreSQL binaries (initdb, pg_ctl) are not on PATH")
+    base = Path(tempfile.mkdtemp(prefix="harness-pg-"))
+    data = base / "data"
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    port = free_port()
+    subprocess.run(
+        _as_postgres(["initdb", "-D", str(data), "-U", "harness", "--auth=trust", "-E", "UTF8"]),
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        _as_postgres(
+            [
+                "pg_ctl",
+                "-D",
+                str(data),
+                "-l",
+                str(base / "log"),
+                "-w",
+                "-o",
+                f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        url = f"postgresql+psycopg2://harness@127.0.0.1:{port}/postgres"
+        deadline = time.time() + 30
+        import sqlalchemy
+
+        while True:
+            try:
+                with sqlalchemy.create_engine(url).connect():
+                    break
+            except sqlalchemy.exc.OperationalError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield f"postgresql+psycopg2://harness@127.0.0.1:{port}"
+    finally:
+        subprocess.run(_as_postgres(["pg_ctl", "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_db(postgres_server: str) -> str:
+    """A fresh, empty database on the session's server: ``postgresql+psycopg2://.../<name>``."""
+    import uuid
+
+    import sqlalchemy
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return f"{postgres_server}/{name}"
