@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import queue
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +158,9 @@ class TrackingStore:
     def log_dataset(self, run_id: str, corpus: Corpus) -> None:
         summary = corpus.summary()
         frame = pd.DataFrame([{"split": s, "tokens": summary[f"{s}_tokens"]} for s in ("train", "validation", "test")])
-        dataset = mlflow.data.from_pandas(frame, source=corpus.name, name=corpus.name, digest=corpus.digest)
+        with warnings.catch_warnings():  # MLflow warns about its own source registry and int columns
+            warnings.simplefilter("ignore")
+            dataset = mlflow.data.from_pandas(frame, source=corpus.name, name=corpus.name, digest=corpus.digest)
         self.client.log_inputs(
             run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
         )
@@ -188,18 +193,42 @@ class TrackingStore:
 
 
 class MlflowSink:
-    """Step metrics to MLflow, asynchronously: ``log_metrics`` queues and returns at once."""
+    """Step metrics to MLflow off the training thread: ``log_metrics`` queues and returns at once.
+
+    A daemon thread drains the queue with batched ``log_batch`` calls; ``flush`` waits for it.
+    (MLflow's own async mode costs about a second per run at shutdown; this costs nothing.)
+    """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
-        self._pending: list[Any] = []
+        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="mlflow-sink", daemon=True)
+        self._thread.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        self._queue.put([Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def _drain(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            while len(batch) < 900:  # coalesce what is already queued into one request
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.extend(more)
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as error:  # surfaced by flush(); training is not interrupted
+                self._error = error
 
     def flush(self) -> None:
-        for operation in self._pending:
-            operation.wait()
-        self._pending.clear()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
