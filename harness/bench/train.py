@@ -1,0 +1,194 @@
+"""``harness bench train``: training throughput of each variant, and the harness's own overhead.
+
+For each variant of a study spec it measures, in one process and after warm-up:
+- the full trainer (``harness.trainer.train``) with MLflow logging to a throwaway store, the
+  RSS/NVML sampler, the progress line and routing statistics;
+- the same trainer with logging off (``NullSink``): the logging overhead ratio;
+- a minimal hand-written loop of the same model and batch (no logging, metrics or progress);
+and reports tokens/s, ms per million tokens, achieved FLOP/s from ``harness.flops`` and its
+fraction of a GEMM peak (a square matmul in the trial's precision) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.config import SpecError, TrialConfig, deep_merge, load_spec
+from harness.data import Corpus, batchify, get_batch, load_corpus
+from harness.flops import train_flops_per_token
+from harness.matrix import expand
+from harness.trainer import (
+    NullSink,
+    autocast,
+    build_optimizer,
+    resolve_device,
+    seed_everything,
+    steps_per_epoch,
+    train,
+)
+from models import build_model
+
+EVAL_TOKENS = 4096  # the bench's final evaluation is not timed; keep it short
+
+
+def gemm_peak_flops(device: torch.device, precision: str, size: int = 2048, repeats: int = 10) -> float:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2.0 * size**3 / statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def minimal_loop_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, warmup: int) -> float:
+    """The same model and batches in the plainest loop PyTorch allows."""
+    device = resolve_device(config.train.device)
+    seed_everything(config.seed)
+    model = build_model(config, corpus.vocab_size).to(device)
+    optimizer = build_optimizer(model, config)
+    t = config.train
+    rows = batchify(corpus.train, t.batch_size).to(device)
+    per_epoch = steps_per_epoch(rows.size(1), t.seq_len)
+    state = model.initial_state(t.batch_size)
+    tokens = 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            start, tokens = time.perf_counter(), 0
+        x, y = get_batch(rows, (i % per_epoch) * t.seq_len, t.seq_len)
+        with autocast(device, t.precision):
+            out = model(x, y, state)
+            loss = out.loss + out.aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        state = model.detach_state(out.state)
+        tokens += y.numel()
+    _sync(device)
+    return tokens / (time.perf_counter() - start)
+
+
+class _RecordingSink:
+    """Forwards to an inner sink and keeps each logging window's throughput."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.windows = inner, []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "tokens_per_s" in metrics:
+            self.windows.append((step, metrics["tokens_per_s"]))
+        self.inner.log_metrics(metrics, step)
+
+
+def trainer_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, warmup: int, mlflow_uri: str | None) -> float:
+    """Throughput of ``train`` over the windows after warm-up (evaluation is excluded)."""
+    steps = warmup * max(1, round(steps / warmup))  # whole logging windows of `warmup` steps
+    budget = {
+        "tokens": (warmup + steps) * config.train.batch_size * config.train.seq_len,
+        "epochs": None,
+        "log_every_steps": warmup,
+        "eval_every_steps": warmup + steps + 1,
+    }
+    config = TrialConfig.model_validate(deep_merge(config.model_dump(), {"budget": budget}))
+    inner: Any = NullSink()
+    if mlflow_uri is not None:
+        from harness.tracking import MlflowSink, TrackingStore
+
+        store = TrackingStore(mlflow_uri)
+        run = store.client.create_run(store.experiment_id("bench-train"), run_name=config.variant)
+        inner = MlflowSink(store.client, run.info.run_id)
+    sink = _RecordingSink(inner)
+    train(config, corpus, sink, progress=True, label=f"bench {config.variant}")
+    if mlflow_uri is not None:
+        inner.flush()
+    timed = [tps for step, tps in sink.windows if step > warmup]
+    return statistics.fmean(timed) if timed else sink.windows[-1][1]
+
+
+def bench_train(spec_path: str, variants: list[str] | None, steps: int, warmup: int) -> list[dict[str, Any]]:
+    spec = load_spec(spec_path)
+    trials = {t.variant: t for t in expand(spec, where=spec_path) if t.seed == spec.matrix.seeds[0]}
+    chosen = variants or list(trials)
+    missing = [v for v in chosen if v not in trials]
+    if missing:
+        raise SpecError(f"{spec_path}: variant(s) {missing} not in the study's matrix {list(trials)}")
+    first = trials[chosen[0]].config
+    corpus = load_corpus(first.data)
+    # The final full-split evaluation is not part of the measurement: keep it short.
+    corpus = dataclasses.replace(corpus, validation=corpus.validation[:EVAL_TOKENS], test=corpus.test[:EVAL_TOKENS])
+    unigram = torch.bincount(corpus.train, minlength=corpus.vocab_size).double()
+    unigram /= unigram.sum()
+    device = resolve_device(first.train.device)
+    peak = gemm_peak_flops(device, first.train.precision)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
+        for variant in chosen:
+            config = trials[variant].config
+            minimal = minimal_loop_tokens_per_s(config, corpus, steps, warmup)
+            full = trainer_tokens_per_s(config, corpus, steps, warmup, uri)
+            unlogged = trainer_tokens_per_s(config, corpus, steps, warmup, None)
+            flops = train_flops_per_token(config, corpus.vocab_size, unigram) * full
+            rows.append(
+                {
+                    "variant": variant,
+                    "backbone": config.model.backbone,
+                    "precision": config.train.precision,
+                    "output": config.model.output,
+                    "tokens_per_s": full,
+                    "ms_per_mtok": 1e9 / full,
+                    "flops_per_s": flops,
+                    "gemm_peak_flops_per_s": peak,
+                    "fraction_of_peak": flops / peak,
+                    "minimal_loop_tokens_per_s": minimal,
+                    "trainer_vs_minimal": full / minimal,
+                    "unlogged_tokens_per_s": unlogged,
+                    "logging_overhead_ratio": unlogged / full,
+                }
+            )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'variant':9s} {'tok/s':>8s} {'ms/Mtok':>9s} {'GFLOP/s':>8s} {'%peak':>6s} "
+        f"{'minimal tok/s':>13s} {'trainer/minimal':>15s} {'no-log/log':>10s}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:9s} {r['tokens_per_s']:8.0f} {r['ms_per_mtok']:9.0f} {r['flops_per_s'] / 1e9:8.2f} "
+            f"{100 * r['fraction_of_peak']:5.1f}% {r['minimal_loop_tokens_per_s']:13.0f} "
+            f"{r['trainer_vs_minimal']:15.3f} {r['logging_overhead_ratio']:10.3f}"
+        )
+    if rows:
+        lines.append(
+            f"GEMM peak ({rows[0]['precision']}, 2048^2 matmul): {rows[0]['gemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s"
+        )
+    return "\n".join(lines)
+
+
+def write_json(rows: list[dict[str, Any]], path: str) -> None:
+    Path(path).write_text(json.dumps(rows, indent=2))
