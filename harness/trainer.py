@@ -284,7 +284,8 @@ def train(
             if step % config.budget.log_every_steps == 0 or last:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - started
+                now = time.perf_counter()
+                elapsed = now - started
                 train_time += elapsed
                 mean_loss = float(window_loss) / window_steps
                 if not math.isfinite(mean_loss):
@@ -307,7 +308,7 @@ def train(
                 window_loss.zero_()
                 window_aux.zero_()
                 window_steps, window_tokens = 0, 0
-                started = time.perf_counter()
+                started = now  # the logging work above counts as training time (in the next window)
 
             paused = time.perf_counter()  # evaluation and checkpointing are not training time
             if step % config.budget.eval_every_steps == 0 and not last:

@@ -11,6 +11,7 @@ fraction of a GEMM peak (a square matmul in the trial's precision) measured in t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import statistics
@@ -20,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from pydantic import ValidationError
 from torch import nn
 
-from harness.config import SpecError, TrialConfig, deep_merge, load_spec
+from harness.config import VARIANTS, SpecError, TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import Corpus, batchify, get_batch, load_corpus
 from harness.flops import train_flops_per_token
-from harness.matrix import expand
 from harness.trainer import (
     NullSink,
     autocast,
@@ -127,14 +129,30 @@ def trainer_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, warmup
     return statistics.fmean(timed) if timed else sink.windows[-1][1]
 
 
-def bench_train(spec_path: str, variants: list[str] | None, steps: int, warmup: int) -> list[dict[str, Any]]:
+def bench_configs(spec_path: str, variants: list[str] | None, settings: list[str]) -> list[TrialConfig]:
+    """One config per variant (the spec's first seed, dense added), with ``key=value`` overrides applied."""
     spec = load_spec(spec_path)
-    trials = {t.variant: t for t in expand(spec, where=spec_path) if t.seed == spec.matrix.seeds[0]}
-    chosen = variants or list(trials)
-    missing = [v for v in chosen if v not in trials]
-    if missing:
-        raise SpecError(f"{spec_path}: variant(s) {missing} not in the study's matrix {list(trials)}")
-    first = trials[chosen[0]].config
+    chosen = variants or [*spec.matrix.variants, *([] if "dense" in spec.matrix.variants else ["dense"])]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        raise SpecError(f"--variants: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    assignment = {}
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {setting!r}: expected KEY=VALUE, e.g. train.precision=bf16")
+        assignment[key] = yaml.safe_load(raw)
+    configs = []
+    for variant in chosen:
+        try:
+            configs.append(resolve_trial(spec, variant, spec.matrix.seeds[0], assignment))
+        except ValidationError as error:
+            raise SpecError(f"{spec_path} with --set {' '.join(settings)}: {error.errors()[0]['msg']}") from None
+    return configs
+
+
+def bench_train(configs: list[TrialConfig], steps: int, warmup: int) -> list[dict[str, Any]]:
+    first = configs[0]
     corpus = load_corpus(first.data)
     # The final full-split evaluation is not part of the measurement: keep it short.
     corpus = dataclasses.replace(corpus, validation=corpus.validation[:EVAL_TOKENS], test=corpus.test[:EVAL_TOKENS])
@@ -145,8 +163,8 @@ def bench_train(spec_path: str, variants: list[str] | None, steps: int, warmup: 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
-        for variant in chosen:
-            config = trials[variant].config
+        for config in configs:
+            variant = config.variant
             minimal = minimal_loop_tokens_per_s(config, corpus, steps, warmup)
             full = trainer_tokens_per_s(config, corpus, steps, warmup, uri)
             unlogged = trainer_tokens_per_s(config, corpus, steps, warmup, None)
@@ -192,3 +210,33 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_json(rows: list[dict[str, Any]], path: str) -> None:
     Path(path).write_text(json.dumps(rows, indent=2))
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    configs = bench_configs(args.spec, args.variants, args.set)
+    rows = bench_train(configs, args.steps, args.warmup)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser(
+        "train",
+        help="training tokens/s of each variant vs a minimal loop, logging overhead, FLOP/s vs GEMM peak",
+    )
+    parser.add_argument("spec", help="study spec YAML; its first seed's config of each variant is timed")
+    parser.add_argument("--variants", nargs="+", help="default: the spec's variants plus dense")
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps per measurement")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.precision=bf16",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
+    parser.set_defaults(func=cmd_bench_train)
