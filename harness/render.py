@@ -193,18 +193,20 @@ def significance(data: StudyData, backbone: str, several: bool) -> list[Block]:
     groups = dict(per_variant(data, backbone))
     reference = reference_variant(list(groups))
     where = f" ({backbone} backbone)" if several else ""
-    if reference is None or len(groups) < 2:
-        return [Para(f"Only one variant finished{where}: there is nothing to compare.")]
-    max_seeds = max(len(runs) for runs in groups.values())
-    blocks: list[Block] = []
-    if max_seeds < 2:
+    planned = data.runs[data.runs["tags.backbone"] == backbone]["tags.seed"].nunique()
+    max_seeds = max((len(runs) for runs in groups.values()), default=0)
+    if planned < 2 or max_seeds < 2:
+        seeds = "a single seed" if planned < 2 else "a single finished seed"
         return [
             Para(
-                f"Each variant{where} has a single seed, so **no significance can be claimed**: the differences in the "
+                f"Each variant{where} has {seeds}, so **no significance can be claimed**: the differences in the "
                 "tables are single observations with no estimate of seed-to-seed variation. Run at least two seeds "
                 "(three or more for useful power) to test them."
             )
         ]
+    if reference is None or len(groups) < 2:
+        return [Para(f"Only one variant finished{where}: there is nothing to compare.")]
+    blocks: list[Block] = []
     base = _by_seed(groups[reference])
     rows, holds, fails, untestable = [], [], [], []
     for variant, runs in groups.items():
