@@ -533,7 +533,7 @@ def to_pdf(doc: list[Block], path: Path, base: Path) -> int:
                         ]
                     )
                 )
-        return flow
+        return _glue_headings(flow, KeepTogether)
 
     title = next((b.text for b in doc if isinstance(b, Heading)), "Study report")
     pages = {"total": 0}
@@ -563,6 +563,21 @@ def to_pdf(doc: list[Block], path: Path, base: Path) -> int:
         template.build(story(), onFirstPage=footer, onLaterPages=footer)
         pages["total"] = pages["count"]
     return pages["total"]
+
+
+def _glue_headings(flow: list, keep_together: type) -> list:
+    """Each heading travels with the flowable after it, so no heading is left alone at a page foot."""
+    glued, pending = [], []
+    for item in flow:
+        if getattr(getattr(item, "style", None), "keepWithNext", 0):
+            pending.append(item)
+        elif pending:
+            content = item._content if isinstance(item, keep_together) else [item]
+            glued.append(keep_together(pending + list(content)))
+            pending = []
+        else:
+            glued.append(item)
+    return glued + pending
 
 
 def _col_widths(table: Table, width: float) -> list[float]:

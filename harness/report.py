@@ -12,18 +12,23 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import mlflow
-import numpy as np
-import pandas as pd
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from harness.config import SpecError
+
+if TYPE_CHECKING:  # the CLI registers this command on every start: heavy imports wait until a report is made
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
 
 ROLE, PARENT = "harness.role", "mlflow.parentRunId"
 BASELINE = "baseline"
 VARIANT_ORDER = ["baseline", "switch", "lora", "hybrid", "dense"]
+
+
+def _frame() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame()
 
 
 @dataclass
@@ -34,9 +39,9 @@ class StudyData:
     experiment_id: str
     parent: Any | None  # the study's (or tuning's) parent mlflow Run
     runs: pd.DataFrame  # search_runs frame of every trial run (all states)
-    curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # variant, backbone, seed, step, tokens, val_ppl
-    utilisation: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, backbone, seed, split, layer, expert
-    history: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, backbone, seed, step, tokens, layer, ...
+    curves: pd.DataFrame = field(default_factory=_frame)  # variant, backbone, seed, step, tokens, val_ppl
+    utilisation: pd.DataFrame = field(default_factory=_frame)  # + variant, backbone, seed: split, layer, expert, share
+    history: pd.DataFrame = field(default_factory=_frame)  # + variant, backbone, seed: step, tokens, layer, ...
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -69,6 +74,8 @@ def variant_key(name: str) -> tuple[int, str]:
 
 
 def _download_csv(client: MlflowClient, run_id: str, name: str, folder: Path) -> pd.DataFrame | None:
+    import pandas as pd
+
     try:
         path = client.download_artifacts(run_id, name, str(folder))
     except Exception:  # missing artifact (old or failed run)
@@ -81,6 +88,9 @@ def _download_csv(client: MlflowClient, run_id: str, name: str, folder: Path) ->
 
 def _curve(client: MlflowClient, run_id: str) -> pd.DataFrame:
     """val_ppl per evaluation step, placed on the training-token axis via the ``tokens`` step metric."""
+    import numpy as np
+    import pandas as pd
+
     val = client.get_metric_history(run_id, "val_ppl")
     if not val:
         return pd.DataFrame(columns=["step", "tokens", "val_ppl"])
@@ -92,6 +102,10 @@ def _curve(client: MlflowClient, run_id: str) -> pd.DataFrame:
 
 
 def load_study(name: str, tracking_uri: str) -> StudyData:
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
@@ -156,6 +170,8 @@ def tuning_study(data: StudyData) -> Any | None:
 
 def write_report(target: str, tracking_uri: str, out: Path | None = None, log_artifacts: bool = True) -> Path:
     """Gather, analyse, plot and render; returns the folder holding report.md and report.pdf."""
+    from mlflow.tracking import MlflowClient
+
     from harness import plots, render
 
     name = study_name(target)
