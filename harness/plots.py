@@ -299,7 +299,7 @@ def tuning_figures(study: Any, out: Path) -> list[Figure]:
             Figure(
                 _save(ax.figure, out, "tuning_history.png"),
                 "Optimisation history",
-                f"{target_name} per trial and the best so far ({len(done)} completed trials).",
+                f"{target_name} per trial{'' if multi else ' and the best so far'} ({len(done)} completed trials).",
                 "tuning",
             )
         )
@@ -332,12 +332,16 @@ def tuning_figures(study: Any, out: Path) -> list[Figure]:
 
 def make_figures(data: StudyData, out: Path, study: Any | None = None) -> list[Figure]:
     _style()
-    figures = [
-        val_curves(data, out),
-        cost_quality(data, out),
-        utilisation_heatmaps(data, out),
-        utilisation_over_training(data, out),
-    ]
+    figures = (
+        []
+        if data.tuning_only
+        else [  # tuning trials differ in hyperparameters: no per-variant views
+            val_curves(data, out),
+            cost_quality(data, out),
+            utilisation_heatmaps(data, out),
+            utilisation_over_training(data, out),
+        ]
+    )
     if study is not None:
         figures.extend(tuning_figures(study, out))
     return [f for f in figures if f is not None]

@@ -270,12 +270,24 @@ def _unique(runs: pd.DataFrame, column: str) -> list[str]:
     return sorted({str(v) for v in runs[column].dropna()}) if column in runs else []
 
 
+def is_pruned(runs: pd.DataFrame) -> pd.Series:
+    """Tuning trials the pruner stopped (``harness tune`` tags them ``optuna.state`` = PRUNED)."""
+    if "tags.optuna.state" not in runs:
+        return pd.Series(False, index=runs.index)
+    return runs["tags.optuna.state"] == "PRUNED"
+
+
+def _failure_reason(run: pd.Series, pruned: bool) -> str:
+    reason = run.get("tags.harness.pruned") if pruned else run.get("tags.harness.error")
+    return str(reason) if reason is not None and pd.notna(reason) else "no error recorded"
+
+
 def header(data: StudyData, generated: datetime) -> list[Block]:
     from harness.report import variant_key
 
     runs = data.runs
     status = runs["status"].value_counts().to_dict()
-    pruned = int((runs.get("tags.harness.pruned", pd.Series(dtype=str)) == "true").sum())
+    pruned = int(is_pruned(runs).sum())
     first = runs.iloc[0]
     data_name = first.get("params.data.name") or "–"
     splits = [
@@ -335,13 +347,14 @@ def failures(data: StudyData) -> list[Block]:
             "and statistics above."
         )
     )
+    pruned = is_pruned(failed)
     rows = [
         [
             str(r["tags.harness.cell"] or r["tags.variant"]),
-            str(r["status"]),
-            str(r["tags.harness.error"]) if pd.notna(r["tags.harness.error"]) else "no error recorded",
+            "PRUNED" if pruned[i] else str(r["status"]),
+            _failure_reason(r, bool(pruned[i])),
         ]
-        for _, r in failed.iterrows()
+        for i, r in failed.iterrows()
     ]
     blocks.append(Table(["Trial", "Status", "Error"], rows))
     return blocks
@@ -389,6 +402,18 @@ def build_document(
 ) -> list[Block]:
     several = len(data.backbones) > 1
     doc = header(data, generated)
+    if data.tuning_only:
+        doc.append(
+            Para(
+                f"This experiment holds only tuning trials ({len(data.runs)}), each with different hyperparameters, "
+                "so there is no per-variant comparison over seeds and no significance test. Run `harness run-study` "
+                "on the best configuration with several seeds for that."
+            )
+        )
+        doc.extend(tuning_summary(data, tuning))
+        doc.extend(Image(f) for f in figures if f.section == "tuning")
+        doc.extend(failures(data))
+        return doc
     doc.append(Heading("Main comparison"))
     if data.finished.empty:
         doc.append(Para("No trial finished, so there is nothing to compare."))
@@ -521,7 +546,7 @@ def to_pdf(doc: list[Block], path: Path, base: Path) -> int:
                 file = base / block.figure.file
                 with PILImage.open(file) as im:
                     w, h = im.size
-                scale = min(width / w, 150 * mm / h)
+                scale = min(width / w, 120 * mm / h)
                 flow.append(
                     KeepTogether(
                         [

@@ -37,8 +37,10 @@ class StudyData:
 
     name: str
     experiment_id: str
-    parent: Any | None  # the study's (or tuning's) parent mlflow Run
-    runs: pd.DataFrame  # search_runs frame of every trial run (all states)
+    parent: Any | None  # the study's parent mlflow Run (the tuning parent when there is no study run)
+    runs: pd.DataFrame  # search_runs frame of every trial run (all states); tuning trials if there are no others
+    tune_parent: Any | None = None  # ``harness tune``'s parent run (tags optuna.storage, optuna.study_name)
+    tuning_only: bool = False
     curves: pd.DataFrame = field(default_factory=_frame)  # variant, backbone, seed, step, tokens, val_ppl
     utilisation: pd.DataFrame = field(default_factory=_frame)  # + variant, backbone, seed: split, layer, expert, share
     history: pd.DataFrame = field(default_factory=_frame)  # + variant, backbone, seed: step, tokens, layer, ...
@@ -56,7 +58,8 @@ class StudyData:
         return sorted(self.runs["tags.backbone"].dropna().unique()) if "tags.backbone" in self.runs else []
 
     def tag(self, key: str) -> str | None:
-        return None if self.parent is None else self.parent.data.tags.get(key)
+        run = self.tune_parent if key.startswith("optuna.") else self.parent
+        return None if run is None else run.data.tags.get(key)
 
 
 def study_name(target: str) -> str:
@@ -112,16 +115,21 @@ def load_study(name: str, tracking_uri: str) -> StudyData:
     if experiment is None:
         raise SpecError(f"study '{name}' has no experiment in the tracking store {tracking_uri}")
     eid = experiment.experiment_id
-    parents = [r for role in ("tune", "study") for r in client.search_runs([eid], f"tags.`{ROLE}` = '{role}'")]
-    parents = sorted(parents, key=lambda r: (r.data.tags.get(ROLE) != "tune", r.info.start_time))
+    study_parents = client.search_runs([eid], f"tags.`{ROLE}` = 'study'", order_by=["attributes.start_time ASC"])
+    tune_parents = client.search_runs([eid], f"tags.`{ROLE}` = 'tune'", order_by=["attributes.start_time ASC"])
     runs = mlflow.search_runs([eid], filter_string=f"tags.`{ROLE}` = 'trial'", max_results=50000)
+    tuning_only = runs.empty
+    if tuning_only:  # a tuning study with no run-study: its tuning trials are the runs
+        runs = mlflow.search_runs([eid], filter_string=f"tags.`{ROLE}` = 'tune-trial'", max_results=50000)
     if runs.empty:
         raise SpecError(f"study '{name}' has no trial runs in {tracking_uri}")
     for column in ("tags.variant", "tags.seed", "tags.backbone", "tags.harness.error", "tags.harness.cell"):
         if column not in runs:
             runs[column] = None
     runs = runs.sort_values(["tags.backbone", "tags.variant", "tags.seed"], key=_sort_key).reset_index(drop=True)
-    data = StudyData(name, eid, parents[0] if parents else None, runs)
+    parent = (study_parents or tune_parents or [None])[0]
+    data = StudyData(name, eid, parent, runs, tune_parent=tune_parents[0] if tune_parents else None)
+    data.tuning_only = tuning_only
     curves, utilisation, history = [], [], []
     with tempfile.TemporaryDirectory() as folder:
         for _, row in runs.iterrows():
@@ -153,9 +161,12 @@ def _sort_key(column: pd.Series) -> pd.Series:
     return column.astype(str)
 
 
-def tuning_study(data: StudyData) -> Any | None:
-    """The Optuna study behind a tuning parent run (tags ``optuna.storage`` and ``optuna.study_name``)."""
-    storage, name = data.tag("optuna.storage"), data.tag("optuna.study_name")
+def tuning_study(data: StudyData, storage: str | None = None) -> Any | None:
+    """The Optuna study behind a tuning parent run (tags ``optuna.storage`` and ``optuna.study_name``).
+
+    The tag's storage URL has its password redacted: pass ``storage`` (``--optuna-storage``) to override it.
+    """
+    storage, name = storage or data.tag("optuna.storage"), data.tag("optuna.study_name")
     if not storage or not name:
         return None
     import optuna
@@ -168,7 +179,13 @@ def tuning_study(data: StudyData) -> Any | None:
         return None
 
 
-def write_report(target: str, tracking_uri: str, out: Path | None = None, log_artifacts: bool = True) -> Path:
+def write_report(
+    target: str,
+    tracking_uri: str,
+    out: Path | None = None,
+    log_artifacts: bool = True,
+    optuna_storage: str | None = None,
+) -> Path:
     """Gather, analyse, plot and render; returns the folder holding report.md and report.pdf."""
     from mlflow.tracking import MlflowClient
 
@@ -180,7 +197,7 @@ def write_report(target: str, tracking_uri: str, out: Path | None = None, log_ar
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
-    tuning = tuning_study(data)
+    tuning = tuning_study(data, optuna_storage)
     figures = plots.make_figures(data, out, tuning)
     document = render.build_document(data, figures, generated=datetime.now(UTC), tuning=tuning)
     (out / "report.md").write_text(render.to_markdown(document))
@@ -198,7 +215,8 @@ def write_report(target: str, tracking_uri: str, out: Path | None = None, log_ar
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.tracking import resolve_tracking_uri
 
-    out = write_report(args.study, resolve_tracking_uri(args.tracking_uri), Path(args.out) if args.out else None)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    out = write_report(args.study, uri, Path(args.out) if args.out else None, optuna_storage=args.optuna_storage)
     print(f"wrote {out / 'report.md'} and {out / 'report.pdf'}")
     return 0
 
@@ -210,4 +228,5 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
     )
     report.add_argument("--out", help="output folder (default: reports/<study>/)")
+    report.add_argument("--optuna-storage", help="Optuna storage URL of a tuning study (default: the parent run's tag)")
     report.set_defaults(func=cmd_report)

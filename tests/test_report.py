@@ -252,6 +252,22 @@ def test_tuning_study_adds_optuna_history_importances_and_pareto_front(tmp_path:
     assert "Pareto-optimal trials" in markdown
     assert squash("Hyperparameter tuning") in squash("".join(pdf_text(out / "report.pdf")))
 
+    # As ``harness tune`` leaves it: only tuning trials (role tune-trial), one of them pruned; no study parent.
+    trial = trial_runs(uri, "tuned").iloc[0]
+    for key, value in {
+        "harness.role": "tune-trial",
+        "optuna.state": "PRUNED",
+        "harness.pruned": "pruned at step 4",
+    }.items():
+        client.set_tag(trial["run_id"], key, value)
+    client.set_terminated(trial["run_id"], "KILLED")
+    client.delete_run(trial["tags.mlflow.parentRunId"])
+    assert main(["report", "tuned", "--tracking-uri", uri, "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "holds only tuning trials (1)" in markdown and "## Main comparison" not in markdown
+    assert "pruned 1" in markdown and "| PRUNED | pruned at step 4 |" in markdown
+    assert {p.name for p in out.glob("*.png")} == set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown))
+
 
 def test_statistics_welch_when_seeds_differ_and_nothing_with_one_value() -> None:
     base, other = {"0": 10.0, "1": 12.0, "2": 11.0}, {"3": 14.0, "4": 15.5, "5": 13.0}
