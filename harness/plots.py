@@ -78,6 +78,10 @@ def _groups(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     ]
 
 
+def _max_seeds(frame: pd.DataFrame) -> int:
+    return int(frame.groupby(["backbone", "variant"])["seed"].nunique().max()) if not frame.empty else 0
+
+
 def _label(backbone: str, variant: str, several: bool) -> str:
     return f"{variant} ({backbone})" if several else variant
 
@@ -113,8 +117,12 @@ def val_curves(data: StudyData, out: Path) -> Figure | None:
     return Figure(
         name,
         "Validation perplexity during training",
-        "Mean over seeds (line) with the min-max range across seeds (band). Intermediate points use the "
-        "evaluation subset; the last point is the full validation split.",
+        (
+            "Mean over seeds (line) with the min-max range across seeds (band)."
+            if _max_seeds(curves) > 1
+            else "One seed per variant: each line is a single run."
+        )
+        + " Intermediate points use the evaluation subset; the last point is the full validation split.",
         "curves",
     )
 
@@ -136,7 +144,7 @@ def cost_quality(data: StudyData, out: Path) -> Figure | None:
         return None
     several = runs["tags.backbone"].nunique() > 1
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.4), sharey=True)
-    frame = runs.rename(columns={"tags.variant": "variant", "tags.backbone": "backbone"})
+    frame = runs.rename(columns={"tags.variant": "variant", "tags.backbone": "backbone", "tags.seed": "seed"})
     for ax, column, label in [
         (axes[0], "metrics.params_trainable", "trainable parameters"),
         (axes[1], "metrics.time_per_mtok_s", "training time per million tokens (s)"),
@@ -175,8 +183,8 @@ def cost_quality(data: StudyData, out: Path) -> Figure | None:
         name,
         "Quality against cost",
         "Final test perplexity against trainable parameters (left) and training time per million tokens (right). "
-        "Small markers: single seeds; large markers: mean ± sd; dotted line: variants no other variant beats on both "
-        "axes (lower-left is better).",
+        + ("Small markers: single seeds; large markers: mean ± sd; " if _max_seeds(frame) > 1 else "One seed each; ")
+        + "dotted line: variants no other variant beats on both axes (lower-left is better).",
         "cost",
     )
 

@@ -216,7 +216,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    out = write_report(args.study, uri, Path(args.out) if args.out else None, optuna_storage=args.optuna_storage)
+    out = write_report(
+        args.study, uri, Path(args.out) if args.out else None, not args.no_log, optuna_storage=args.optuna_storage
+    )
     print(f"wrote {out / 'report.md'} and {out / 'report.pdf'}")
     return 0
 
@@ -229,4 +231,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     report.add_argument("--out", help="output folder (default: reports/<study>/)")
     report.add_argument("--optuna-storage", help="Optuna storage URL of a tuning study (default: the parent run's tag)")
+    report.add_argument("--no-log", action="store_true", help="do not log the report to the study's parent run")
     report.set_defaults(func=cmd_report)
