@@ -609,7 +609,7 @@ def _col_widths(table: Table, width: float) -> list[float]:
     """Widths in proportion to each column's longest text, the first (name) column never squeezed."""
     lengths = []
     for j, h in enumerate(table.header):
-        longest = max([len(h) * 0.7] + [len(r[j]) for r in table.rows])
-        lengths.append(min(max(longest, 4), 90))
+        longest = max([len(h) * 0.85] + [len(r[j]) for r in table.rows])
+        lengths.append(min(max(longest, 6), 90))
     total = sum(lengths)
     return [width * n / total for n in lengths]
