@@ -236,14 +236,19 @@ def utilisation_heatmaps(data: StudyData, out: Path, split: str = "validation") 
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
     bar.set_label("share of routed tokens")
     bar.ax.axhline(uniform, color="black", linewidth=1.5)
-    ticks = sorted({0.0, uniform, *[t for t in np.linspace(0, vmax, 5)[1:] if abs(t - uniform) > 0.12 * vmax]})
+    ticks = sorted({0.0, uniform, *[t for t in np.linspace(0, vmax, 5)[1:] if abs(t - uniform) > 0.18 * vmax]})
     bar.set_ticks(ticks, labels=[f"{t:.2f}" + (" uniform" if t == uniform else "") for t in ticks])
     name = _save(fig, out, f"utilisation_{split}.png")
     return Figure(
         name,
         f"Expert utilisation ({split} split)",
         f"Share of routed tokens per expert and MoE layer, averaged over seeds. White is the uniform share "
-        f"1/{n_experts} = {uniform:.3f}; red experts take more than their share, blue less.",
+        f"1/{n_experts} = {uniform:.3f}; red experts take more than their share, blue less. "
+        + (
+            "Training split: counted over the whole run in training mode (noisy top-k routers add noise there)."
+            if split == "train"
+            else "Validation split: the final model in evaluation mode."
+        ),
         "utilisation",
     )
 
@@ -346,7 +351,8 @@ def make_figures(data: StudyData, out: Path, study: Any | None = None) -> list[F
         else [  # tuning trials differ in hyperparameters: no per-variant views
             val_curves(data, out),
             cost_quality(data, out),
-            utilisation_heatmaps(data, out),
+            utilisation_heatmaps(data, out, "train"),
+            utilisation_heatmaps(data, out, "validation"),
             utilisation_over_training(data, out),
         ]
     )
