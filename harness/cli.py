@@ -49,6 +49,10 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     )
     for key, reason in outcome.failed.items():
         print(f"  FAILED {key}: {reason}")
+    if args.report:
+        from harness.report import write_report
+
+        print(f"report: {write_report(spec.name, uri) / 'report.pdf'}")
     return EXIT_TRIALS_FAILED if outcome.failed else 0
 
 
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--checkpoint-dir", default="mlruns/checkpoints", help="where interrupted trials keep their checkpoints"
     )
+    run.add_argument("--report", action="store_true", help="write reports/<study>/report.{md,pdf} at the end")
     run.set_defaults(func=cmd_run_study)
 
     data = commands.add_parser("data", help="WikiText-2 files").add_subparsers(dest="data_command", required=True)
@@ -96,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--name", default="wikitext-2-v1", choices=["wikitext-2-v1", "wikitext-2-raw-v1"])
     info.add_argument("--min-freq", type=int, default=1)
     info.set_defaults(func=cmd_data_info)
+    from harness.report import register as register_report
+
+    register_report(commands)
 
     bench = commands.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_train.register(bench)

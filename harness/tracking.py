@@ -146,6 +146,7 @@ class TrackingStore:
             "backbone": config.model.backbone,
             "git_commit": git_commit(),
             "device": device_description(device),
+            **{f"data.{k}": str(v) for k, v in corpus.summary().items() if k not in ("name", "digest")},
         }
         run_id = self.client.create_run(experiment_id, run_name=trial.name, tags=tags).info.run_id
         params = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in config.flat().items()]

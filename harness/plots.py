@@ -1,0 +1,361 @@
+"""The report's figures, written as PNGs: readable in print, labelled axes with units, colour-blind-safe.
+
+Colours are the Okabe-Ito palette, one fixed colour per variant so every figure agrees; heatmaps
+use a diverging map centred on the uniform share (blue below, red above, white = uniform).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+
+if TYPE_CHECKING:
+    from harness.report import StudyData
+
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
+VARIANT_COLOURS = {
+    "baseline": "#0072B2",
+    "switch": "#E69F00",
+    "lora": "#009E73",
+    "hybrid": "#CC79A7",
+    "dense": "#000000",
+}
+MARKERS = {"baseline": "o", "switch": "s", "lora": "^", "hybrid": "D", "dense": "X"}
+DPI = 150
+
+
+@dataclass(frozen=True)
+class Figure:
+    file: str  # PNG name, relative to the report folder
+    title: str
+    caption: str
+    section: str  # "curves", "cost", "utilisation", "tuning"
+
+
+def colour(variant: str, index: int = 0) -> str:
+    return VARIANT_COLOURS.get(variant, OKABE_ITO[index % len(OKABE_ITO)])
+
+
+def _style() -> None:
+    plt.rcParams.update(
+        {
+            "font.size": 9,
+            "axes.titlesize": 10,
+            "axes.labelsize": 9,
+            "legend.fontsize": 8,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
+
+
+def _save(fig: plt.Figure, out: Path, name: str) -> str:
+    fig.savefig(out / name, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def _groups(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(backbone, variant, rows) in report order."""
+    from harness.report import variant_key
+
+    keys = frame[["backbone", "variant"]].drop_duplicates().itertuples(index=False)
+    ordered = sorted(keys, key=lambda k: (str(k.backbone), variant_key(str(k.variant))))
+    return [
+        (k.backbone, k.variant, frame[(frame.backbone == k.backbone) & (frame.variant == k.variant)]) for k in ordered
+    ]
+
+
+def _max_seeds(frame: pd.DataFrame) -> int:
+    return int(frame.groupby(["backbone", "variant"])["seed"].nunique().max()) if not frame.empty else 0
+
+
+def _label(backbone: str, variant: str, several: bool) -> str:
+    return f"{variant} ({backbone})" if several else variant
+
+
+def val_curves(data: StudyData, out: Path) -> Figure | None:
+    curves = data.curves
+    if curves.empty:
+        return None
+    several = curves["backbone"].nunique() > 1
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (backbone, variant, rows) in enumerate(_groups(curves)):
+        by_step = rows.groupby("step").agg(
+            tokens=("tokens", "mean"), mean=("val_ppl", "mean"), low=("val_ppl", "min"), high=("val_ppl", "max")
+        )
+        style = "--" if several and backbone != sorted(curves["backbone"].unique())[0] else "-"
+        c = colour(variant, i)
+        ax.plot(
+            by_step["tokens"],
+            by_step["mean"],
+            style,
+            color=c,
+            marker=MARKERS.get(variant, "o"),
+            markersize=3,
+            label=_label(backbone, variant, several),
+        )
+        ax.fill_between(by_step["tokens"], by_step["low"], by_step["high"], color=c, alpha=0.18, linewidth=0)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
+    ax.legend(title="variant", frameon=False)
+    name = _save(fig, out, "val_ppl_vs_tokens.png")
+    return Figure(
+        name,
+        "Validation perplexity during training",
+        (
+            "Mean over seeds (line) with the min-max range across seeds (band)."
+            if _max_seeds(curves) > 1
+            else "One seed per variant: each line is a single run."
+        )
+        + " Intermediate points use the evaluation subset; the last point is the full validation split.",
+        "curves",
+    )
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated when lower is better on both axes, sorted by x."""
+    front, best = [], np.inf
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def cost_quality(data: StudyData, out: Path) -> Figure | None:
+    runs = data.finished
+    needed = ["metrics.test_ppl", "metrics.params_trainable", "metrics.time_per_mtok_s"]
+    if runs.empty or any(c not in runs for c in needed):
+        return None
+    several = runs["tags.backbone"].nunique() > 1
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.4), sharey=True)
+    frame = runs.rename(columns={"tags.variant": "variant", "tags.backbone": "backbone", "tags.seed": "seed"})
+    for ax, column, label in [
+        (axes[0], "metrics.params_trainable", "trainable parameters"),
+        (axes[1], "metrics.time_per_mtok_s", "training time per million tokens (s)"),
+    ]:
+        means = []
+        for i, (backbone, variant, rows) in enumerate(_groups(frame)):
+            c, marker = colour(variant, i), MARKERS.get(variant, "o")
+            ax.scatter(rows[column], rows["metrics.test_ppl"], color=c, marker=marker, alpha=0.35, s=14)
+            x, y = rows[column].mean(), rows["metrics.test_ppl"].mean()
+            xerr = rows[column].std() if len(rows) > 1 else None
+            yerr = rows["metrics.test_ppl"].std() if len(rows) > 1 else None
+            ax.errorbar(
+                x,
+                y,
+                xerr=xerr,
+                yerr=yerr,
+                color=c,
+                marker=marker,
+                markersize=7,
+                capsize=2,
+                label=_label(backbone, variant, several),
+                linestyle="none",
+            )
+            means.append((x, y))
+        front = _pareto(means)
+        if len(front) > 1:
+            ax.plot(*zip(*front, strict=True), ":", color="grey", linewidth=1, label="Pareto front (means)")
+        ax.set_xlabel(label)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
+    axes[0].set_ylabel("test perplexity")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), frameon=False, bbox_to_anchor=(0.5, 1.08))
+    fig.tight_layout()
+    name = _save(fig, out, "test_ppl_vs_cost.png")
+    return Figure(
+        name,
+        "Quality against cost",
+        "Final test perplexity against trainable parameters (left) and training time per million tokens (right). "
+        + ("Small markers: single seeds; large markers: mean ± sd; " if _max_seeds(frame) > 1 else "One seed each; ")
+        + "dotted line: variants no other variant beats on both axes (lower-left is better).",
+        "cost",
+    )
+
+
+def _moe_groups(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    return [g for g in _groups(frame) if g[1] != "dense"]
+
+
+def utilisation_heatmaps(data: StudyData, out: Path, split: str = "validation") -> Figure | None:
+    table = data.utilisation
+    if table.empty:
+        return None
+    table = table[table["split"] == split]
+    groups = _moe_groups(table)
+    if not groups:
+        return None
+    several = table["backbone"].nunique() > 1
+    n_experts = int(table["expert"].max()) + 1
+    uniform = 1.0 / n_experts
+    vmax = max(float(table.groupby(["backbone", "variant", "layer", "expert"])["share"].mean().max()), uniform * 1.5)
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=vmax)
+    cols = min(2, len(groups))
+    rows_n = (len(groups) + cols - 1) // cols
+    n_layers = int(table["layer"].max()) + 1
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols + 0.8, (0.5 * n_layers + 1.3) * rows_n), squeeze=False)
+    image = None
+    for ax, (backbone, variant, rows) in zip(axes.flat, groups, strict=False):
+        grid = rows.groupby(["layer", "expert"])["share"].mean().unstack("expert").sort_index()
+        image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
+        for (r, e), value in np.ndenumerate(grid.to_numpy()):
+            ax.text(
+                e,
+                r,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if abs(float(norm(value)) - 0.5) > 0.3 else "black",
+            )
+        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.grid(False)
+        n_seeds = rows["seed"].nunique()
+        ax.set_title(f"{_label(backbone, variant, several)} (n={n_seeds} seed{'s' if n_seeds != 1 else ''})")
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_visible(False)
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
+    bar.set_label("share of routed tokens")
+    bar.ax.axhline(uniform, color="black", linewidth=1.5)
+    ticks = sorted({0.0, uniform, *[t for t in np.linspace(0, vmax, 5)[1:] if abs(t - uniform) > 0.18 * vmax]})
+    bar.set_ticks(ticks, labels=[f"{t:.2f}" + (" uniform" if t == uniform else "") for t in ticks])
+    name = _save(fig, out, f"utilisation_{split}.png")
+    return Figure(
+        name,
+        f"Expert utilisation ({split} split)",
+        f"Share of routed tokens per expert and MoE layer, averaged over seeds. White is the uniform share "
+        f"1/{n_experts} = {uniform:.3f}; red experts take more than their share, blue less. "
+        + (
+            "Training split: counted over the whole run in training mode (noisy top-k routers add noise there)."
+            if split == "train"
+            else "Validation split: the final model in evaluation mode."
+        ),
+        "utilisation",
+    )
+
+
+def utilisation_over_training(data: StudyData, out: Path, layer: int = 0) -> Figure | None:
+    history = data.history
+    if history.empty:
+        return None
+    history = history[history["layer"] == layer]
+    groups = _moe_groups(history)
+    if not groups:
+        return None
+    several = history["backbone"].nunique() > 1
+    n_experts = int(history["expert"].max()) + 1
+    cols = min(2, len(groups))
+    rows_n = (len(groups) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 2.5 * rows_n), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("viridis", n_experts)
+    for ax, (backbone, variant, rows) in zip(axes.flat, groups, strict=False):
+        mean = rows.groupby(["step", "expert"]).agg(tokens=("tokens", "mean"), share=("share", "mean")).reset_index()
+        for expert, line in mean.groupby("expert"):
+            ax.plot(line["tokens"], line["share"], color=cmap(int(expert)), linewidth=1.2, label=f"expert {expert}")
+        ax.axhline(1.0 / n_experts, color="black", linestyle="--", linewidth=1, label="uniform")
+        ax.set_title(_label(backbone, variant, several))
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("share of routed tokens")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_visible(False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="upper center", ncol=min(n_experts + 1, 9), frameon=False, bbox_to_anchor=(0.5, 1.06)
+    )
+    fig.tight_layout()
+    name = _save(fig, out, f"utilisation_history_layer{layer}.png")
+    return Figure(
+        name,
+        f"Expert utilisation during training (MoE layer {layer})",
+        "Share of routed tokens per expert in each logging window, averaged over seeds; dashed: uniform share.",
+        "utilisation",
+    )
+
+
+def tuning_figures(study: Any, out: Path) -> list[Figure]:
+    """Optuna's own matplotlib views: history, importances, and the Pareto front for two objectives."""
+    import optuna
+    from optuna.visualization import matplotlib as ov
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return []
+    multi = len(study.directions) > 1
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    target = (lambda t: t.values[0]) if multi else None
+    target_name = names[0] if multi else (names[0] if study.metric_names else "objective value")
+    figures = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        ax = ov.plot_optimization_history(study, target=target, target_name=target_name)
+        figures.append(
+            Figure(
+                _save(ax.figure, out, "tuning_history.png"),
+                "Optimisation history",
+                f"{target_name} per trial{'' if multi else ' and the best so far'} ({len(done)} completed trials).",
+                "tuning",
+            )
+        )
+        if len(done) >= 2 and any(t.params for t in done):
+            try:
+                ax = ov.plot_param_importances(study, target=target, target_name=target_name)
+                figures.append(
+                    Figure(
+                        _save(ax.figure, out, "tuning_importances.png"),
+                        "Hyperparameter importances",
+                        f"fANOVA importance of each tuned parameter for {target_name}.",
+                        "tuning",
+                    )
+                )
+            except (RuntimeError, ValueError) as error:  # e.g. a parameter with a single value
+                print(f"harness report: no parameter importances ({error})")
+        if len(study.directions) == 2:
+            ax = ov.plot_pareto_front(study, target_names=names[:2])
+            figures.append(
+                Figure(
+                    _save(ax.figure, out, "tuning_pareto.png"),
+                    "Pareto front",
+                    f"Completed trials on the two objectives ({names[0]}, {names[1]}); "
+                    "the highlighted trials are not dominated.",
+                    "tuning",
+                )
+            )
+    return figures
+
+
+def make_figures(data: StudyData, out: Path, study: Any | None = None) -> list[Figure]:
+    _style()
+    figures = (
+        []
+        if data.tuning_only
+        else [  # tuning trials differ in hyperparameters: no per-variant views
+            val_curves(data, out),
+            cost_quality(data, out),
+            utilisation_heatmaps(data, out, "train"),
+            utilisation_heatmaps(data, out, "validation"),
+            utilisation_over_training(data, out),
+        ]
+    )
+    if study is not None:
+        figures.extend(tuning_figures(study, out))
+    return [f for f in figures if f is not None]

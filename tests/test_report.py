@@ -1,0 +1,284 @@
+"""``harness report`` on real tiny studies: what the Markdown and the PDF say, checked against MLflow itself."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from pypdf import PdfReader
+from scipy import stats
+
+from harness.cli import main
+from harness.statistics import compare, describe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(folder: Path, name: str, variants: list[str], seeds: list[int], overrides: dict | None = None) -> Path:
+    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
+    spec["name"] = name
+    spec["matrix"] = {"variants": variants, "seeds": seeds}
+    spec["base"]["budget"]["tokens"] = 1500
+    if overrides:
+        spec["overrides"] = overrides
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_study(folder: Path, spec: Path, uri: str, *extra: str) -> int:
+    args = ["run-study", str(spec), "--tracking-uri", uri, "--no-progress", "--checkpoint-dir", str(folder / "ck")]
+    return main([*args, *extra])
+
+
+def trial_runs(uri: str, study: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[study], filter_string="tags.`harness.role` = 'trial'")
+
+
+def pdf_text(path: Path) -> list[str]:
+    return [page.extract_text() for page in PdfReader(path).pages]
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[str, Path]:
+    """Two MoE variants x two seeds plus dense on one seed (too few to test), then ``harness report`` on it."""
+    folder = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
+        patch.setenv("MOE_HARNESS_CACHE", str(folder / "cache"))
+        spec = tiny_spec(folder, "rep", ["baseline", "switch"], [0, 1])
+        assert run_study(folder, spec, uri) == 0
+        assert run_study(folder, tiny_spec(folder, "rep", ["dense"], [0]), uri) == 0
+        assert main(["report", str(spec), "--tracking-uri", uri, "--out", str(folder / "out")]) == 0
+    return uri, folder / "out"
+
+
+@pytest.fixture(scope="module")
+def failed_single_seed(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[str, Path]:
+    """One seed; switch diverges (absurd learning rate, no clipping) so the trainer raises NonFiniteLoss.
+
+    Run with ``run-study --report`` from a scratch working directory: the report lands in reports/<study>/.
+    """
+    folder = tmp_path_factory.mktemp("failed")
+    uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
+        patch.setenv("MOE_HARNESS_CACHE", str(folder / "cache"))
+        patch.chdir(folder)
+        overrides = {"switch": {"optim": {"lr": 1.0e30, "grad_clip": None}}}
+        spec = tiny_spec(folder, "onefail", ["baseline", "switch"], [0], overrides)
+        assert run_study(folder, spec, uri, "--report") == 1  # a failed trial: exit 1, report still written
+    return uri, folder / "reports" / "onefail"
+
+
+def markdown_rows(markdown: str, variant: str) -> list[list[str]]:
+    rows = [line for line in markdown.splitlines() if line.startswith(f"| {variant} |")]
+    return [[cell.strip().strip("*") for cell in row.strip("|").split("|")] for row in rows]
+
+
+@pytest.mark.slow
+def test_markdown_references_only_figures_that_exist(study: tuple[str, Path]) -> None:
+    _, out = study
+    markdown = (out / "report.md").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(figures) >= 4
+    for name in figures:
+        assert (out / name).is_file() and (out / name).stat().st_size > 5000, name
+    assert {p.name for p in out.glob("*.png")} == set(figures)  # no stale or unreferenced figure either
+
+
+@pytest.mark.slow
+def test_table_mean_sd_and_ci_match_values_computed_from_mlflow(study: tuple[str, Path]) -> None:
+    uri, out = study
+    markdown = (out / "report.md").read_text()
+    runs = trial_runs(uri, "rep")
+    pdf = squash("".join(pdf_text(out / "report.pdf")))
+    for variant, rows in runs[runs["tags.variant"] != "dense"].groupby("tags.variant"):
+        table = markdown_rows(markdown, variant)[0]  # the first table: quality
+        for metric, column in [("final_val_ppl", 2), ("test_ppl", 4)]:
+            values = rows[f"metrics.{metric}"]
+            expected = f"{values.mean():,.2f} ± {values.std(ddof=1):,.2f}"
+            assert table[column] == expected, (variant, metric)
+            low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+            assert table[column + 1] == f"[{low:,.2f}, {high:,.2f}]"
+            assert squash(expected) in pdf
+        assert table[1] == str(len(rows)) == "2"
+
+
+@pytest.mark.slow
+def test_best_value_per_column_is_marked(study: tuple[str, Path]) -> None:
+    uri, out = study
+    markdown = (out / "report.md").read_text()
+    runs = trial_runs(uri, "rep")
+    best = runs.groupby("tags.variant")["metrics.test_ppl"].mean().idxmin()
+    row = [line for line in markdown.splitlines() if line.startswith(f"| {best} |")][0]
+    assert row.split("|")[5].strip().startswith("**")  # test PPL mean ± sd in bold
+    fastest = runs.groupby("tags.variant")["metrics.train_tokens_per_s"].mean().idxmax()
+    row = [line for line in markdown.splitlines() if line.startswith(f"| {fastest} |")][1]  # cost table
+    assert row.split("|")[6].strip().startswith("**")
+
+
+@pytest.mark.slow
+def test_significance_is_paired_by_seed_with_p_value_and_statement(study: tuple[str, Path]) -> None:
+    uri, out = study
+    markdown = (out / "report.md").read_text()
+    runs = trial_runs(uri, "rep").sort_values("tags.seed")
+    base = runs[runs["tags.variant"] == "baseline"]["metrics.test_ppl"].to_numpy()
+    switch = runs[runs["tags.variant"] == "switch"]["metrics.test_ppl"].to_numpy()
+    p = stats.ttest_rel(switch, base).pvalue
+    row = [line for line in markdown.splitlines() if line.startswith("| switch | paired t-test |")]
+    assert row, "switch row of the significance table"
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[5] == ("< 0.001" if p < 0.001 else f"{p:.3f}") and cells[6].startswith("d_z = ")
+    assert "At the 5% level" in markdown
+    assert ("significant: switch" in markdown) == (p < 0.05)
+    assert "no significance can be claimed" not in markdown
+
+
+@pytest.mark.slow
+def test_header_records_study_data_matrix_counts_and_compute(study: tuple[str, Path]) -> None:
+    uri, out = study
+    markdown = (out / "report.md").read_text()
+    runs = trial_runs(uri, "rep")
+    assert "# Study report: rep" in markdown
+    assert f"**Git commit:** {runs['tags.git_commit'].iloc[0]}" in markdown
+    assert "cpu:" in markdown
+    first = runs.iloc[0]
+    assert f"train {int(first['tags.data.train_tokens']):,}" in markdown
+    assert f"vocabulary {int(first['tags.data.vocab_size']):,}" in markdown
+    assert "variants baseline, switch, dense × seeds 0, 1" in markdown
+    assert "finished 5, failed 0" in markdown
+    assert "None: all 5 trials finished." in markdown
+    dense = markdown_rows(markdown, "dense")
+    dense_val = runs[runs["tags.variant"] == "dense"]["metrics.final_val_ppl"].iloc[0]
+    assert dense[0][1] == "1" and dense[0][2] == f"{dense_val:,.2f}"
+    assert dense[1][-2:] == ["–", "–"]  # no router: no aux loss, no load CV
+    assert "Too few seeds to test: dense." in markdown
+
+
+@pytest.mark.slow
+def test_pdf_is_a4_with_numbered_pages_tables_and_images(study: tuple[str, Path]) -> None:
+    _, out = study
+    reader = PdfReader(out / "report.pdf")
+    pages = reader.pages
+    texts = pdf_text(out / "report.pdf")
+    total = int(re.search(r"page 1 of (\d+)", texts[0]).group(1))
+    assert len(pages) == total >= 2
+    for number, (page, text) in enumerate(zip(pages, texts, strict=True), 1):
+        assert f"page {number} of {total}" in text
+        width, height = float(page.mediabox.width), float(page.mediabox.height)
+        assert abs(width - 595.3) < 1 and abs(height - 841.9) < 1  # A4 portrait in points
+    joined = "\n".join(texts)
+    for text in ["Main comparison", "Val PPL (mean ± sd)", "Time / Mtok (s)", "Significance", "Failed trials"]:
+        assert squash(text) in squash(joined), text
+    markdown = (out / "report.md").read_text()
+    assert sum(len(page.images) for page in pages) == len(re.findall(r"!\[", markdown))
+
+
+@pytest.mark.slow
+def test_report_is_logged_to_the_study_parent_run(study: tuple[str, Path]) -> None:
+    uri, _ = study
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("rep")
+    parent = client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'study'")[0]
+    logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report.md", "report.pdf", "val_ppl_vs_tokens.png"} <= logged
+
+
+@pytest.mark.slow
+def test_failed_trial_and_single_seed_render_with_the_right_statements(failed_single_seed: tuple[str, Path]) -> None:
+    uri, out = failed_single_seed
+    runs = trial_runs(uri, "onefail")
+    assert set(runs["status"]) == {"FINISHED", "FAILED"}
+    markdown = (out / "report.md").read_text()
+    assert "no significance can be claimed" in markdown
+    assert "finished 1, failed 1" in markdown
+    failed = markdown.split("## Failed trials", 1)[1]
+    assert "switch/seed=0" in failed and "FAILED" in failed and "NonFiniteLoss" in failed
+    assert markdown_rows(markdown, "switch") == []  # not in the tables: it has no final numbers
+    text = squash("".join(pdf_text(out / "report.pdf")))
+    assert squash("no significance can be claimed") in text and "NonFiniteLoss" in text
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
+        assert (out / name).is_file()
+
+
+@pytest.mark.slow
+def test_tuning_study_adds_optuna_history_importances_and_pareto_front(tmp_path: Path, tiny_data: Path) -> None:
+    import optuna
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert run_study(tmp_path, tiny_spec(tmp_path, "tuned", ["baseline"], [0]), uri) == 0
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tuned = optuna.create_study(
+        study_name="tuned-optuna",
+        storage=storage,
+        directions=["minimize", "minimize"],
+        sampler=optuna.samplers.RandomSampler(0),
+    )
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        tuned.set_metric_names(["val_ppl", "time_per_mtok_s"])
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        lr, width = trial.suggest_float("lr", 1e-4, 1e-1, log=True), trial.suggest_int("d_hidden", 16, 128)
+        return 100 + 10 * abs(math.log10(lr) + 2.5) - width / 10, width * 0.5 + lr
+
+    tuned.optimize(objective, n_trials=12)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tuned")
+    client.create_run(
+        experiment.experiment_id,
+        run_name="tune",
+        tags={"harness.role": "tune", "optuna.storage": storage, "optuna.study_name": "tuned-optuna"},
+    )
+    out = tmp_path / "out"
+    assert main(["report", "tuned", "--tracking-uri", uri, "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    for name in ["tuning_history.png", "tuning_importances.png", "tuning_pareto.png"]:
+        assert f"]({name})" in markdown and (out / name).is_file(), name
+    assert "## Hyperparameter tuning" in markdown and "tuned-optuna" in markdown
+    assert "Pareto-optimal trials" in markdown
+    assert squash("Hyperparameter tuning") in squash("".join(pdf_text(out / "report.pdf")))
+
+    # As ``harness tune`` leaves it: only tuning trials (role tune-trial), one of them pruned; no study parent.
+    trial = trial_runs(uri, "tuned").iloc[0]
+    for key, value in {
+        "harness.role": "tune-trial",
+        "optuna.state": "PRUNED",
+        "harness.pruned": "pruned at step 4",
+    }.items():
+        client.set_tag(trial["run_id"], key, value)
+    client.set_terminated(trial["run_id"], "KILLED")
+    client.delete_run(trial["tags.mlflow.parentRunId"])
+    assert main(["report", "tuned", "--tracking-uri", uri, "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "holds only tuning trials (1)" in markdown and "## Main comparison" not in markdown
+    assert "pruned 1" in markdown and "| PRUNED | pruned at step 4 |" in markdown
+    assert {p.name for p in out.glob("*.png")} == set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown))
+
+
+def test_statistics_welch_when_seeds_differ_and_nothing_with_one_value() -> None:
+    base, other = {"0": 10.0, "1": 12.0, "2": 11.0}, {"3": 14.0, "4": 15.5, "5": 13.0}
+    result = compare(base, other)
+    expected = stats.ttest_ind(list(other.values()), list(base.values()), equal_var=False)
+    assert result.test == "Welch's t-test" and result.effect_name == "d"
+    assert result.p_value == pytest.approx(expected.pvalue) and result.difference == pytest.approx(3.1666667)
+    assert compare({"0": 1.0}, {"0": 2.0}) is None
+    single = describe([5.0])
+    assert single.n == 1 and single.mean == 5.0 and math.isnan(single.sd) and math.isnan(single.ci_low)
+    paired = compare({"0": 10.0, "1": 12.0, "2": 11.0}, {"0": 11.0, "1": 12.5, "2": 12.5})
+    assert paired.test == "paired t-test" and paired.n == 3
+    assert paired.p_value == pytest.approx(stats.ttest_rel([11.0, 12.5, 12.5], [10.0, 12.0, 11.0]).pvalue)
+    assert paired.effect == pytest.approx(2.0)  # differences 1, 0.5, 1.5: mean 1, sd 0.5
