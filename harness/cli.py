@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from harness.bench import levers as bench_levers
 from harness.bench import train as bench_train
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_train.register(bench)
+    bench_levers.register(bench)
     return parser
 
 

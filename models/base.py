@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.config import SpecError
 from models.moe import MoELayer, MoEStats
 
 
@@ -27,6 +28,10 @@ class OutputHead(nn.Module):
         self.adaptive = None
         if kind == "adaptive":
             usable = [c for c in cutoffs if 0 < c < vocab_size - 1]
+            if not usable:
+                raise SpecError(
+                    f"model.adaptive_cutoffs={cutoffs} leave no tail cluster for a vocabulary of {vocab_size} words"
+                )
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(d_model, vocab_size, usable, div_value=4.0)
         else:
             self.proj = nn.Linear(d_model, vocab_size)

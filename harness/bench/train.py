@@ -104,7 +104,9 @@ class _RecordingSink:
         self.inner.log_metrics(metrics, step)
 
 
-def trainer_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, warmup: int, mlflow_uri: str | None) -> float:
+def trainer_tokens_per_s(
+    config: TrialConfig, corpus: Corpus, steps: int, warmup: int, mlflow_uri: str | None = None
+) -> float:
     """Throughput of ``train`` over the windows after warm-up (evaluation is excluded)."""
     steps = warmup * max(1, round(steps / warmup))  # whole logging windows of `warmup` steps
     budget = {

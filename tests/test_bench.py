@@ -1,0 +1,105 @@
+"""The training benchmarks: the analytic FLOP count, and `harness bench train|levers` output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness.cli import main
+from harness.config import TrialConfig
+from harness.flops import train_flops_per_token
+from models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "studies" / "tiny.yaml")
+VOCAB = 500
+
+LORA_SWITCH = {"router": "switch", "top_k": 1, "expert": "lora", "balance_losses": ["switch"]}
+
+
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+@pytest.mark.parametrize(("variant", "moe"), [("dense", {}), ("baseline", {}), ("hybrid", LORA_SWITCH)])
+def test_analytic_flops_match_counted_matmuls(variant: str, moe: dict, output: str) -> None:
+    """harness.flops against torch's FLOP counter on one real forward+backward.
+
+    The counter does not see inside CPU ``aten::lstm``, so its share (3 x 2 x 4 gates x d x 2d
+    per layer and token) is added to the counted figure; everything else must agree within 2%
+    (the analytic count ignores the router's element-wise work and the adaptive head's sampling
+    noise comes from the batch's own unigram).
+    """
+    d, layers, batch, seq = 32, 2, 4, 8
+    model = {"d_model": d, "n_layers": layers, "output": output, "tie_weights": output == "full"}
+    if output == "adaptive":
+        model["adaptive_cutoffs"] = [50, 200]
+    config = TrialConfig.model_validate(
+        {
+            "variant": variant,
+            "model": model,
+            "moe": {"d_hidden": 64, "n_experts": 4, **moe},
+            "train": {"batch_size": batch, "seq_len": seq},
+        }
+    )
+    torch.manual_seed(0)
+    lm = build_model(config, VOCAB).eval()  # no dropout: the counted graph is deterministic
+    x, y = torch.randint(0, VOCAB, (batch, seq)), torch.randint(0, VOCAB, (batch, seq))
+    unigram = torch.bincount(y.reshape(-1), minlength=VOCAB).double()
+    unigram /= unigram.sum()
+    with FlopCounterMode(display=False) as counter:
+        out = lm(x, y, lm.initial_state(batch))
+        (out.loss + out.aux_loss).backward()
+    lstm = layers * 3 * 2.0 * 4 * d * 2 * d
+    counted = counter.get_total_flops() / (batch * seq) + lstm
+    assert train_flops_per_token(config, VOCAB, unigram) == pytest.approx(counted, rel=0.02)
+
+
+def test_bench_train_json_has_the_issue_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    code = main(["bench", "train", TINY, "--variants", "hybrid", "--steps", "4", "--warmup", "2", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["hybrid"]
+    row = rows[0]
+    for key in ("tokens_per_s", "ms_per_mtok", "flops_per_s", "gemm_peak_flops_per_s", "minimal_loop_tokens_per_s"):
+        assert row[key] > 0, key
+    assert row["ms_per_mtok"] == pytest.approx(1e9 / row["tokens_per_s"])
+    assert row["fraction_of_peak"] == pytest.approx(row["flops_per_s"] / row["gemm_peak_flops_per_s"])
+    assert "trainer/minimal" in capsys.readouterr().out
+
+
+def test_bench_train_default_adds_dense_and_rejects_bad_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "train", TINY, "--set", "train.precision=fp64", "--steps", "2", "--warmup", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.precision" in err or "fp64" in err
+    assert main(["bench", "train", TINY, "--set", "nonsense", "--steps", "2", "--warmup", "2"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_bench_levers_times_each_lever(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = yaml.safe_load(Path(TINY).read_text())
+    spec["base"]["model"]["adaptive_cutoffs"] = [200, 1000]  # the tiny spec caps the vocabulary at 2000
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code = main(
+        [
+            "bench",
+            "levers",
+            str(path),
+            "--levers",
+            "adaptive softmax",
+            "bf16 autocast",
+            "--steps",
+            "2",
+            "--warmup",
+            "2",
+            "--skip-end-to-end",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    for label in ("plain (fp32, full softmax)", "adaptive softmax", "bf16 autocast"):
+        assert label in out
