@@ -12,6 +12,7 @@ GridSampler, which repeats grid points under concurrency.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import threading
@@ -28,6 +29,7 @@ from sqlalchemy import event
 from harness.config import SpecError
 
 STORAGE_ENV = "HARNESS_STORAGE"
+WORKER_ENV = "HARNESS_WORKER_NAME"  # host part of the worker id (default: the hostname)
 PENDING, RUNNING, FINISHED, FAILED = "pending", "running", "finished", "failed"
 
 metadata = sa.MetaData()
@@ -63,8 +65,12 @@ def resolve_storage(cli_value: str | None, tracking_uri: str, checkpoint_dir: Pa
     return f"sqlite:///{(folder / 'coordination.db').resolve()}"
 
 
+def _host() -> str:
+    return os.environ.get(WORKER_ENV) or socket.gethostname()
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _process_gone(worker: str | None) -> bool:
@@ -73,7 +79,7 @@ def _process_gone(worker: str | None) -> bool:
         return False
     host, _, rest = worker.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if host != _host() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
     if pid == os.getpid():  # an earlier incarnation with our pid (a restarted container): not us
@@ -110,13 +116,15 @@ class Coordinator:
         try:
             parsed = sa.engine.make_url(url)
             shown = parsed.render_as_string(hide_password=True)
+            if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+                parsed = parsed.set(drivername="postgresql+psycopg2")  # SQLAlchemy 2.1 defaults to psycopg 3
             if parsed.get_backend_name() == "sqlite":
                 if parsed.database and parsed.database != ":memory:":
                     self._sqlite_folder = Path(parsed.database).parent  # created once every check has passed
                 self.engine = sa.create_engine(url, connect_args={"timeout": 60})
                 self._serialise_sqlite()
             else:
-                self.engine = sa.create_engine(url, pool_pre_ping=True, connect_args=self._connect_args(parsed))
+                self.engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=self._connect_args(parsed))
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as error:
             raise SpecError(f"storage '{shown}' is not a usable database URL ({error})") from None
         self.shown = shown
