@@ -69,8 +69,13 @@ def _host() -> str:
     return os.environ.get(WORKER_ENV) or socket.gethostname()
 
 
+_LIVE_WORKERS: set[str] = set()  # coordinators alive in this process
+
+
 def worker_id() -> str:
-    return f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    worker = f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    _LIVE_WORKERS.add(worker)
+    return worker
 
 
 def _process_gone(worker: str | None) -> bool:
@@ -82,8 +87,8 @@ def _process_gone(worker: str | None) -> bool:
     if host != _host() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
-    if pid == os.getpid():  # an earlier incarnation with our pid (a restarted container): not us
-        return True
+    if pid == os.getpid():  # ours, or an earlier incarnation with our pid (a restarted container)
+        return worker not in _LIVE_WORKERS
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -296,4 +301,5 @@ class Coordinator:
             thread.join()
 
     def dispose(self) -> None:
+        _LIVE_WORKERS.discard(self.worker)
         self.engine.dispose()
