@@ -134,6 +134,8 @@ class TrackingStore:
         existing = self.trial_run(experiment_id, trial)
         if existing is not None:
             self.client.update_run(existing.info.run_id, status="RUNNING")
+            if "harness.error" in existing.data.tags:  # a retried failure: the old reason no longer holds
+                self.client.delete_tag(existing.info.run_id, "harness.error")
             return existing.info.run_id
         config = trial.config
         tags = {

@@ -74,3 +74,4 @@ def test_failed_trials_are_contained_recorded_and_reported(
     assert len(runs_after) == 4  # retried into the same runs
     switch = next(r for r in runs_after if r.data.tags["variant"] == "switch")
     assert switch.info.status == "FINISHED" and switch.info.run_id == runs["switch"].info.run_id
+    assert "harness.error" not in switch.data.tags
