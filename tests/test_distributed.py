@@ -165,6 +165,7 @@ def _claims_exist(storage: str) -> bool:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_sigterm_releases_the_claim_at_once(tmp_path: Path) -> None:
     spec = study_spec(tmp_path, "term", ["dense"], [0], tokens=400 * 128)
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
