@@ -79,9 +79,9 @@ def run_trial(
     logged: dict[str, int] = {}
     if run_id is None:
         run_id = store.open_trial_run(experiment_id, parent_id, trial, spec.name, corpus, device.type)
-    checkpoint = checkpointer(checkpoint_dir, spec, trial)
-    if checkpoint.path.is_file():
+    else:  # an existing run (resumed, taken over, retried): steps it already holds are not logged again
         logged = store.logged_steps(run_id)
+    checkpoint = checkpointer(checkpoint_dir, spec, trial)
     sink = ClaimedSink(store.client, run_id, logged, lost=lost)
     try:
         result = train(trial.config, corpus, sink, checkpoint=checkpoint, progress=progress, label=trial.key)
