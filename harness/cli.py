@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -20,9 +21,14 @@ EXIT_TRIALS_FAILED = 1
 def _quiet_libraries() -> None:
     # MLflow and Alembic log every migration and warn about optional extras; the user wants the study.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per trial
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def cmd_run_study(args: argparse.Namespace) -> int:
@@ -43,7 +49,16 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     from harness.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    outcome = run_study(spec, uri, progress=not args.no_progress, checkpoint_dir=Path(args.checkpoint_dir))
+    signal.signal(signal.SIGTERM, _interrupt)  # docker stop: release the claim, mark the run killed
+    outcome = run_study(
+        spec,
+        uri,
+        progress=not args.no_progress,
+        checkpoint_dir=Path(args.checkpoint_dir),
+        storage=args.storage,
+        heartbeat_timeout=args.heartbeat_timeout,
+        retry_failed=args.retry_failed,
+    )
     print(
         f"study '{spec.name}': {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
         f"{len(outcome.failed)} failed; tracking {uri} (experiment {outcome.experiment_id})"
@@ -75,6 +90,16 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark MoE layers in small language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
     )
+    run.add_argument(
+        "--storage",
+        help="database that coordinates workers, e.g. postgresql://user:pass@host/db (default: $HARNESS_STORAGE, "
+        "else a SQLite file beside the embedded store); run the same command on N machines to share the cells",
+    )
+    run.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        help="seconds without a heartbeat after which a worker's cell is claimable again (default 60)",
+    )
+    run.add_argument("--retry-failed", action="store_true", help="run cells that failed in an earlier attempt again")
     run.add_argument("--dry-run", action="store_true", help="print the expanded trial list and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(

@@ -134,6 +134,8 @@ class TrackingStore:
         existing = self.trial_run(experiment_id, trial)
         if existing is not None:
             self.client.update_run(existing.info.run_id, status="RUNNING")
+            if "harness.error" in existing.data.tags:  # a retried failure: the old reason no longer holds
+                self.client.delete_tag(existing.info.run_id, "harness.error")
             return existing.info.run_id
         config = trial.config
         tags = {
@@ -155,6 +157,11 @@ class TrackingStore:
         self.log_dataset(run_id, corpus)
         self.client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
         return run_id
+
+    def logged_steps(self, run_id: str) -> dict[str, int]:
+        """Metric name -> last step already logged to a run (what a resumed attempt must not repeat)."""
+        run = self.client.get_run(run_id)
+        return {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
 
     def log_dataset(self, run_id: str, corpus: Corpus) -> None:
         summary = corpus.summary()
@@ -196,36 +203,57 @@ class TrackingStore:
 class MlflowSink:
     """Step metrics to MLflow off the training thread: ``log_metrics`` queues and returns at once.
 
-    A daemon thread drains the queue with batched ``log_batch`` calls; ``flush`` waits for it.
+    A daemon thread drains the queue with batched ``log_batch`` calls; ``sync`` waits until what
+    is queued has landed (the trainer calls it before each checkpoint, so a resumed trial never
+    misses a metric), ``flush`` also stops the thread. ``logged`` maps metric name -> last step
+    already in the run (from an interrupted attempt): those steps are not logged twice.
     (MLflow's own async mode costs about a second per run at shutdown; this costs nothing.)
     """
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
-        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+    def __init__(self, client: MlflowClient, run_id: str, logged: dict[str, int] | None = None) -> None:
+        self.client, self.run_id, self.logged = client, run_id, logged or {}
+        self._queue: queue.Queue[list[Metric] | threading.Event | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="mlflow-sink", daemon=True)
         self._thread.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._queue.put([Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.logged.get(k, -1)]
+        if batch:
+            self._queue.put(batch)
+
+    def _send(self, batch: list[Metric]) -> None:
+        try:
+            for start in range(0, len(batch), 1000):
+                self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        except Exception as error:  # surfaced by sync()/flush(); training is not interrupted
+            self._error = error
 
     def _drain(self) -> None:
-        while (batch := self._queue.get()) is not None:
-            while len(batch) < 900:  # coalesce what is already queued into one request
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            while len(item) < 900:  # coalesce what is already queued into one request
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._queue.put(None)
+                if not isinstance(more, list):  # a sync marker or the stop: after this batch
+                    self._queue.put(more)
                     break
-                batch.extend(more)
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as error:  # surfaced by flush(); training is not interrupted
-                self._error = error
+                item.extend(more)
+            self._send(item)
+
+    def sync(self) -> None:
+        """Wait until every metric queued so far is in the run."""
+        if self._thread.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            done.wait()
+        if self._error is not None:
+            raise self._error
 
     def flush(self) -> None:
         if self._thread.is_alive():

@@ -250,6 +250,8 @@ def train(
         history = saved["history"]
         state = tuple(s.to(device) for s in saved["state"]) if saved["state"] else None
 
+    every = config.budget.checkpoint_every_steps
+    next_checkpoint = (step // every + 1) * every
     bar = Progress(label or f"{config.variant} seed={config.seed}", n_steps, progress)
     window_loss = torch.zeros((), device=device)
     window_aux = torch.zeros((), device=device)
@@ -281,7 +283,8 @@ def train(
             tokens += y.numel()
 
             last = step == n_steps
-            if step % config.budget.log_every_steps == 0 or last:
+            logged = step % config.budget.log_every_steps == 0 or last
+            if logged:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
@@ -317,7 +320,12 @@ def train(
                 sink.log_metrics({"val_loss": val_loss, "val_ppl": perplexity(val_loss)}, step)
                 if on_eval is not None:
                     on_eval(step, tokens, val_loss)
-            if checkpoint is not None and step % config.budget.checkpoint_every_steps == 0 and not last:
+            # Checkpoints fall on logging steps, where the window accumulators are empty, and come
+            # after the metrics so far are in the sink's store: a resume repeats nothing and loses nothing.
+            if checkpoint is not None and step >= next_checkpoint and logged and not last:
+                next_checkpoint = (step // every + 1) * every
+                if (sync := getattr(sink, "sync", None)) is not None:
+                    sync()
                 checkpoint.save(
                     {
                         "model": model.state_dict(),

@@ -1,0 +1,151 @@
+"""Bad input: one line on stderr, exit code 2, and nothing written (no store, no claims, no checkpoints)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.study import checkpointer
+from harness.trainer import Checkpointer
+from tests.conftest import free_port
+from tests.workers import harness_env, study_spec
+
+
+def run_cli(tmp_path: Path, spec: Path, *extra: str) -> int:
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlruns' / 'mlflow.db'}"
+    args = ["run-study", str(spec), "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "out" / "ck")]
+    return main([*args, "--no-progress", *extra])
+
+
+def assert_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str], code: int, message: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("harness: error: ") and message in err, err
+    written = (
+        sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) if (tmp_path / "out").exists() else []
+    )
+    assert not written, f"bad input wrote {written}"
+
+
+def edited(tmp_path: Path, change: dict) -> Path:
+    spec = yaml.safe_load(study_spec(tmp_path, "bad", ["baseline"], [0]).read_text())
+    for dotted, value in change.items():
+        *parents, leaf = dotted.split(".")
+        node = spec
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"base.moe.n_expert": 4}, "unknown key 'moe.n_expert' (did you mean 'n_experts'?)"),
+        ({"matrx": {}}, "unknown key 'matrx' (did you mean 'matrix'?)"),
+        ({"base.budget.log_every_step": 2}, "(did you mean 'log_every_steps'?)"),
+        ({"base.optim.lr": "fast"}, "optim.lr = 'fast': Input should be a valid number"),
+        ({"base.train.batch_size": [8]}, "train.batch_size = [8]: Input should be a valid integer"),
+        ({"overrides.baseline.moe.top_k": 9}, "moe.top_k=9 exceeds moe.n_experts=4 (variant baseline)"),
+        ({"base.moe.lora_rank": 0}, "moe.lora_rank = 0: Input should be greater than or equal to 1"),
+        ({"base.moe.aux_loss_coef": -1.0}, "moe.aux_loss_coef = -1.0: Input should be greater than or equal to 0"),
+        ({"base.budget.epochs": 1}, "budget needs exactly one of budget.epochs or budget.tokens"),
+    ],
+    ids=[
+        "unknown-nested",
+        "unknown-top",
+        "unknown-budget",
+        "type-str",
+        "type-list",
+        "k>n",
+        "rank<1",
+        "neg-coef",
+        "2-budgets",
+    ],
+)
+def test_bad_spec_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict, message: str) -> None:
+    assert_rejected(tmp_path, capsys, run_cli(tmp_path, edited(tmp_path, change)), message)
+
+
+def test_malformed_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: t\nbase:\n  moe: {n_experts: 4\nmatrix: [x\n")
+    assert_rejected(tmp_path, capsys, run_cli(tmp_path, spec), "malformed YAML at line")
+
+
+def test_unreachable_tracking_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    code = run_cli(tmp_path, spec, "--tracking-uri", f"http://127.0.0.1:{free_port()}")
+    assert_rejected(tmp_path, capsys, code, "is unreachable")
+
+
+def test_unreachable_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    code = run_cli(tmp_path, spec, "--storage", f"postgresql://harness:secret@127.0.0.1:{free_port()}/db")
+    assert_rejected(tmp_path, capsys, code, "storage postgresql://harness:***@127.0.0.1")
+    assert "secret" not in capsys.readouterr().err
+
+
+def test_unusable_database_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    code = run_cli(tmp_path, spec, "--storage", "nosuchdb://somewhere/x")
+    assert_rejected(tmp_path, capsys, code, "is not a usable database URL")
+
+
+def test_corrupt_parquet(tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train = data / "wikitext-2-v1" / "train-00000-of-00001.parquet"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])  # truncated download
+    monkeypatch.setenv("MOE_HARNESS_DATA", str(data))
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    assert_rejected(tmp_path, capsys, run_cli(tmp_path, spec), "not a readable parquet file")
+
+
+def test_checkpoint_from_an_incompatible_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.config import load_spec
+    from harness.matrix import expand
+
+    spec_path = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = load_spec(spec_path)
+    (trial,) = expand(spec)
+    path = checkpointer(tmp_path / "out" / "ck", spec, trial).path
+    other = trial.config.model_copy(update={"seed": 7})
+    Checkpointer(path, other.model_dump(mode="json")).save({"step": 3})
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    code = run_cli(tmp_path, spec_path)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "checkpoint was written for a different config" in err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before  # only the checkpoint
+
+
+def test_bad_heartbeat_timeout_is_an_argument_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tmp_path, spec, "--heartbeat-timeout", "-3")
+    assert exit_info.value.code == 2
+    assert "expected a positive number of seconds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_unreachable_servers_from_the_real_command_line_print_one_line(tmp_path: Path) -> None:
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    for extra, message in [
+        (["--tracking-uri", f"http://127.0.0.1:{free_port()}"], "tracking server"),
+        (["--storage", f"postgresql://u@127.0.0.1:{free_port()}/db"], "is unreachable"),
+    ]:
+        command = [sys.executable, "-m", "harness", "run-study", str(spec), "--checkpoint-dir", str(tmp_path / "ck")]
+        result = subprocess.run([*command, *extra], capture_output=True, text=True, env=harness_env(), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not result.stdout
+        assert not (tmp_path / "ck").exists() and not (tmp_path / "mlruns").exists()

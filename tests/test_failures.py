@@ -1,0 +1,77 @@
+"""A trial that diverges, runs out of memory or hits bad data fails alone; the study goes on and exits 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+import harness.study
+from harness.cli import main
+from tests.workers import study_spec
+
+
+def test_failed_trials_are_contained_recorded_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec_path = study_spec(tmp_path, "faults", ["baseline", "switch", "lora", "dense"], [0], tokens=24 * 128)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["overrides"] = {
+        "dense": {"optim": {"name": "sgd", "lr": 1.0e6, "grad_clip": None}},  # diverges: NaN/inf loss
+        "lora": {"train": {"eval_batch_size": 100_000}},  # the validation split is too short: a data error
+    }
+    spec_path.write_text(yaml.safe_dump(spec))
+
+    real_train = harness.study.train
+
+    def train_running_out_of_memory(config, corpus, sink, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if config.variant != "switch":
+            return real_train(config, corpus, sink, **kwargs)
+
+        class Exhausting:
+            def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+                sink.log_metrics(metrics, step)
+                if step >= 8:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return real_train(config, corpus, Exhausting(), **kwargs)
+
+    monkeypatch.setattr(harness.study, "train", train_running_out_of_memory)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    args = ["run-study", str(spec_path), "--tracking-uri", uri, "--no-progress", "--checkpoint-dir", str(tmp_path)]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "1 finished, 0 already done, 3 failed" in out
+    for key in ["dense/seed=0", "lora/seed=0", "switch/seed=0"]:
+        assert f"FAILED {key}: " in out
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("faults")
+    runs = {
+        r.data.tags["variant"]: r
+        for r in client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
+    }
+    assert runs["baseline"].info.status == "FINISHED"
+    errors = {v: runs[v].data.tags.get("harness.error", "") for v in ("dense", "lora", "switch")}
+    assert {v: runs[v].info.status for v in errors} == {v: "FAILED" for v in errors}
+    assert errors["dense"].startswith("NonFiniteLoss: non-finite training loss at step")
+    assert errors["lora"].startswith("DataError: ") and "too short for batch size 100000" in errors["lora"]
+    assert errors["switch"].startswith("OutOfMemoryError: CUDA out of memory")
+    partial = client.get_metric_history(runs["switch"].info.run_id, "train_loss")
+    assert [m.step for m in partial] == [2, 4, 6, 8]  # what was logged before the failure is kept
+    assert "final_val_loss" not in runs["switch"].data.metrics
+
+    # A rerun does not repeat failed trials unless asked to, and still says some failed.
+    assert main(args) == 1
+    assert "0 finished, 1 already done, 3 failed" in capsys.readouterr().out
+    monkeypatch.setattr(harness.study, "train", real_train)
+    assert main([*args, "--retry-failed"]) == 1  # dense and lora fail again; switch now finishes
+    assert "1 finished, 1 already done, 2 failed" in capsys.readouterr().out
+    runs_after = client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
+    assert len(runs_after) == 4  # retried into the same runs
+    switch = next(r for r in runs_after if r.data.tags["variant"] == "switch")
+    assert switch.info.status == "FINISHED" and switch.info.run_id == runs["switch"].info.run_id
+    assert "harness.error" not in switch.data.tags
