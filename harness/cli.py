@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--name", default="wikitext-2-v1", choices=["wikitext-2-v1", "wikitext-2-raw-v1"])
     info.add_argument("--min-freq", type=int, default=1)
     info.set_defaults(func=cmd_data_info)
+
+    from harness.bench import moe as bench_moe
+
+    bench = commands.add_parser("bench", help="performance benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
+    bench_moe.register(bench)
     return parser
 
 
