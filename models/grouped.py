@@ -44,6 +44,22 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _weight_grad_buffer(weight: Tensor, counts: list[int]) -> Tensor:
+    """Uninitialised per-expert gradient with only the idle experts' slices zeroed: the active
+    slices are overwritten by their matmul, so a full ``zeros_like`` would write them twice."""
+    grad = torch.empty_like(weight)
+    for e, n in enumerate(counts):
+        if not n:
+            grad[e].zero_()
+    return grad
+
+
+def _group_sums(rows: Tensor, counts: list[int]) -> Tensor:
+    """``[E, width]`` column sums of each group (the bias gradients) in one kernel."""
+    lengths = torch.tensor(counts, device=rows.device)
+    return torch.segment_reduce(rows, "sum", lengths=lengths, axis=0)
+
+
 class GroupedFFN(torch.autograd.Function):
     """``y_rows(e) = act(x_rows(e) @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]`` for every group."""
 
@@ -60,38 +76,32 @@ class GroupedFFN(torch.autograd.Function):
         for e, s, t in segments:
             torch.addmm(b_out[e], hidden[s:t], w_out[e], out=y[s:t])
         ctx.save_for_backward(x, w_in, w_out, pre)
-        ctx.segments, ctx.act = segments, act
+        ctx.counts, ctx.segments, ctx.act = counts, segments, act
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, w_in, w_out, pre = ctx.saved_tensors
-        segments, act = ctx.segments, ctx.act
+        counts, segments, act = ctx.counts, ctx.segments, ctx.act
         need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
         grad_y = grad_y.contiguous()
         hidden = activate(pre, act) if need_w_out else None  # recomputed: cheaper than keeping it
         grad_hidden = grad_y.new_empty(grad_y.size(0), w_out.size(1))
-        grad_w_out = torch.zeros_like(w_out) if need_w_out else None
-        grad_b_out = grad_y.new_zeros(w_out.size(0), w_out.size(-1)) if need_b_out else None
+        grad_w_out = _weight_grad_buffer(w_out, counts) if need_w_out else None
         for e, s, t in segments:
-            g = grad_y[s:t]
-            torch.mm(g, w_out[e].t(), out=grad_hidden[s:t])
+            torch.mm(grad_y[s:t], w_out[e].t(), out=grad_hidden[s:t])
             if grad_w_out is not None:
-                torch.mm(hidden[s:t].t(), g, out=grad_w_out[e])
-            if grad_b_out is not None:
-                torch.sum(g, 0, out=grad_b_out[e])
+                torch.mm(hidden[s:t].t(), grad_y[s:t], out=grad_w_out[e])
         grad_pre = activation_backward(grad_hidden, pre, act)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
-        grad_b_in = grad_y.new_zeros(w_in.size(0), w_in.size(-1)) if need_b_in else None
+        grad_w_in = _weight_grad_buffer(w_in, counts) if need_w_in else None
         for e, s, t in segments:
-            g = grad_pre[s:t]
             if grad_x is not None:
-                torch.mm(g, w_in[e].t(), out=grad_x[s:t])
+                torch.mm(grad_pre[s:t], w_in[e].t(), out=grad_x[s:t])
             if grad_w_in is not None:
-                torch.mm(x[s:t].t(), g, out=grad_w_in[e])
-            if grad_b_in is not None:
-                torch.sum(g, 0, out=grad_b_in[e])
+                torch.mm(x[s:t].t(), grad_pre[s:t], out=grad_w_in[e])
+        grad_b_in = _group_sums(grad_pre, counts) if need_b_in else None
+        grad_b_out = _group_sums(grad_y, counts) if need_b_out else None
         return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None
 
 
@@ -107,7 +117,7 @@ class GroupedLowRank(torch.autograd.Function):
             torch.mm(x[s:t], a[e], out=low[s:t])
             torch.mm(low[s:t], b[e], out=y[s:t])
         ctx.save_for_backward(x, a, b, low)
-        ctx.segments = segments
+        ctx.counts, ctx.segments = counts, segments
         return y
 
     @staticmethod
@@ -117,8 +127,8 @@ class GroupedLowRank(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_low = grad_y.new_empty(grad_y.size(0), a.size(-1))
         grad_x = torch.empty_like(x) if need_x else None
-        grad_a = torch.zeros_like(a) if need_a else None
-        grad_b = torch.zeros_like(b) if need_b else None
+        grad_a = _weight_grad_buffer(a, ctx.counts) if need_a else None
+        grad_b = _weight_grad_buffer(b, ctx.counts) if need_b else None
         for e, s, t in ctx.segments:
             g = grad_y[s:t]
             torch.mm(g, b[e].t(), out=grad_low[s:t])

@@ -17,6 +17,7 @@ from harness.config import MoEConfig
 from models import losses
 from models.dispatch import capacity_for, plan_dispatch
 from models.experts import LoRAExperts, MLPExperts
+from models.grouped import GroupedFFN, GroupedLowRank
 from models.moe import MoELayer
 from models.routers import AuxFreeRouter, NoisyTopKRouter
 
@@ -269,6 +270,22 @@ def test_grouped_experts_equal_every_expert_reference(expert: str) -> None:
 
 
 # ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_grouped_kernels_gradcheck_with_an_idle_expert(activation: str) -> None:
+    torch.manual_seed(0)
+    counts, width = [3, 0, 4], 10 if activation == "swiglu" else 5
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    x = torch.randn(7, 4, **f64)
+    ffn = (torch.randn(3, 4, width, **f64), torch.randn(3, width, **f64))
+    ffn += (torch.randn(3, 5, 4, **f64), torch.randn(3, 4, **f64))
+    assert torch.autograd.gradcheck(lambda *t: GroupedFFN.apply(*t, counts, activation), (x, *ffn))
+    low_rank = (torch.randn(3, 4, 2, **f64), torch.randn(3, 2, 4, **f64))
+    assert torch.autograd.gradcheck(lambda *t: GroupedLowRank.apply(*t, counts), (x, *low_rank))
+    # The idle expert gets an exact zero gradient (its buffer slice is not left uninitialised).
+    GroupedFFN.apply(x, *ffn, counts, activation).sum().backward()
+    assert all(torch.count_nonzero(p.grad[1]) == 0 for p in ffn)
 
 
 GRAD_CASES = [(r, e) for r in ROUTER_K for e in ("mlp", "lora")]

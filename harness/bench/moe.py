@@ -54,6 +54,7 @@ def register(bench_subparsers: Any) -> None:
     p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 7; 2 with --quick)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", dest="json_path", help="also write the rows as a JSON list to this path")
     p.set_defaults(func=cmd_bench_moe)
 
@@ -65,7 +66,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--quick")
     if args.experts:
         argv += ["--experts", *map(str, args.experts)]
-    for flag, value in (("--tokens", args.tokens), ("--repeats", args.repeats), ("--json", args.json_path)):
+    options = {"--tokens": args.tokens, "--repeats": args.repeats, "--threads": args.threads, "--json": args.json_path}
+    for flag, value in options.items():
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -84,6 +86,8 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     device = torch.device(
         "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run_bench(
         experts=args.experts or (QUICK_EXPERTS if args.quick else FULL_EXPERTS),
         tokens=args.tokens or (1024 if args.quick else 4096),
