@@ -335,13 +335,16 @@ def test_gradients_reach_router_and_experts(router: str, expert: str) -> None:
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_router_runs_in_float32_under_bf16_autocast() -> None:
-    layer = randomise_(make_layer(expert="lora"))
+@pytest.mark.parametrize("expert", ["mlp", "lora"])
+def test_router_runs_in_float32_under_bf16_autocast(expert: str) -> None:
+    layer = randomise_(make_layer(expert=expert))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         routing = layer.router(torch.randn(8, D))
         out, aux, _ = layer(torch.randn(8, D))
     assert routing.logits.dtype == torch.float32 and routing.combine_weight.dtype == torch.float32
-    assert aux.dtype == torch.float32 and torch.isfinite(out).all()
+    assert out.dtype == torch.bfloat16 and aux.dtype == torch.float32 and torch.isfinite(out).all()
+    (out.float().sum() + aux).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------- auxiliary-loss-free balancing

@@ -28,14 +28,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from harness.config import MoEConfig
-from models.experts import FeedForward
-from models.moe import MoELayer
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that building the CLI parser stays fast
+    import torch
+    from torch import Tensor, nn
+
+    from models.moe import MoELayer
 
 FULL_EXPERTS = (4, 8, 16, 32, 64)
 QUICK_EXPERTS = (4, 8)
@@ -79,6 +80,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_bench_moe(args: argparse.Namespace) -> int:
+    import torch
+
     if sys.platform.startswith("linux") and not any(name in os.environ for name in MALLOC_ENV):
         # Allocator settings only take effect at process start: rerun ourselves with them.
         root = str(Path(__file__).resolve().parents[2])
@@ -142,6 +145,8 @@ def _time_interleaved(
     precision: str,
 ) -> dict[str, float]:
     """Median ms of fwd+bwd per case; one round times every case once, so drift is shared."""
+    import torch
+
     times: dict[str, list[float]] = {name: [] for name in cases}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, thread pool, caches)
@@ -159,6 +164,8 @@ def _time_interleaved(
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -174,6 +181,11 @@ def run_bench(
     precision: str,
     device: torch.device,
 ) -> list[dict[str, Any]]:
+    import torch
+
+    from models.experts import FeedForward
+    from models.moe import MoELayer
+
     rows = []
     torch.manual_seed(0)
     x = torch.randn(tokens, d_model, device=device, requires_grad=True)
