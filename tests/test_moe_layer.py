@@ -148,6 +148,29 @@ def test_noisy_topk_noise_only_in_training_and_seeded() -> None:
     assert not torch.equal(c.combine_weight, a.combine_weight)
 
 
+def test_router_init_options() -> None:
+    d = 400
+    switch = MoELayer(d, MoEConfig(router="switch", top_k=1, router_init="switch")).router.gate.weight
+    std = math.sqrt(0.1 / d)  # Fedus et al.: truncated normal, std sqrt(s / fan_in) with s = 0.1
+    assert switch.abs().max() <= 2 * std and 0.7 * std < switch.std() < 1.1 * std
+    assert torch.count_nonzero(MoELayer(d, MoEConfig()).router.gate.weight) == 0  # noisy top-k: zeros
+    assert torch.count_nonzero(MoELayer(d, MoEConfig(router="softmax_topk")).router.gate.weight) > 0
+
+
+def test_switch_jitter_only_in_training() -> None:
+    layer = randomise_(make_layer(router="switch", top_k=1, jitter=0.2))
+    x = torch.randn(64, D)
+    clean = torch.softmax(x @ layer.router.gate.weight.t(), -1)
+    layer.eval()
+    torch.testing.assert_close(layer.router(x).probs, clean)
+    layer.train()
+    torch.manual_seed(0)
+    jittered = layer.router(x).probs
+    assert not torch.allclose(jittered, clean)
+    torch.manual_seed(0)
+    torch.testing.assert_close(layer.router(x).probs, jittered)
+
+
 # ---------------------------------------------------------------- dispatch and capacity
 
 
