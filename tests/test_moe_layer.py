@@ -404,6 +404,7 @@ def test_aux_free_bias_does_not_move_in_eval() -> None:
 # ---------------------------------------------------------------- the benchmark command
 
 
+@pytest.mark.slow  # two interpreter start-ups (the allocator re-exec) plus timing: ~10 s on the shared CPU
 def test_bench_moe_quick_writes_the_required_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
