@@ -205,6 +205,8 @@ def run_bench(
                     base = FeedForward(d_model, d_hidden, "relu").to(device)
                     cases["base"] = (base, base)
                 ms = _time_interleaved(cases, x, grad, repeats, precision)
+                summary = " ".join(f"{name}={value:.1f}ms" for name, value in ms.items())
+                print(f"  {expert_type} E={n} k={top_k}: {summary}", file=sys.stderr, flush=True)  # progress
                 rows.append(
                     {
                         "experts": n,
