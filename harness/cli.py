@@ -10,8 +10,6 @@ import sys
 import warnings
 from pathlib import Path
 
-from harness.bench import levers as bench_levers
-from harness.bench import train as bench_train
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
@@ -139,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--name", default="wikitext-2-v1", choices=["wikitext-2-v1", "wikitext-2-raw-v1"])
     info.add_argument("--min-freq", type=int, default=1)
     info.set_defaults(func=cmd_data_info)
+    from harness.bench import levers as bench_levers
+    from harness.bench import moe as bench_moe
+    from harness.bench import train as bench_train
     from harness.report import register as register_report
 
     register_report(commands)
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_train.register(bench)
     bench_levers.register(bench)
+    bench_moe.register(bench)
     return parser
 
 

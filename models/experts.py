@@ -1,7 +1,8 @@
 """Experts: a dense FFN, a bank of MLP experts, and LoRA experts over one shared base FFN.
 
 Expert banks take tokens already grouped by expert (see ``dispatch``) plus the group sizes and
-run one matmul chain per non-empty group, so compute follows the active experts only.
+run one matmul chain per non-empty group (``models.grouped``), so compute follows the active
+experts only. ``forward_every_expert`` is the naive reference (tests and the benchmark baseline).
 """
 
 from __future__ import annotations
@@ -9,17 +10,20 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.config import MoEConfig
+from models.grouped import GroupedFFN, GroupedLowRank, activate
 
 
-def activate(h: Tensor, activation: str) -> Tensor:
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h) if activation == "gelu" else F.relu(h)
+def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Cast to the autocast dtype when autocast is on: the grouped kernels use ``out=`` matmuls,
+    which autocast does not rewrite, so they must receive operands of one dtype."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _in_width(d_hidden: int, activation: str) -> int:
@@ -64,12 +68,9 @@ class MLPExperts(nn.Module):
         return sum(p[0].numel() for p in (self.w_in, self.b_in, self.w_out, self.b_out))
 
     def forward(self, x_grouped: Tensor, counts: list[int]) -> Tensor:
-        outputs = []
-        for e, x_e in enumerate(torch.split(x_grouped, counts)):
-            if x_e.numel():
-                h = activate(torch.addmm(self.b_in[e], x_e, self.w_in[e]), self.activation)
-                outputs.append(torch.addmm(self.b_out[e], h, self.w_out[e]))
-        return torch.cat(outputs) if outputs else x_grouped.new_zeros(0, self.w_out.size(-1))
+        operands = _autocast_operands(x_grouped, self.w_in, self.b_in, self.w_out, self.b_out)
+        with torch.autocast(x_grouped.device.type, enabled=False):
+            return GroupedFFN.apply(*operands, counts, self.activation)
 
     def forward_every_expert(self, x: Tensor) -> Tensor:
         """``[T, E, d]``: every expert on every token (reference and naive baseline only)."""
@@ -102,14 +103,9 @@ class LoRAExperts(nn.Module):
         return self.base(x)
 
     def forward(self, x_grouped: Tensor, counts: list[int]) -> Tensor:
-        x_grouped = self.dropout(x_grouped)
-        outputs = [
-            (x_e @ self.lora_a[e]) @ self.lora_b[e]
-            for e, x_e in enumerate(torch.split(x_grouped, counts))
-            if x_e.numel()
-        ]
-        delta = torch.cat(outputs) if outputs else x_grouped.new_zeros(0, self.lora_b.size(-1))
-        return delta * self.scale
+        operands = _autocast_operands(self.dropout(x_grouped), self.lora_a, self.lora_b)
+        with torch.autocast(x_grouped.device.type, enabled=False):
+            return GroupedLowRank.apply(*operands, counts) * self.scale
 
     def forward_every_expert(self, x: Tensor) -> Tensor:
         delta = torch.einsum("td,edr,erk->tek", self.dropout(x), self.lora_a, self.lora_b) * self.scale

@@ -1,6 +1,6 @@
 """Load-balancing and router regularisation losses, each in its published form.
 
-All take float32 router tensors; none applies its coefficient (the MoE layer does).
+All compute in at least float32; none applies its coefficient (the MoE layer does).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ _EPS = 1e-10
 
 def cv_squared(x: Tensor) -> Tensor:
     """Squared coefficient of variation, population variance / mean^2 (0 for a single value)."""
-    x = x.float()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.numel() <= 1:
         return x.new_zeros(())
     return x.var(correction=0) / (x.mean() ** 2 + _EPS)
@@ -43,4 +43,5 @@ def switch_balance_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
 
 def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()

@@ -3,9 +3,12 @@
 - ``NoisyTopKRouter``: Shazeer et al. 2017 noisy top-k gating with the smooth load estimate.
 - ``SwitchRouter``: Fedus et al. 2021 top-1, combine weight = router probability, optional jitter.
 - ``SoftmaxTopKRouter``: Mixtral: softmax over all experts, top-k, renormalised over the k.
-- ``AuxFreeRouter``: DeepSeek-V3 auxiliary-loss-free balancing: sigmoid affinities, selection by
-  affinity + a per-expert bias; after every training step b_i += rate * sign(mean load - load_i),
-  outside the gradient. Combine weights are the selected affinities normalised to sum to 1.
+- ``AuxFreeRouter``: DeepSeek-V3 auxiliary-loss-free balancing: sigmoid affinities s_i, selection
+  by top-k of s_i + b_i, combine weights the selected s_i (not s_i + b_i) normalised to sum to 1.
+  Update rule, applied once per training-mode forward pass (one per optimiser step in the trainer),
+  under ``no_grad``: b_i += rate * sign(mean_j c_j - c_i), where c_i counts the batch's slots
+  routed to expert i. Overloaded experts become less attractive, underloaded ones more; the bias
+  only steers selection, so it never enters the gradient or the output scale.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ class Router(nn.Module):
             std = math.sqrt(0.1 / d_model)
             nn.init.trunc_normal_(self.gate.weight, std=std, a=-2 * std, b=2 * std)
 
-    def clean_logits(self, x: Tensor) -> Tensor:
-        # Router precision stays float32 even under bf16 autocast (Switch, ST-MoE).
+    def router_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        # Router precision is at least float32, even under bf16 autocast (Switch, ST-MoE).
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.gate.weight.float())
+            return F.linear(x.to(dtype), weight.to(dtype))
+
+    def clean_logits(self, x: Tensor) -> Tensor:
+        return self.router_linear(x, self.gate.weight)
 
 
 class NoisyTopKRouter(Router):
@@ -66,8 +73,8 @@ class NoisyTopKRouter(Router):
         clean = self.clean_logits(x)
         noisy_training = self.training
         if noisy_training:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                noise_std = F.softplus(F.linear(x.float(), self.noise.weight.float())) + 1e-2
+            # softplus(x W_noise) as in the paper; the floor keeps the CDF argument finite.
+            noise_std = F.softplus(self.router_linear(x, self.noise.weight)) + 1e-2
             logits = clean + torch.randn_like(clean) * noise_std
         else:
             logits = clean
@@ -79,9 +86,8 @@ class NoisyTopKRouter(Router):
             # P(expert i stays in the top k if only its own noise were resampled), Shazeer eq. 8-9.
             threshold_in, threshold_out = top_values[:, k : k + 1], top_values[:, k - 1 : k]
             is_in = logits > threshold_in
-            normal = torch.distributions.Normal(0.0, 1.0)
-            prob_in = normal.cdf((clean - threshold_in) / noise_std)
-            prob_out = normal.cdf((clean - threshold_out) / noise_std)
+            prob_in = torch.special.ndtr((clean - threshold_in) / noise_std)
+            prob_out = torch.special.ndtr((clean - threshold_out) / noise_std)
             load = torch.where(is_in, prob_in, prob_out).sum(0)
         else:
             load = _selection_counts(index, self.n_experts)
