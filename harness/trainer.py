@@ -64,6 +64,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DEFAULT_THREADS = torch.get_num_threads()  # torch's choice for this machine, before any trial changes it
+
+
+def set_threads(config: TrialConfig) -> None:
+    """Intra-op threads for this trial; unset means torch's default (not the previous trial's)."""
+    torch.set_num_threads(config.train.threads or DEFAULT_THREADS)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -217,8 +225,7 @@ def train(
     """Train one trial to its budget and return its summary figures and utilisation tables."""
     sink = sink or NullSink()
     t = config.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    set_threads(config)
     device = resolve_device(t.device)
     seed_everything(config.seed)
     train_rows = batchify(corpus.train, t.batch_size).to(device)

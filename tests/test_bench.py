@@ -59,7 +59,23 @@ def test_analytic_flops_match_counted_matmuls(variant: str, moe: dict, output: s
 
 def test_bench_train_json_has_the_issue_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    code = main(["bench", "train", TINY, "--variants", "hybrid", "--steps", "4", "--warmup", "2", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "train",
+            TINY,
+            "--variants",
+            "hybrid",
+            "--steps",
+            "4",
+            "--warmup",
+            "2",
+            "--rounds",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["hybrid"]
