@@ -169,9 +169,18 @@ class TrackingStore:
         with warnings.catch_warnings():  # MLflow warns about its own source registry and int columns
             warnings.simplefilter("ignore")
             dataset = mlflow.data.from_pandas(frame, source=corpus.name, name=corpus.name, digest=corpus.digest)
-        self.client.log_inputs(
-            run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
-        )
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(run_id, inputs)
+                return
+            except mlflow.exceptions.MlflowException as error:
+                # Workers logging the same dataset at once race on MLflow's insert of the dataset
+                # row; the loser's retry finds the row and only links it to its run.
+                duplicate = "dataset_pk" in str(error) or "UNIQUE constraint failed: datasets" in str(error)
+                if not duplicate or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def finish_trial(self, run_id: str, summary: dict[str, float], tables: dict[str, pd.DataFrame]) -> None:
         now = int(time.time() * 1000)
