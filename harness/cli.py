@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from harness import tune
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--name", default="wikitext-2-v1", choices=["wikitext-2-v1", "wikitext-2-raw-v1"])
     info.add_argument("--min-freq", type=int, default=1)
     info.set_defaults(func=cmd_data_info)
+    tune.register(commands)
     return parser
 
 
