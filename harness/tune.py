@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -50,6 +51,7 @@ RUN_ID_ATTR = "mlflow_run_id"
 SURPLUS_ATTR = "harness.surplus"
 PARENT_ATTR = "mlflow_parent_run_id"
 OBJECTIVE_METRICS = {"val_ppl": "final_val_ppl", "time_per_mtok": "time_per_mtok_s"}
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
 
 
@@ -75,6 +77,22 @@ def redact(url: str) -> str:
         return url
 
 
+class StaleTrial:
+    """Heartbeat-stale trial (its worker died): re-queue it and mark its MLflow run failed."""
+
+    def __init__(self, max_retry: int) -> None:
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.store: TrackingStore | None = None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.retry(study, trial)
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if self.store is not None and run_id:
+            self.store.client.set_tag(run_id, "optuna.state", "FAIL")
+            self.store.fail_trial(run_id, "worker stopped beating (killed or lost); the trial was re-queued")
+        print(f"  trial {trial.number}: its worker stopped beating; marked failed and re-queued", file=sys.stderr)
+
+
 def open_storage(url: str, tune: TuneConfig) -> RDBStorage:
     """The RDB storage with heartbeats and retries; tables are created here, before any trial."""
     engine_kwargs: dict[str, Any] = {}
@@ -93,7 +111,7 @@ def open_storage(url: str, tune: TuneConfig) -> RDBStorage:
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=tune.heartbeat_interval_s,
                 grace_period=tune.grace_period_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retry),
+                heartbeat_stale_trial_callback=StaleTrial(tune.max_retry),
             )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -223,6 +241,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
         PARENT: ctx.parent_id,
         "optuna.study_name": trial.study.study_name,
         "optuna.trial_number": str(trial.number),
+        "harness.worker": WORKER,
         "optuna.state": "RUNNING",
         **{f"optuna.param.{k}": _tag_value(v) for k, v in assignment.items()},
         **({"optuna.retried_from": str(retried_from)} if retried_from is not None else {}),
@@ -230,6 +249,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
     for key, value in tags.items():
         ctx.store.client.set_tag(run_id, key, value)
     trial.set_user_attr(RUN_ID_ATTR, run_id)  # overwrites the attr a retried trial inherits
+    trial.set_user_attr("worker", WORKER)
 
     pruning = len(tune.objectives) == 1 and tune.pruner != "none"
     last_step = total_steps(config, len(ctx.corpus.train) // config.train.batch_size)
@@ -365,6 +385,7 @@ def run_tune(
     study.set_user_attr("objectives", list(tune.objectives))
 
     store = TrackingStore(tracking_uri)
+    storage.heartbeat_stale_trial_callback.store = store  # type: ignore[union-attr]
     experiment_id = store.experiment_id(spec.name)
     device = resolve_trial(spec, tune.variant, tune.seeds[0]).train.device
     parent_id = tune_parent_run(
