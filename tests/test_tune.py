@@ -173,14 +173,14 @@ def test_two_workers_on_postgres_run_the_requested_trials_in_total(tmp_path: Pat
     spec = tune_spec(tmp_path, "tw", {"pruner": "none", "heartbeat_interval_s": 5, "grace_period_s": 60})
     uri = prepare_tracking(tmp_path, "tw")
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
-    workers = [worker(spec, postgres_db, uri, 5, log) for log in logs]
+    workers = [worker(spec, postgres_db, uri, 4, log) for log in logs]
     for process, log in zip(workers, logs, strict=True):
         assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
     trials = optuna.load_study(study_name="tw", storage=postgres_db).get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     real = [t for t in trials if not t.user_attrs.get(SURPLUS_ATTR)]
-    assert len(real) == 5 and all(t.state == TrialState.COMPLETE for t in real)
+    assert len(real) == 4 and all(t.state == TrialState.COMPLETE for t in real)
     runs = mlflow_runs(uri, "tw", "tune-trial")
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == sorted(t.number for t in real)
     assert len(mlflow_runs(uri, "tw", "tune")) == 1
@@ -190,9 +190,9 @@ def test_two_workers_on_postgres_run_the_requested_trials_in_total(tmp_path: Pat
 
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_marked_failed_and_retried(tmp_path: Path, postgres_db: str) -> None:
-    spec = tune_spec(tmp_path, "tk", {"pruner": "none"}, tokens=20000)
+    spec = tune_spec(tmp_path, "tk", {"pruner": "none"}, tokens=8000)
     uri = prepare_tracking(tmp_path, "tk")
-    victim = worker(spec, postgres_db, uri, 2, tmp_path / "victim.log")
+    victim = worker(spec, postgres_db, uri, 1, tmp_path / "victim.log")
     deadline = time.time() + 300
     try:
         while True:  # wait until the victim is training trial 0 (its MLflow run exists)
@@ -210,7 +210,8 @@ def test_a_killed_workers_trial_is_marked_failed_and_retried(tmp_path: Path, pos
         if victim.poll() is None:
             victim.kill()
     killed = trials[0]
-    survivor = worker(spec, postgres_db, uri, 2, tmp_path / "survivor.log")
+    # The survivor counts the dead trial as running until its heartbeat goes stale, then retries it.
+    survivor = worker(spec, postgres_db, uri, 1, tmp_path / "survivor.log")
     assert survivor.wait(timeout=600) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
     trials = optuna.load_study(study_name="tk", storage=postgres_db).get_trials()
     assert trials[0].state == TrialState.FAIL
@@ -218,7 +219,7 @@ def test_a_killed_workers_trial_is_marked_failed_and_retried(tmp_path: Path, pos
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
     assert retries[0].user_attrs[RUN_ID_ATTR] != killed.user_attrs[RUN_ID_ATTR]
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and counted(trials) == 2
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE] and counted(trials) == 1
     client = MlflowClient(uri)
     dead = client.get_run(killed.user_attrs[RUN_ID_ATTR])
     assert dead.info.status == "FAILED" and dead.data.tags["optuna.state"] == "FAIL"
