@@ -242,7 +242,7 @@ class TuneConfig(_Strict):
     sampler_seed: int = 0
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_warmup_steps: int = Field(0, ge=0)
-    """Median pruner: no pruning before this training step."""
+    """No pruning before this training step (Hyperband: its minimum resource)."""
     pruner_startup_trials: int = Field(2, ge=0)
     """Median pruner: no pruning until this many trials have finished."""
     objectives: list[Literal["val_ppl", "time_per_mtok"]] = ["val_ppl"]
