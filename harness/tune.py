@@ -49,6 +49,7 @@ from harness.trainer import NonFiniteLoss, resolve_device, total_steps, train
 
 RUN_ID_ATTR = "mlflow_run_id"
 SURPLUS_ATTR = "harness.surplus"
+INTERRUPTED_ATTR = "harness.interrupted"
 PARENT_ATTR = "mlflow_parent_run_id"
 OBJECTIVE_METRICS = {"val_ppl": "final_val_ppl", "time_per_mtok": "time_per_mtok_s"}
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -122,7 +123,9 @@ def make_sampler(tune: TuneConfig, offset: int) -> optuna.samplers.BaseSampler:
     seed = tune.sampler_seed + offset
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(5, tune.n_trials or 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(5, tune.n_trials or 5))
 
 
 def make_pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
@@ -146,15 +149,19 @@ def _retried_numbers(trials: list[FrozenTrial]) -> set[int]:
 
 
 def counted(trials: list[FrozenTrial], below: int | None = None) -> int:
-    """Trials that use up the budget: all but surplus ones and failures that were re-queued."""
+    """Trials that use up the budget: all but surplus or interrupted ones and failures that were re-queued."""
     retried = _retried_numbers(trials)
     return sum(
         1
         for t in trials
         if (below is None or t.number < below)
         and t.state in _COUNTED
-        and not (t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get(SURPLUS_ATTR)))
+        and not (t.state == TrialState.FAIL and (t.number in retried or _uncounted(t)))
     )
+
+
+def _uncounted(trial: FrozenTrial) -> bool:
+    return bool(trial.user_attrs.get(SURPLUS_ATTR) or trial.user_attrs.get(INTERRUPTED_ATTR))
 
 
 class Budget:
@@ -189,7 +196,10 @@ def tune_parent_run(store: TrackingStore, experiment_id: str, study_name: str, t
         if keep.info.run_id != own.info.run_id:
             store.client.delete_run(own.info.run_id)
         return keep.info.run_id
-    return min(existing, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    keep = min(existing, key=lambda r: (r.info.start_time, r.info.run_id))
+    if keep.info.status != "RUNNING":  # resumed, or extended with a larger --n-trials
+        store.client.update_run(keep.info.run_id, "RUNNING")
+    return keep.info.run_id
 
 
 def _tag_value(value: Any) -> str:
@@ -277,7 +287,8 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
         ctx.store.client.set_tag(run_id, "optuna.state", "FAIL")
         ctx.store.fail_trial(run_id, f"{type(error).__name__}: {error}")
         raise
-    except BaseException:
+    except BaseException:  # Ctrl-C or a bug: this trial does not use up the budget; a rerun resumes
+        trial.set_user_attr(INTERRUPTED_ATTR, True)
         sink.flush()
         ctx.store.client.set_tag(run_id, "optuna.state", "FAIL")
         reason = traceback.format_exc(limit=1).strip().splitlines()[-1]

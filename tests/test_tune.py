@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from harness.cli import main
 from harness.config import load_spec
 from harness.tracking import TrackingStore
-from harness.tune import RUN_ID_ATTR, SURPLUS_ATTR, counted
+from harness.tune import INTERRUPTED_ATTR, RUN_ID_ATTR, SURPLUS_ATTR, counted
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD_LR, BAD_LR = 1.0e-2, 1.0e-7
@@ -229,7 +229,7 @@ def test_a_killed_workers_trial_is_marked_failed_and_retried(tmp_path: Path, pos
 # --- the shared budget and bad input -------------------------------------------------------------
 
 
-def test_budget_counts_running_and_waiting_but_not_retried_or_surplus_failures() -> None:
+def test_budget_counts_running_and_waiting_but_not_retried_surplus_or_interrupted_trials() -> None:
     study = optuna.create_study()
     add = study.add_trial
     add(optuna.create_trial(state=TrialState.COMPLETE, value=1.0))  # 0
@@ -238,6 +238,7 @@ def test_budget_counts_running_and_waiting_but_not_retried_or_surplus_failures()
     add(optuna.create_trial(state=TrialState.FAIL, user_attrs={SURPLUS_ATTR: True}))  # 3: surplus
     add(optuna.create_trial(state=TrialState.WAITING, system_attrs={"failed_trial": 1, "retry_history": [1]}))  # 4
     add(optuna.create_trial(state=TrialState.FAIL))  # 5: diverged, not retried: counts
+    add(optuna.create_trial(state=TrialState.FAIL, user_attrs={INTERRUPTED_ATTR: True}))  # 6: Ctrl-C
     trials = study.get_trials()
     assert counted(trials) == 4
     assert counted(trials, below=4) == 2
