@@ -425,7 +425,9 @@ def run_tune(
         remaining = None if tune.timeout_s is None else tune.timeout_s - (time.monotonic() - started)
         if remaining is not None and remaining <= 0:
             break
-        if n_trials is None or counted(study.get_trials(deepcopy=False)) < n_trials:
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)  # retries are counted already: run them
+        if n_trials is None or waiting or counted(trials) < n_trials:
             study.optimize(
                 lambda trial: objective(ctx, trial),
                 n_trials=n_trials,

@@ -190,7 +190,9 @@ def test_two_workers_on_postgres_run_the_requested_trials_in_total(tmp_path: Pat
 
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_marked_failed_and_retried(tmp_path: Path, postgres_db: str) -> None:
-    spec = tune_spec(tmp_path, "tk", {"pruner": "none"}, tokens=8000)
+    # A grace period longer than a worker's start-up: the survivor usually finds the dead trial still
+    # "running", has no new trial to start, and must wait for it to go stale rather than exit.
+    spec = tune_spec(tmp_path, "tk", {"pruner": "none", "heartbeat_interval_s": 2, "grace_period_s": 12}, tokens=8000)
     uri = prepare_tracking(tmp_path, "tk")
     victim = worker(spec, postgres_db, uri, 1, tmp_path / "victim.log")
     deadline = time.time() + 300
@@ -214,6 +216,7 @@ def test_a_killed_workers_trial_is_marked_failed_and_retried(tmp_path: Path, pos
     survivor = worker(spec, postgres_db, uri, 1, tmp_path / "survivor.log")
     assert survivor.wait(timeout=600) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
     trials = optuna.load_study(study_name="tk", storage=postgres_db).get_trials()
+    assert "trial 0: its worker stopped beating" in (tmp_path / "survivor.log").read_text()
     assert trials[0].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
