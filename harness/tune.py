@@ -104,19 +104,25 @@ def open_storage(url: str, tune: TuneConfig) -> RDBStorage:
         engine_kwargs = {"pool_pre_ping": True}
     elif "://" not in url:
         raise SpecError(f"--storage {url!r} is not a database URL (sqlite:///path.db, postgresql://user@host/db)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=tune.heartbeat_interval_s,
-                grace_period=tune.grace_period_s,
-                heartbeat_stale_trial_callback=StaleTrial(tune.max_retry),
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SpecError(f"Optuna storage {redact(url)} is unusable: {reason}") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=tune.heartbeat_interval_s,
+                    grace_period=tune.grace_period_s,
+                    heartbeat_stale_trial_callback=StaleTrial(tune.max_retry),
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)  # workers starting together raced to create the tables: use theirs
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SpecError(f"Optuna storage {redact(url)} is unusable: {reason}") from None
+    raise AssertionError("unreachable")
 
 
 def make_sampler(tune: TuneConfig, offset: int) -> optuna.samplers.BaseSampler:
