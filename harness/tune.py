@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import optuna
 import sqlalchemy
 import torch
@@ -189,9 +190,18 @@ class Budget:
 # --- MLflow ------------------------------------------------------------------------------------
 
 
-def tune_parent_run(store: TrackingStore, experiment_id: str, study_name: str, tags: dict[str, str]) -> str:
+def tune_parent_run(store: TrackingStore, experiment_id: str, study: optuna.Study, tags: dict[str, str]) -> str:
     """The tuning study's parent run, shared by every worker: the oldest one wins a creation race."""
+    known = study.user_attrs.get(PARENT_ATTR)
+    try:
+        if known and store.client.get_run(known).info.lifecycle_stage == "active":
+            store.client.update_run(known, "RUNNING")  # resumed, or extended with a larger --n-trials
+            return known
+    except mlflow.exceptions.MlflowException:
+        pass  # another tracking store than last time: make a parent run there
+    study_name, storage = study.study_name, tags["optuna.storage"].replace("'", "")
     query = f"tags.`{ROLE}` = 'tune' and tags.`optuna.study_name` = '{study_name}'"
+    query += f" and tags.`optuna.storage` = '{storage}'"
     existing = store.runs(experiment_id, query)
     if not existing:
         own = store.client.create_run(
@@ -203,7 +213,7 @@ def tune_parent_run(store: TrackingStore, experiment_id: str, study_name: str, t
             store.client.delete_run(own.info.run_id)
         return keep.info.run_id
     keep = min(existing, key=lambda r: (r.info.start_time, r.info.run_id))
-    if keep.info.status != "RUNNING":  # resumed, or extended with a larger --n-trials
+    if keep.info.status != "RUNNING":
         store.client.update_run(keep.info.run_id, "RUNNING")
     return keep.info.run_id
 
@@ -246,7 +256,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
     assignment = {key: suggest(trial, key, param) for key, param in tune.space.items()}
     seed = tune.seeds[0]
     config = resolve_trial(ctx.spec, tune.variant, seed, assignment)
-    cell = Trial(f"tune/trial={trial.number}", tune.variant, seed, assignment, config)
+    cell = Trial(f"tune/{ctx.parent_id}/trial={trial.number}", tune.variant, seed, assignment, config)
     device = resolve_device(config.train.device)
     run_id = ctx.store.open_trial_run(ctx.experiment_id, ctx.parent_id, cell, ctx.spec.name, ctx.corpus, device.type)
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -257,6 +267,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
         PARENT: ctx.parent_id,
         "optuna.study_name": trial.study.study_name,
         "optuna.trial_number": str(trial.number),
+        "mlflow.runName": f"trial-{trial.number}",
         "harness.worker": WORKER,
         "optuna.state": "RUNNING",
         **{f"optuna.param.{k}": _tag_value(v) for k, v in assignment.items()},
@@ -408,7 +419,7 @@ def run_tune(
     parent_id = tune_parent_run(
         store,
         experiment_id,
-        study.study_name,
+        study,
         {
             STUDY: spec.name,
             "optuna.storage": redact(storage_url),

@@ -158,6 +158,25 @@ def test_the_exported_best_spec_runs_across_the_tune_seeds(local_tune: dict[str,
     assert {r.data.params["optim.lr"] for r in runs} == {str(study.best_params["optim.lr"])}
 
 
+@pytest.mark.slow
+def test_rerunning_with_more_trials_extends_the_same_study_and_parent_run(
+    local_tune: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Runs after the tests above: it adds a fifth trial to the shared study.)"""
+    monkeypatch.setenv("MOE_HARNESS_DATA", str(local_tune["data"]))
+    monkeypatch.chdir(local_tune["tmp"])
+    parent = mlflow_runs(local_tune["uri"], "tl", "tune")[0].info.run_id
+    args = ["tune", str(local_tune["spec"]), "--tracking-uri", local_tune["uri"], "--no-progress"]
+    assert main([*args, "--n-trials", "5"]) == 0
+    trials = optuna.load_study(study_name="tl", storage=local_tune["storage"]).get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert [r.info.run_id for r in mlflow_runs(local_tune["uri"], "tl", "tune")] == [parent]
+    children = mlflow_runs(local_tune["uri"], "tl", "tune-trial")
+    assert len(children) == 5 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
+    assert main(args) == 0  # n_trials (4) already reached: nothing runs, the best is reported again
+    assert len(optuna.load_study(study_name="tl", storage=local_tune["storage"]).get_trials()) == 5
+
+
 # --- several workers on one PostgreSQL storage -------------------------------------------------
 
 
