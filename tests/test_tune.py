@@ -27,6 +27,7 @@ GOOD_LR, BAD_LR = 1.0e-2, 1.0e-7
 
 def tune_spec(tmp_path: Path, name: str, tune: dict[str, Any] | None = None, tokens: int = 1500) -> Path:
     """The tiny spec with a hybrid tune section (softmax top-k router, so top_k can vary)."""
+    tmp_path.mkdir(exist_ok=True)
     spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
     spec["name"] = name
     spec["matrix"] = {"variants": ["hybrid"], "seeds": [0]}
@@ -211,9 +212,13 @@ def test_two_workers_on_postgres_run_the_requested_trials_in_total(tmp_path: Pat
 def test_a_killed_workers_trial_is_marked_failed_and_retried(tmp_path: Path, postgres_db: str) -> None:
     # A grace period longer than a worker's start-up: the survivor usually finds the dead trial still
     # "running", has no new trial to start, and must wait for it to go stale rather than exit.
-    spec = tune_spec(tmp_path, "tk", {"pruner": "none", "heartbeat_interval_s": 2, "grace_period_s": 12}, tokens=8000)
+    settings = {"pruner": "none", "heartbeat_interval_s": 2, "grace_period_s": 12}
+    # The victim's trial is long, so it is surely still training when killed; the survivor (same study,
+    # same search space) runs the retried trial on a short budget.
+    long_spec = tune_spec(tmp_path / "victim", "tk", settings, tokens=400_000)
+    spec = tune_spec(tmp_path, "tk", settings, tokens=1500)
     uri = prepare_tracking(tmp_path, "tk")
-    victim = worker(spec, postgres_db, uri, 1, tmp_path / "victim.log")
+    victim = worker(long_spec, postgres_db, uri, 1, tmp_path / "victim.log")
     deadline = time.time() + 300
     try:
         while True:  # wait until the victim is training trial 0 (its MLflow run exists)
