@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from harness import tune
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.register(bench)
     bench_levers.register(bench)
     bench_moe.register(bench)
+    tune.register(commands)
     return parser
 
 

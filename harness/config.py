@@ -214,7 +214,22 @@ class TuneParam(_Strict):
             raise ValueError(f"a {self.type} parameter needs low <= high, got low={self.low} high={self.high}")
         elif self.log and self.low <= 0:
             raise ValueError(f"a log-scaled parameter needs low > 0, got low={self.low}")
+        elif self.log and self.step is not None:
+            raise ValueError("a log-scaled parameter cannot have a step")
+        elif self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
+            raise ValueError(f"an int parameter needs integer bounds, got low={self.low} high={self.high}")
+        if self.choices is not None and self.type != "categorical":
+            raise ValueError(f"choices only apply to categorical parameters, not {self.type}")
+        if self.choices and not all(c is None or isinstance(c, bool | int | float | str) for c in self.choices):
+            raise ValueError(f"categorical choices must be numbers, strings, booleans or null, got {self.choices}")
         return self
+
+    def extremes(self) -> list[Any]:
+        """The values at the edges of the range (every choice for a categorical)."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
 
 
 class TuneConfig(_Strict):
@@ -227,9 +242,19 @@ class TuneConfig(_Strict):
     sampler_seed: int = 0
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_warmup_steps: int = Field(0, ge=0)
+    """No pruning before this training step (Hyperband: its minimum resource)."""
+    pruner_startup_trials: int = Field(2, ge=0)
+    """Median pruner: no pruning until this many trials have finished."""
     objectives: list[Literal["val_ppl", "time_per_mtok"]] = ["val_ppl"]
-    seeds: list[int] = [0]
-    """Seeds the exported best-config spec runs."""
+    """``[val_ppl]``, or ``[val_ppl, time_per_mtok]`` for a Pareto front (Optuna cannot prune those)."""
+    seeds: list[int] = Field([0], min_length=1)
+    """Tuning trials train with the first seed; the exported best-config spec runs all of them."""
+    heartbeat_interval_s: int = Field(30, ge=1)
+    """Workers beat this often; a trial silent for ``grace_period_s`` is failed and retried."""
+    grace_period_s: int | None = Field(None, ge=1)
+    """Default: twice the heartbeat interval."""
+    max_retry: int = Field(2, ge=0)
+    """How often a trial whose worker died is re-queued with the same parameters."""
 
     @model_validator(mode="after")
     def _check(self) -> TuneConfig:
@@ -237,6 +262,13 @@ class TuneConfig(_Strict):
             raise ValueError("tune needs tune.n_trials or tune.timeout_s")
         if not self.objectives or self.objectives[0] != "val_ppl" or len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"tune.objectives must start with val_ppl, got {self.objectives}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"duplicate entries in tune.seeds {self.seeds}")
+        if self.grace_period_s is not None and self.grace_period_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"tune.grace_period_s={self.grace_period_s} must exceed tune.heartbeat_interval_s="
+                f"{self.heartbeat_interval_s}"
+            )
         return self
 
 
@@ -353,7 +385,29 @@ def load_spec(path: str | Path) -> StudySpec:
     except ValidationError as error:
         raise SpecError(_describe(error, StudySpec, str(path))) from None
     check_spec(spec, str(path))
+    if spec.tune is not None:
+        check_tune(spec, str(path))
     return spec
+
+
+def check_tune(spec: StudySpec, where: str) -> None:
+    """Every edge of the search space must give a valid trial config for the tuned variant."""
+    tune = spec.tune
+    assert tune is not None
+    if tune.variant == "dense":
+        raise SpecError(f"{where}: tune.variant = 'dense' has no MoE layer to tune")
+    edges = {key: param.extremes() for key, param in tune.space.items()}
+    candidates = [{key: value} for key, values in edges.items() for value in values]
+    candidates.append({key: values[0] for key, values in edges.items()})
+    candidates.append({key: values[-1] for key, values in edges.items()})
+    for assignment in candidates:
+        try:
+            resolve_trial(spec, tune.variant, tune.seeds[0], assignment)
+        except ValidationError as error:
+            shown = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
+            raise SpecError(f"{_describe(error, TrialConfig, where)} (tune.space at {shown})") from None
+        except (AttributeError, TypeError):
+            raise SpecError(f"{where}: tune.space key in {sorted(assignment)} is not a config value") from None
 
 
 def check_spec(spec: StudySpec, where: str) -> None:

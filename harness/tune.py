@@ -1,0 +1,53 @@
+"""``harness tune SPEC``: Optuna search over a spec's ``tune`` section; the engine is :mod:`harness.tuner`.
+
+This module only wires the command into the CLI (``register``), so ``harness --help`` and the other
+commands don't pay for importing Optuna, MLflow and torch. See docs/tuning.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from harness.config import SpecError, load_spec
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import optuna  # heavy (torch, MLflow, Optuna): only when the command runs
+
+    from harness.tracking import resolve_tracking_uri
+    from harness.tuner import default_storage, redact, run_tune, summary_lines
+
+    spec = load_spec(args.spec)
+    if spec.tune is None:
+        raise SpecError(f"{args.spec}: no 'tune' section to tune")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise SpecError(f"--n-trials must be at least 1, got {args.n_trials}")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    storage = args.storage or os.environ.get("OPTUNA_STORAGE") or default_storage(spec, uri)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study, best, exported = run_tune(
+        spec, uri, storage, args.n_trials, progress=not args.no_progress, out=Path(args.out) if args.out else None
+    )
+    for line in summary_lines(spec, study, best, exported):
+        print(line)
+    print(f"dashboard: optuna-dashboard {redact(storage)}; tracking {uri}")
+    return 0 if best else 1
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    tune = commands.add_parser("tune", help="Optuna search over a spec's tune section (one or many workers)")
+    tune.add_argument("spec", help="study spec YAML with a 'tune' section (see studies/tune.yaml)")
+    tune.add_argument(
+        "--storage",
+        help="Optuna storage URL shared by all workers (default: $OPTUNA_STORAGE, else "
+        "sqlite:///<MLflow store folder>/optuna/<study>.db)",
+    )
+    tune.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
+    )
+    tune.add_argument("--n-trials", type=int, help="trials in total across all workers (default: tune.n_trials)")
+    tune.add_argument("--out", help="where to write the best-config study spec (default: beside the storage)")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.set_defaults(func=cmd_tune)
