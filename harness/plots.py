@@ -209,7 +209,9 @@ def utilisation_heatmaps(data: StudyData, out: Path, split: str = "validation") 
     cols = min(2, len(groups))
     rows_n = (len(groups) + cols - 1) // cols
     n_layers = int(table["layer"].max()) + 1
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols + 0.8, (0.5 * n_layers + 1.3) * rows_n), squeeze=False)
+    fig, axes = plt.subplots(
+        rows_n, cols, figsize=(3.4 * cols + 0.8, (0.5 * n_layers + 1.6) * rows_n), squeeze=False, layout="constrained"
+    )
     image = None
     for ax, (backbone, variant, rows) in zip(axes.flat, groups, strict=False):
         grid = rows.groupby(["layer", "expert"])["share"].mean().unstack("expert").sort_index()

@@ -33,6 +33,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for line in summary_lines(spec, study, best, exported):
         print(line)
     print(f"dashboard: optuna-dashboard {redact(storage)}; tracking {uri}")
+    if args.report:
+        from harness.report import write_report
+
+        print(f"report: {write_report(spec.name, uri, optuna_storage=storage) / 'report.pdf'}")
     return 0 if best else 1
 
 
@@ -50,4 +54,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("--n-trials", type=int, help="trials in total across all workers (default: tune.n_trials)")
     tune.add_argument("--out", help="where to write the best-config study spec (default: beside the storage)")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.add_argument("--report", action="store_true", help="write reports/<study>/report.{md,pdf} at the end")
     tune.set_defaults(func=cmd_tune)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -41,7 +42,9 @@ class OutputHead(nn.Module):
     def forward(self, hidden: Tensor, targets: Tensor) -> Tensor:
         hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
         if self.adaptive is not None:
-            return self.adaptive(hidden.float(), targets).loss
+            # fp32 even under bf16 autocast: torch's adaptive softmax mixes dtypes in index_copy_ there.
+            with torch.autocast(hidden.device.type, enabled=False):
+                return self.adaptive(hidden.float(), targets).loss
         return F.cross_entropy(self.proj(hidden).float(), targets)
 
 

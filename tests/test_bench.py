@@ -119,3 +119,20 @@ def test_bench_levers_times_each_lever(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     for label in ("plain (fp32, full softmax)", "adaptive softmax", "bf16 autocast"):
         assert label in out
+
+
+@pytest.mark.parametrize("backbone", ["lstm", "gpt"])
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_bf16_autocast_trains_with_either_output_head(backbone: str, output: str) -> None:
+    model = {"backbone": backbone, "d_model": 32, "n_heads": 2, "output": output, "tie_weights": output == "full"}
+    if output == "adaptive":
+        model["adaptive_cutoffs"] = [50, 200]
+    config = TrialConfig.model_validate(
+        {"variant": "hybrid", "model": model, "moe": {"d_hidden": 64, "n_experts": 4, **LORA_SWITCH}}
+    )
+    lm = build_model(config, VOCAB)
+    x, y = torch.randint(0, VOCAB, (4, 8)), torch.randint(0, VOCAB, (4, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lm(x, y, lm.initial_state(4))
+    (out.loss + out.aux_loss).backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)

@@ -90,7 +90,7 @@ def local_tune(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dic
         patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
         patch.setenv("MOE_HARNESS_CACHE", str(tmp_path / "cache"))
         patch.chdir(tmp_path)
-        code = main(["tune", str(spec), "--tracking-uri", uri, "--no-progress"])
+        code = main(["tune", str(spec), "--tracking-uri", uri, "--no-progress", "--report"])
     assert code == 0
     return {"uri": uri, "storage": storage, "spec": spec, "tmp": tmp_path, "data": tiny_data}
 
@@ -124,6 +124,15 @@ def test_local_tune_runs_the_trials_into_one_parent_and_nested_mlflow_runs(local
         if trial.state == TrialState.COMPLETE:
             assert run.info.status == "FINISHED"
             assert run.data.metrics["final_val_ppl"] == pytest.approx(trial.value)
+
+
+@pytest.mark.slow
+def test_tune_report_flag_renders_the_optuna_figures(local_tune: dict[str, Any]) -> None:
+    folder = local_tune["tmp"] / "reports" / "tl"
+    markdown = (folder / "report.md").read_text()
+    for figure in ("tuning_history.png", "tuning_importances.png"):
+        assert (folder / figure).is_file() and figure in markdown
+    assert (folder / "report.pdf").stat().st_size > 0
 
 
 @pytest.mark.slow
