@@ -341,13 +341,14 @@ def failures(data: StudyData) -> list[Block]:
     if failed.empty:
         blocks.append(Para(f"None: all {len(data.runs)} trials finished."))
         return blocks
+    pruned = is_pruned(failed)
+    n_pruned = int(pruned.sum())
     blocks.append(
         Para(
-            f"{len(failed)} of {len(data.runs)} trials did not finish; they are left out of the tables "
-            "and statistics above."
+            f"{len(failed)} of {len(data.runs)} trials did not finish ({n_pruned} pruned by the tuner, "
+            f"{len(failed) - n_pruned} failed or interrupted); they are left out of the tables and statistics above."
         )
     )
-    pruned = is_pruned(failed)
     rows = [
         [
             str(r["tags.harness.cell"] or r["tags.variant"]),
@@ -610,6 +611,6 @@ def _col_widths(table: Table, width: float) -> list[float]:
     lengths = []
     for j, h in enumerate(table.header):
         longest = max([len(h) * 0.85] + [len(r[j]) for r in table.rows])
-        lengths.append(min(max(longest, 6), 90))
+        lengths.append(min(max(longest + 2, 8), 90))  # +2: padding, so short words never wrap
     total = sum(lengths)
     return [width * n / total for n in lengths]
