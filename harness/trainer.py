@@ -87,7 +87,7 @@ def build_optimizer(model: nn.Module, config: TrialConfig) -> torch.optim.Optimi
     o = config.optim
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=o.fused)
 
 
 def lr_factor(step: int, total_steps: int, config: TrialConfig) -> float:

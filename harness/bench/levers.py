@@ -1,14 +1,15 @@
 """``harness bench levers``: what each speed lever buys, and whether the fast path keeps perplexity.
 
-Starting from the *plain* path (fp32, full tied softmax, eager, default threads) of one variant,
+Starting from the *plain* path (fp32, full tied softmax, eager, unfused AdamW) of one variant,
 it times the training step with each lever switched on alone, then trains the plain config and
 the spec's own config (its levers combined) for the spec's token budget and compares their
 speed and validation perplexity on the same validation tokens.
 
 Levers and their config keys: ``model.output=adaptive`` (adaptive softmax, Grave et al. 2017),
 ``train.precision=bf16`` (autocast), ``train.compile=true`` (``torch.compile``),
-``train.threads``. Batches need no lever: a split is batchified onto the device once and each
-step's batch is a view of it, so nothing is prepared on the critical path.
+``train.threads``, ``optim.fused`` (one fused AdamW kernel). Batches need no lever: a split is
+batchified onto the device once and each step's batch is a view of it, so nothing is prepared on
+the critical path.
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ from harness.config import SpecError, TrialConfig, load_spec, resolve_trial, set
 from harness.data import Corpus, load_corpus
 from harness.trainer import NullSink, train
 
-PLAIN = {"train.precision": "fp32", "model.output": "full", "model.tie_weights": True, "train.compile": False}
+PLAIN = {
+    "train.precision": "fp32",
+    "model.output": "full",
+    "model.tie_weights": True,
+    "train.compile": False,
+    "optim.fused": False,
+}
 LEVERS: dict[str, dict[str, Any]] = {
     "adaptive softmax": {"model.output": "adaptive", "model.tie_weights": False},
+    "fused AdamW": {"optim.fused": True},
     "bf16 autocast": {"train.precision": "bf16"},
     "torch.compile": {"train.compile": True},
     "threads=1": {"train.threads": 1},
