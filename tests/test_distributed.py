@@ -167,7 +167,7 @@ def _claims_exist(storage: str) -> bool:
 
 @pytest.mark.slow
 def test_sigterm_releases_the_claim_at_once(tmp_path: Path) -> None:
-    spec = study_spec(tmp_path, "term", ["dense"], [0], tokens=400 * 128)
+    spec = study_spec(tmp_path, "term", ["dense"], [0], tokens=20_000 * 128)  # long: SIGTERM lands mid-trial
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     log = tmp_path / "worker.log"
     worker = start_worker(spec, log, "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck"))
