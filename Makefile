@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
-## The quick study: the four MoE variants x 2 seeds on WikiText-2, into mlruns/ (about 10 min on 2 CPU cores).
+## The quick study: the four MoE variants x 2 seeds on WikiText-2, into mlruns/ (about 8 min on 2 CPU cores).
 quick: $(VENV)/.installed
 	$(BIN)/harness run-study studies/quick.yaml
 
