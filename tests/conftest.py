@@ -116,16 +116,21 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def postgres_db(postgres_server: str) -> str:
-    """A fresh, empty database on the session's server: ``postgresql+psycopg2://.../<name>``."""
+def fresh_database(server: str, prefix: str = "t") -> str:
+    """Create an empty database on ``server``: ``postgresql+psycopg2://.../<prefix>_<random>``."""
     import uuid
 
     import sqlalchemy
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    engine = sqlalchemy.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     engine.dispose()
-    return f"{postgres_server}/{name}"
+    return f"{server}/{name}"
+
+
+@pytest.fixture
+def postgres_db(postgres_server: str) -> str:
+    """A fresh, empty database on the session's server."""
+    return fresh_database(postgres_server)

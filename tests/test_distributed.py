@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,19 +17,14 @@ import sqlalchemy as sa
 from mlflow.tracking import MlflowClient
 
 from harness.coordination import FINISHED, Coordinator, claims
-from tests.conftest import free_port
+from tests.conftest import free_port, fresh_database
 from tests.workers import harness_env, start_worker, study_spec, wait_for
 
 
 @pytest.fixture
 def storage_db(postgres_server: str) -> str:
     """A second fresh database: the workers' claims live apart from MLflow's tables, as in docker-compose."""
-    name = f"claims_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return f"{postgres_server}/{name}"
+    return fresh_database(postgres_server, "claims")
 
 
 def _healthy(url: str) -> bool:

@@ -6,40 +6,14 @@ import math
 import re
 from pathlib import Path
 
-import mlflow
-import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from pypdf import PdfReader
 from scipy import stats
 
 from harness.cli import main
 from harness.statistics import compare, describe
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_spec(folder: Path, name: str, variants: list[str], seeds: list[int], overrides: dict | None = None) -> Path:
-    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
-    spec["name"] = name
-    spec["matrix"] = {"variants": variants, "seeds": seeds}
-    spec["base"]["budget"]["tokens"] = 1500
-    if overrides:
-        spec["overrides"] = overrides
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def run_study(folder: Path, spec: Path, uri: str, *extra: str) -> int:
-    args = ["run-study", str(spec), "--tracking-uri", uri, "--no-progress", "--checkpoint-dir", str(folder / "ck")]
-    return main([*args, *extra])
-
-
-def trial_runs(uri: str, study: str) -> pd.DataFrame:
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_names=[study], filter_string="tags.`harness.role` = 'trial'")
+from tests.studies import run_study, tiny_spec, trial_runs
 
 
 def pdf_text(path: Path) -> list[str]:

@@ -9,27 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from harness.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_spec(tmp_path: Path, name: str, variants: list[str], seeds: list[int], **base: dict) -> Path:
-    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
-    spec["name"] = name
-    spec["matrix"] = {"variants": variants, "seeds": seeds}
-    spec["base"]["budget"]["tokens"] = 1500
-    for section, values in base.items():
-        spec["base"].setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def run(spec: Path, uri: str, tmp_path: Path) -> int:
-    return main(
-        ["run-study", str(spec), "--tracking-uri", uri, "--no-progress", "--checkpoint-dir", str(tmp_path / "ck")]
-    )
+from tests.studies import run_study, tiny_spec, trial_runs
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +20,8 @@ def lstm_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tup
         patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
         patch.setenv("MOE_HARNESS_CACHE", str(tmp_path / "cache"))
         spec = tiny_spec(tmp_path, "e2e", ["baseline", "switch", "lora", "hybrid", "dense"], [0, 1])
-        assert run(spec, uri, tmp_path) == 0
+        assert run_study(tmp_path, spec, uri) == 0
     return uri, spec
-
-
-def trial_runs(uri: str, study: str) -> pd.DataFrame:
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_names=[study], filter_string="tags.`harness.role` = 'trial'")
 
 
 def test_one_nested_run_per_variant_and_seed_with_tags_and_params(lstm_study: tuple[str, Path]) -> None:
@@ -126,7 +101,7 @@ def test_rerun_skips_finished_cells_and_creates_no_new_runs(
 ) -> None:
     uri, spec = lstm_study
     before = set(trial_runs(uri, "e2e")["run_id"])
-    assert run(spec, uri, tmp_path) == 0
+    assert run_study(tmp_path, spec, uri) == 0
     assert "0 finished, 10 already done, 0 failed" in capsys.readouterr().out
     assert set(trial_runs(uri, "e2e")["run_id"]) == before
 
@@ -134,7 +109,7 @@ def test_rerun_skips_finished_cells_and_creates_no_new_runs(
 def test_same_seed_gives_identical_losses(lstm_study: tuple[str, Path], tmp_path: Path) -> None:
     uri, _ = lstm_study
     other = f"sqlite:///{tmp_path / 'again' / 'mlflow.db'}"
-    assert run(tiny_spec(tmp_path, "e2e", ["baseline"], [0]), other, tmp_path) == 0
+    assert run_study(tmp_path, tiny_spec(tmp_path, "e2e", ["baseline"], [0]), other) == 0
     first = trial_runs(uri, "e2e").query("`tags.variant` == 'baseline' and `tags.seed` == '0'").iloc[0]
     second = trial_runs(other, "e2e").iloc[0]
     assert first["metrics.test_loss"] == second["metrics.test_loss"]
@@ -151,7 +126,7 @@ def test_gpt_backbone_runs_every_variant_through_the_same_trainer(tmp_path: Path
         [0],
         model={"backbone": "gpt", "n_layers": 2, "n_heads": 2, "moe_every": 1},
     )
-    assert run(spec, uri, tmp_path) == 0
+    assert run_study(tmp_path, spec, uri) == 0
     runs = trial_runs(uri, "gpt")
     assert len(runs) == 5 and (runs["tags.backbone"] == "gpt").all()
     moe = runs[runs["tags.variant"] != "dense"]
