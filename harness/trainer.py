@@ -28,7 +28,7 @@ from torch import nn
 from harness.config import SpecError, TrialConfig
 from harness.data import Corpus, batchify, get_batch
 from harness.metrics import ResourceMonitor, RoutingTally, perplexity, utilisation_summary
-from models import LanguageModel, build_model
+from models import LanguageModel, LMOutput, build_model
 
 
 class MetricSink(Protocol):
@@ -100,6 +100,28 @@ def lr_factor(step: int, total_steps: int, config: TrialConfig) -> float:
     progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+def optimisation_step(
+    forward: Callable[..., LMOutput],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: Any,
+    config: TrialConfig,
+    device: torch.device,
+) -> LMOutput:
+    """Forward (under autocast), backward on LM + router losses, clip, update; returns the forward's output."""
+    with autocast(device, config.train.precision):
+        out = forward(x, y, state)
+        loss = out.loss + out.aux_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.optim.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+    optimizer.step()
+    return out
 
 
 def steps_per_epoch(n_columns: int, seq_len: int) -> int:
@@ -271,14 +293,7 @@ def train(
             if position == 0 or state is None:
                 state = model.initial_state(t.batch_size)
             x, y = get_batch(train_rows, position * t.seq_len, t.seq_len)
-            with autocast(device, t.precision):
-                out = forward(x, y, state)
-                loss = out.loss + out.aux_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
+            out = optimisation_step(forward, model, optimizer, x, y, state, config, device)
             scheduler.step()
             state = model.detach_state(out.state)
             window_loss += out.loss.detach()

@@ -23,15 +23,14 @@ from typing import Any
 import torch
 import yaml
 from pydantic import ValidationError
-from torch import nn
 
 from harness.config import VARIANTS, SpecError, TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import Corpus, batchify, get_batch, load_corpus
 from harness.flops import train_flops_per_token
 from harness.trainer import (
     NullSink,
-    autocast,
     build_optimizer,
+    optimisation_step,
     resolve_device,
     seed_everything,
     set_threads,
@@ -64,7 +63,8 @@ def _sync(device: torch.device) -> None:
 
 
 def minimal_loop_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, warmup: int) -> float:
-    """The same model and batches in the plainest loop PyTorch allows."""
+    """The same model, batches and optimisation step in the plainest loop: no schedule, logging,
+    metrics, routing statistics, progress or checkpoints."""
     device = resolve_device(config.train.device)
     set_threads(config)
     seed_everything(config.seed)
@@ -80,14 +80,7 @@ def minimal_loop_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, w
             _sync(device)
             start, tokens = time.perf_counter(), 0
         x, y = get_batch(rows, (i % per_epoch) * t.seq_len, t.seq_len)
-        with autocast(device, t.precision):
-            out = model(x, y, state)
-            loss = out.loss + out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.optim.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
+        out = optimisation_step(model, model, optimizer, x, y, state, config, device)
         state = model.detach_state(out.state)
         tokens += y.numel()
     _sync(device)
