@@ -54,15 +54,22 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
-        terms = {
-            "balance_cv2": losses.importance_load_loss(routing.dense_gates(), routing.load),
-            "balance_switch": losses.switch_balance_loss(routing.probs, routing.expert_index),
-            "z": losses.router_z_loss(routing.logits),
-        }
         cfg = self.config
-        aux = cfg.z_loss_coef * terms["z"]
-        for name in cfg.balance_losses:
-            aux = aux + cfg.aux_loss_coef * terms[f"balance_{name}"]
+        weights = {"z": cfg.z_loss_coef, **{f"balance_{name}": cfg.aux_loss_coef for name in cfg.balance_losses}}
+        term_fns = {
+            "balance_cv2": lambda: losses.importance_load_loss(routing.dense_gates(), routing.load),
+            "balance_switch": lambda: losses.switch_balance_loss(routing.probs, routing.expert_index),
+            "z": lambda: losses.router_z_loss(routing.logits),
+        }
+        # Every term is logged; only the weighted ones join the loss, so only they record a graph.
+        terms: dict[str, Tensor] = {}
+        aux = routing.logits.new_zeros(())
+        for name, term_fn in term_fns.items():
+            weight = weights.get(name, 0.0)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
+                terms[name] = term_fn()
+            if weight > 0:
+                aux = aux + weight * terms[name]
         probs = routing.probs.detach()
         stats = MoEStats(
             counts=torch.bincount(routing.expert_index.reshape(-1), minlength=self.n_experts).detach(),
