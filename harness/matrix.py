@@ -12,7 +12,7 @@ from harness.config import SpecError, StudySpec, TrialConfig, _describe, resolve
 
 
 @dataclass(frozen=True)
-class Trial:
+class Cell:
     """One matrix cell: its stable key (used for exactly-once and resume) and its config."""
 
     key: str
@@ -31,7 +31,7 @@ def cell_key(variant: str, seed: int, assignment: dict[str, Any]) -> str:
     return "/".join(parts)
 
 
-def expand(spec: StudySpec, where: str = "spec") -> list[Trial]:
+def expand(spec: StudySpec, where: str = "spec") -> list[Cell]:
     """Every cell of the matrix, in a deterministic order (variant, sweep point, seed)."""
     sweep_keys = sorted(spec.matrix.sweep)
     points = [
@@ -46,5 +46,5 @@ def expand(spec: StudySpec, where: str = "spec") -> list[Trial]:
                     config = resolve_trial(spec, variant, seed, assignment)
                 except ValidationError as error:
                     raise SpecError(f"{_describe(error, TrialConfig, where)} (variant {variant})") from None
-                trials.append(Trial(cell_key(variant, seed, assignment), variant, seed, assignment, config))
+                trials.append(Cell(cell_key(variant, seed, assignment), variant, seed, assignment, config))
     return trials

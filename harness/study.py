@@ -22,7 +22,7 @@ import torch
 from harness.config import StudySpec
 from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
 from harness.data import Corpus, DataError, load_corpus
-from harness.matrix import Trial, expand
+from harness.matrix import Cell, expand
 from harness.tracking import MlflowSink, TrackingStore, device_description
 from harness.trainer import Checkpointer, NonFiniteLoss, resolve_device, train
 
@@ -38,11 +38,11 @@ class StudyOutcome:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def _corpus_key(trial: Trial) -> str:
+def _corpus_key(trial: Cell) -> str:
     return trial.config.data.model_dump_json()
 
 
-def checkpointer(checkpoint_dir: Path, spec: StudySpec, trial: Trial) -> Checkpointer:
+def checkpointer(checkpoint_dir: Path, spec: StudySpec, trial: Cell) -> Checkpointer:
     return Checkpointer(checkpoint_dir / spec.name / f"{trial.name}.pt", trial.config.model_dump(mode="json"))
 
 
@@ -64,7 +64,7 @@ def run_trial(
     experiment_id: str,
     parent_id: str,
     spec: StudySpec,
-    trial: Trial,
+    trial: Cell,
     corpus: Corpus,
     checkpoint_dir: Path,
     progress: bool,
@@ -107,7 +107,7 @@ def run_trial(
     return None
 
 
-def preflight(spec: StudySpec, trials: list[Trial], checkpoint_dir: Path) -> dict[str, Corpus]:
+def preflight(spec: StudySpec, trials: list[Cell], checkpoint_dir: Path) -> dict[str, Corpus]:
     """Everything that can reject the input without writing: data files, leftover checkpoints."""
     corpora: dict[str, Corpus] = {}
     for trial in trials:
@@ -122,7 +122,7 @@ def _open_cell_run(
     experiment_id: str,
     parent_id: str,
     spec: StudySpec,
-    trial: Trial,
+    trial: Cell,
     claim: Claim,
     corpus: Corpus,
 ) -> tuple[str, bool]:

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.config import SpecError
 from harness.data import Corpus
-from harness.matrix import Trial
+from harness.matrix import Cell
 
 DEFAULT_STORE_DIR = Path("mlruns")
 ROLE, CELL, STUDY = "harness.role", "harness.cell", "harness.study"
@@ -123,12 +123,12 @@ class TrackingStore:
                 self.client.delete_run(extra_id)
         return keep.info.run_id
 
-    def trial_run(self, experiment_id: str, trial: Trial) -> Run | None:
+    def trial_run(self, experiment_id: str, trial: Cell) -> Run | None:
         matches = self.runs(experiment_id, f"tags.`{CELL}` = '{trial.key}'")
         return min(matches, key=lambda r: r.info.start_time) if matches else None
 
     def open_trial_run(
-        self, experiment_id: str, parent_id: str, trial: Trial, study: str, corpus: Corpus, device: str
+        self, experiment_id: str, parent_id: str, trial: Cell, study: str, corpus: Corpus, device: str
     ) -> str:
         """Create the trial's run (or reopen it after an interruption) and log its inputs."""
         existing = self.trial_run(experiment_id, trial)

@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import SpecError, StudySpec, TuneConfig, TuneParam, resolve_trial, set_dotted
 from harness.data import Corpus, DataError, load_corpus
-from harness.matrix import Trial
+from harness.matrix import Cell
 from harness.metrics import perplexity
 from harness.tracking import PARENT, ROLE, STUDY, MlflowSink, TrackingStore, device_description
 from harness.trainer import NonFiniteLoss, resolve_device, total_steps, train
@@ -255,7 +255,7 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
     assignment = {key: suggest(trial, key, param) for key, param in tune.space.items()}
     seed = tune.seeds[0]
     config = resolve_trial(ctx.spec, tune.variant, seed, assignment)
-    cell = Trial(f"tune/{ctx.parent_id}/trial={trial.number}", tune.variant, seed, assignment, config)
+    cell = Cell(f"tune/{ctx.parent_id}/trial={trial.number}", tune.variant, seed, assignment, config)
     device = resolve_device(config.train.device)
     run_id = ctx.store.open_trial_run(ctx.experiment_id, ctx.parent_id, cell, ctx.spec.name, ctx.corpus, device.type)
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
