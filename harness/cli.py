@@ -12,6 +12,7 @@ from pathlib import Path
 
 from harness import tune
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
+from models.config import ModelError
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except SpecError as error:
+    except (SpecError, ModelError) as error:
         print(f"harness: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -9,15 +9,46 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-VARIANTS = ("baseline", "switch", "lora", "hybrid", "dense")
+from models.config import ModelConfig, MoEConfig, StrictConfig
+
+__all__ = [
+    "DATA_ENV",
+    "DEFAULT_DATA_PATH",
+    "VARIANTS",
+    "VARIANT_PRESETS",
+    "BudgetConfig",
+    "DataConfig",
+    "MatrixConfig",
+    "ModelConfig",  # re-exported: the models' own config, part of every trial config
+    "MoEConfig",  # re-exported, as ModelConfig
+    "OptimConfig",
+    "ResolvedTrial",
+    "SpecError",
+    "StudySpec",
+    "TrainConfig",
+    "TrialConfig",
+    "TuneConfig",
+    "TuneParam",
+    "Variant",
+    "check_spec",
+    "check_tune",
+    "deep_merge",
+    "describe_error",
+    "load_spec",
+    "resolve_matrix",
+    "resolve_trial",
+    "set_dotted",
+]
 Variant = Literal["baseline", "switch", "lora", "hybrid", "dense"]
+VARIANTS: tuple[Variant, ...] = get_args(Variant)
 DATA_ENV = "MOE_HARNESS_DATA"
 DEFAULT_DATA_PATH = "../shared/data/wikitext"
 
@@ -26,11 +57,7 @@ class SpecError(ValueError):
     """A study spec or CLI input that cannot be used; the message is one line for the user."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictConfig):
     path: str = DEFAULT_DATA_PATH
     """Folder holding ``<name>/{train,validation,test}-00000-of-00001.parquet``; ``$MOE_HARNESS_DATA`` wins."""
     name: Literal["wikitext-2-v1", "wikitext-2-raw-v1"] = "wikitext-2-v1"
@@ -41,84 +68,7 @@ class DataConfig(_Strict):
         return Path(os.environ.get(DATA_ENV) or self.path).expanduser()
 
 
-class ModelConfig(_Strict):
-    backbone: Literal["lstm", "gpt"] = "lstm"
-    d_model: int = Field(200, ge=1)
-    n_layers: int = Field(2, ge=1)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    tie_weights: bool = True
-    output: Literal["full", "adaptive"] = "full"
-    """``adaptive``: adaptive softmax (Grave et al. 2017) over frequency-sorted clusters."""
-    adaptive_cutoffs: list[int] = [2000, 10000]
-    # GPT only
-    n_heads: int = Field(4, ge=1)
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    position: Literal["learned", "rope"] = "learned"
-    moe_every: int = Field(1, ge=1)
-    """GPT: the MoE layer replaces the FFN in every ``moe_every``-th block (the last one included)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if self.backbone == "gpt" and self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
-        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
-            raise ValueError("model.position=rope needs an even head dimension")
-        if self.output == "adaptive" and sorted(set(self.adaptive_cutoffs)) != self.adaptive_cutoffs:
-            raise ValueError(f"model.adaptive_cutoffs={self.adaptive_cutoffs} must be strictly increasing")
-        return self
-
-
-class MoEConfig(_Strict):
-    n_experts: int = Field(8, ge=1)
-    top_k: int = Field(2, ge=1)
-    router: Literal["noisy_topk", "switch", "softmax_topk", "aux_free"] = "noisy_topk"
-    router_init: Literal["default", "zeros", "switch"] = "default"
-    """``default``: zeros for noisy top-k (as Shazeer 2017), PyTorch's Linear init otherwise;
-    ``switch``: truncated normal with std sqrt(0.1 / d_model) (Fedus et al.)."""
-    jitter: float = Field(0.0, ge=0.0, lt=1.0)
-    """Switch input jitter: multiply router input by U(1-jitter, 1+jitter) while training."""
-    bias_update_rate: float = Field(0.001, ge=0.0)
-    """``aux_free``: per-step selection-bias update b_i += rate * sign(mean_load - load_i)."""
-    expert: Literal["mlp", "lora"] = "mlp"
-    d_hidden: int = Field(400, ge=1)
-    activation: Literal["relu", "gelu", "swiglu"] = "relu"
-    granularity: int = Field(1, ge=1)
-    """Fine-grained experts: n_experts*g experts of width d_hidden/g, top_k*g active."""
-    n_shared_experts: int = Field(0, ge=0)
-    capacity_factor: float | None = Field(None, gt=0.0)
-    """``None`` is dropless; otherwise capacity = ceil(cf * k * T / E) slots per expert."""
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0.0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    lora_base_trainable: bool = False
-    balance_losses: list[Literal["cv2", "switch"]] = ["cv2"]
-    aux_loss_coef: float = Field(0.01, ge=0.0)
-    z_loss_coef: float = Field(0.0, ge=0.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> MoEConfig:
-        if self.top_k > self.n_experts:
-            raise ValueError(f"moe.top_k={self.top_k} exceeds moe.n_experts={self.n_experts}")
-        if self.router == "switch" and self.top_k != 1:
-            raise ValueError(f"moe.router=switch routes top-1, got moe.top_k={self.top_k}")
-        if self.d_hidden % self.granularity:
-            raise ValueError(f"moe.d_hidden={self.d_hidden} is not divisible by moe.granularity={self.granularity}")
-        return self
-
-    @property
-    def routed_experts(self) -> int:
-        return self.n_experts * self.granularity
-
-    @property
-    def routed_top_k(self) -> int:
-        return self.top_k * self.granularity
-
-    @property
-    def expert_hidden(self) -> int:
-        return self.d_hidden // self.granularity
-
-
-class OptimConfig(_Strict):
+class OptimConfig(StrictConfig):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -133,7 +83,7 @@ class OptimConfig(_Strict):
     config's CPU path, where the unfused update was ~20% of a step). A speed lever only."""
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(StrictConfig):
     epochs: float | None = Field(None, gt=0.0)
     tokens: int | None = Field(None, gt=0)
     eval_every_steps: int = Field(200, ge=1)
@@ -150,7 +100,7 @@ class BudgetConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     batch_size: int = Field(20, ge=1)
     seq_len: int = Field(35, ge=2)
     """Truncated-BPTT length (LSTM) or context length (GPT)."""
@@ -163,7 +113,7 @@ class TrainConfig(_Strict):
     """Log the final model weights as an MLflow artifact."""
 
 
-class TrialConfig(_Strict):
+class TrialConfig(StrictConfig):
     """Everything one training run needs; the matrix expands a study into these."""
 
     variant: Variant = "baseline"
@@ -179,6 +129,13 @@ class TrialConfig(_Strict):
     def _check(self) -> TrialConfig:
         if self.model.tie_weights and self.model.output == "adaptive":
             raise ValueError("model.tie_weights=true cannot be combined with model.output=adaptive")
+        if (self.variant == "dense") != (self.model.ffn == "dense"):
+            raise ValueError(f"model.ffn={self.model.ffn} contradicts variant={self.variant}")
+        if self.model.backbone == "gpt" and self.model.max_len is None:
+            # Re-runs this validator once (validate_assignment), now with max_len set.
+            self.model = self.model.model_copy(update={"max_len": self.train.seq_len})
+        if self.model.max_len is not None and self.model.max_len < self.train.seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_len={self.model.max_len}")
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -186,7 +143,7 @@ class TrialConfig(_Strict):
         return _flatten(self.model_dump(mode="json"))
 
 
-class MatrixConfig(_Strict):
+class MatrixConfig(StrictConfig):
     variants: list[Variant] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
     sweep: dict[str, list[Any]] = {}
@@ -200,7 +157,7 @@ class MatrixConfig(_Strict):
         return values
 
 
-class TuneParam(_Strict):
+class TuneParam(StrictConfig):
     type: Literal["int", "float", "categorical"]
     low: float | None = None
     high: float | None = None
@@ -235,7 +192,7 @@ class TuneParam(_Strict):
         return [cast(self.low), cast(self.high)]
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictConfig):
     variant: Variant = "hybrid"
     space: dict[str, TuneParam] = Field(min_length=1)
     """Dotted trial-config key -> search distribution."""
@@ -275,7 +232,7 @@ class TuneConfig(_Strict):
         return self
 
 
-class StudySpec(_Strict):
+class StudySpec(StrictConfig):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     base: dict[str, Any] = {}
@@ -285,12 +242,12 @@ class StudySpec(_Strict):
 
 
 # What each variant name means, applied on top of ``base`` and below ``overrides``.
-VARIANT_PRESETS: dict[str, dict[str, Any]] = {
+VARIANT_PRESETS: dict[Variant, dict[str, Any]] = {
     "baseline": {"moe": {"router": "noisy_topk", "top_k": 2, "expert": "mlp", "balance_losses": ["cv2"]}},
     "switch": {"moe": {"router": "switch", "top_k": 1, "expert": "mlp", "balance_losses": ["switch"]}},
     "lora": {"moe": {"router": "noisy_topk", "top_k": 2, "expert": "lora", "balance_losses": ["cv2"]}},
     "hybrid": {"moe": {"router": "switch", "top_k": 1, "expert": "lora", "balance_losses": ["switch"]}},
-    "dense": {},
+    "dense": {"model": {"ffn": "dense"}},
 }
 
 
@@ -332,6 +289,32 @@ def resolve_trial(spec: StudySpec, variant: str, seed: int, assignment: dict[str
     return TrialConfig.model_validate(tree)
 
 
+class ResolvedTrial(NamedTuple):
+    variant: Variant
+    seed: int
+    assignment: dict[str, Any]
+    config: TrialConfig
+
+
+def resolve_matrix(spec: StudySpec, where: str = "spec") -> list[ResolvedTrial]:
+    """Every trial of the matrix, in a deterministic order (variant, sweep point, seed)."""
+    sweep_keys = sorted(spec.matrix.sweep)
+    points = [
+        dict(zip(sweep_keys, values, strict=True))
+        for values in itertools.product(*(spec.matrix.sweep[k] for k in sweep_keys))
+    ]
+    trials = []
+    for variant in spec.matrix.variants:
+        for assignment in points:
+            for seed in spec.matrix.seeds:
+                try:
+                    config = resolve_trial(spec, variant, seed, assignment)
+                except ValidationError as error:
+                    raise SpecError(f"{describe_error(error, TrialConfig, where)} (variant {variant})") from None
+                trials.append(ResolvedTrial(variant, seed, assignment, config))
+    return trials
+
+
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Valid keys at ``loc`` (for 'did you mean')."""
     current: Any = model
@@ -346,7 +329,8 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def _describe(error: ValidationError, model: type[BaseModel], where: str) -> str:
+def describe_error(error: ValidationError, model: type[BaseModel], where: str) -> str:
+    """One line for the user: where, which key, what is wrong (with a 'did you mean' for unknown keys)."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
@@ -360,13 +344,6 @@ def _describe(error: ValidationError, model: type[BaseModel], where: str) -> str
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     return f"{where}: {key}{shown}: {message}"
-
-
-def validate_trial_tree(tree: dict[str, Any], where: str) -> TrialConfig:
-    try:
-        return TrialConfig.model_validate(tree)
-    except ValidationError as error:
-        raise SpecError(_describe(error, TrialConfig, where)) from None
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -386,7 +363,7 @@ def load_spec(path: str | Path) -> StudySpec:
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as error:
-        raise SpecError(_describe(error, StudySpec, str(path))) from None
+        raise SpecError(describe_error(error, StudySpec, str(path))) from None
     check_spec(spec, str(path))
     if spec.tune is not None:
         check_tune(spec, str(path))
@@ -408,16 +385,14 @@ def check_tune(spec: StudySpec, where: str) -> None:
             resolve_trial(spec, tune.variant, tune.seeds[0], assignment)
         except ValidationError as error:
             shown = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
-            raise SpecError(f"{_describe(error, TrialConfig, where)} (tune.space at {shown})") from None
+            raise SpecError(f"{describe_error(error, TrialConfig, where)} (tune.space at {shown})") from None
         except (AttributeError, TypeError):
             raise SpecError(f"{where}: tune.space key in {sorted(assignment)} is not a config value") from None
 
 
 def check_spec(spec: StudySpec, where: str) -> None:
     """Validate the trial configs a spec expands to and that its data exists."""
-    from harness.matrix import expand  # local: matrix builds on this module
-
-    trials = expand(spec, where=where)
+    trials = resolve_matrix(spec, where=where)
     data = trials[0].config.data
     folder = data.root() / data.name
     if not folder.is_dir():

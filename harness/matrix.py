@@ -1,14 +1,11 @@
-"""Expand a study spec into its variant x seed x sweep cells, each a resolved trial config."""
+"""Give each resolved trial of a study spec its matrix cell: a stable key (exactly-once, resume) and its config."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
-from harness.config import SpecError, StudySpec, TrialConfig, _describe, resolve_trial
+from harness.config import StudySpec, TrialConfig, resolve_matrix
 
 
 @dataclass(frozen=True)
@@ -33,18 +30,7 @@ def cell_key(variant: str, seed: int, assignment: dict[str, Any]) -> str:
 
 def expand(spec: StudySpec, where: str = "spec") -> list[Cell]:
     """Every cell of the matrix, in a deterministic order (variant, sweep point, seed)."""
-    sweep_keys = sorted(spec.matrix.sweep)
-    points = [
-        dict(zip(sweep_keys, values, strict=True))
-        for values in itertools.product(*(spec.matrix.sweep[k] for k in sweep_keys))
+    return [
+        Cell(cell_key(t.variant, t.seed, t.assignment), t.variant, t.seed, t.assignment, t.config)
+        for t in resolve_matrix(spec, where)
     ]
-    trials = []
-    for variant in spec.matrix.variants:
-        for assignment in points:
-            for seed in spec.matrix.seeds:
-                try:
-                    config = resolve_trial(spec, variant, seed, assignment)
-                except ValidationError as error:
-                    raise SpecError(f"{_describe(error, TrialConfig, where)} (variant {variant})") from None
-                trials.append(Cell(cell_key(variant, seed, assignment), variant, seed, assignment, config))
-    return trials

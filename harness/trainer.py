@@ -255,7 +255,7 @@ def train(
     test_rows = batchify(corpus.test, t.eval_batch_size).to(device)
     per_epoch = steps_per_epoch(train_rows.size(1), t.seq_len)
     n_steps = total_steps(config, train_rows.size(1))
-    model = build_model(config, corpus.vocab_size).to(device)
+    model = build_model(config.model, config.moe, corpus.vocab_size).to(device)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, n_steps, config))
     forward = torch.compile(model) if t.compile else model

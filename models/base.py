@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import SpecError
+from models.config import ModelError
 from models.moe import MoELayer, MoEStats
 
 
@@ -30,7 +30,7 @@ class OutputHead(nn.Module):
         if kind == "adaptive":
             usable = [c for c in cutoffs if 0 < c < vocab_size - 1]
             if not usable:
-                raise SpecError(
+                raise ModelError(
                     f"model.adaptive_cutoffs={cutoffs} leave no tail cluster for a vocabulary of {vocab_size} words"
                 )
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(d_model, vocab_size, usable, div_value=4.0)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from harness.config import MoEConfig
+from models.config import MoEConfig
 from models.grouped import GroupedFFN, GroupedLowRank, activate
 
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import TrialConfig
 from models.base import LanguageModel, LMOutput, OutputHead
+from models.config import ModelConfig, ModelError, MoEConfig
 from models.experts import FeedForward
 from models.moe import MoELayer
 
@@ -50,18 +50,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: TrialConfig, use_moe: bool, max_len: int) -> None:
+    def __init__(self, model: ModelConfig, moe: MoEConfig, use_moe: bool, max_len: int) -> None:
         super().__init__()
-        m = config.model
-        norm = nn.RMSNorm if m.norm == "rmsnorm" else nn.LayerNorm
-        self.norm_attn, self.norm_ffn = norm(m.d_model), norm(m.d_model)
-        self.attn = CausalSelfAttention(m.d_model, m.n_heads, m.dropout, m.position == "rope", max_len)
+        norm = nn.RMSNorm if model.norm == "rmsnorm" else nn.LayerNorm
+        self.norm_attn, self.norm_ffn = norm(model.d_model), norm(model.d_model)
+        self.attn = CausalSelfAttention(model.d_model, model.n_heads, model.dropout, model.position == "rope", max_len)
         self.ffn: nn.Module = (
-            MoELayer(m.d_model, config.moe)
-            if use_moe
-            else FeedForward(m.d_model, config.moe.d_hidden, config.moe.activation)
+            MoELayer(model.d_model, moe) if use_moe else FeedForward(model.d_model, moe.d_hidden, moe.activation)
         )
-        self.drop = nn.Dropout(m.dropout)
+        self.drop = nn.Dropout(model.dropout)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Any]:
         x = x + self.drop(self.attn(self.norm_attn(x)))
@@ -73,21 +70,22 @@ class Block(nn.Module):
 
 
 class GPTLanguageModel(LanguageModel):
-    def __init__(self, config: TrialConfig, vocab_size: int) -> None:
+    def __init__(self, model: ModelConfig, moe: MoEConfig, vocab_size: int) -> None:
         super().__init__()
-        m = config.model
-        max_len = config.train.seq_len
-        self.embed = nn.Embedding(vocab_size, m.d_model)
+        if model.max_len is None:
+            raise ModelError("model.max_len is unset: the gpt backbone needs its longest sequence length")
+        max_len = model.max_len
+        self.embed = nn.Embedding(vocab_size, model.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self.pos = nn.Embedding(max_len, m.d_model) if m.position == "learned" else None
-        self.drop = nn.Dropout(m.dropout)
-        moe = config.variant != "dense"
+        self.pos = nn.Embedding(max_len, model.d_model) if model.position == "learned" else None
+        self.drop = nn.Dropout(model.dropout)
         self.blocks = nn.ModuleList(
-            Block(config, moe and (i + 1) % m.moe_every == 0, max_len) for i in range(m.n_layers)
+            Block(model, moe, model.ffn == "moe" and (i + 1) % model.moe_every == 0, max_len)
+            for i in range(model.n_layers)
         )
-        self.norm = nn.RMSNorm(m.d_model) if m.norm == "rmsnorm" else nn.LayerNorm(m.d_model)
+        self.norm = nn.RMSNorm(model.d_model) if model.norm == "rmsnorm" else nn.LayerNorm(model.d_model)
         self.head = OutputHead(
-            m.d_model, vocab_size, m.output, m.adaptive_cutoffs, self.embed if m.tie_weights else None
+            model.d_model, vocab_size, model.output, model.adaptive_cutoffs, self.embed if model.tie_weights else None
         )
 
     def forward(self, inputs: Tensor, targets: Tensor, state: Any = None) -> LMOutput:

@@ -7,28 +7,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.config import TrialConfig
 from models.base import LanguageModel, LMOutput, OutputHead
+from models.config import ModelConfig, MoEConfig
 from models.experts import FeedForward
 from models.moe import MoELayer
 
 
 class LSTMLanguageModel(LanguageModel):
-    def __init__(self, config: TrialConfig, vocab_size: int) -> None:
+    def __init__(self, model: ModelConfig, moe: MoEConfig, vocab_size: int) -> None:
         super().__init__()
-        m = config.model
-        self.embed = nn.Embedding(vocab_size, m.d_model)
+        self.embed = nn.Embedding(vocab_size, model.d_model)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        self.drop = nn.Dropout(m.dropout)
+        self.drop = nn.Dropout(model.dropout)
         self.lstm = nn.LSTM(
-            m.d_model, m.d_model, m.n_layers, dropout=m.dropout if m.n_layers > 1 else 0.0, batch_first=True
+            model.d_model,
+            model.d_model,
+            model.n_layers,
+            dropout=model.dropout if model.n_layers > 1 else 0.0,
+            batch_first=True,
         )
-        if config.variant == "dense":
-            self.block: nn.Module = FeedForward(m.d_model, config.moe.d_hidden, config.moe.activation)
+        if model.ffn == "dense":
+            self.block: nn.Module = FeedForward(model.d_model, moe.d_hidden, moe.activation)
         else:
-            self.block = MoELayer(m.d_model, config.moe)
+            self.block = MoELayer(model.d_model, moe)
         self.head = OutputHead(
-            m.d_model, vocab_size, m.output, m.adaptive_cutoffs, self.embed if m.tie_weights else None
+            model.d_model, vocab_size, model.output, model.adaptive_cutoffs, self.embed if model.tie_weights else None
         )
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, Tensor]:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from harness.config import MoEConfig
 from models import losses
+from models.config import MoEConfig
 from models.dispatch import capacity_for, combine, kept_weight_sum, plan_dispatch
 from models.experts import FeedForward, LoRAExperts, build_experts
 from models.routers import build_router

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import MoEConfig
+from models.config import MoEConfig
 
 
 @dataclass

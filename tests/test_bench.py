@@ -34,6 +34,7 @@ def test_analytic_flops_match_counted_matmuls(variant: str, moe: dict, output: s
     """
     d, layers, batch, seq = 32, 2, 4, 8
     model = {"d_model": d, "n_layers": layers, "output": output, "tie_weights": output == "full"}
+    model["ffn"] = "dense" if variant == "dense" else "moe"
     if output == "adaptive":
         model["adaptive_cutoffs"] = [50, 200]
     config = TrialConfig.model_validate(
@@ -45,7 +46,7 @@ def test_analytic_flops_match_counted_matmuls(variant: str, moe: dict, output: s
         }
     )
     torch.manual_seed(0)
-    lm = build_model(config, VOCAB).eval()  # no dropout: the counted graph is deterministic
+    lm = build_model(config.model, config.moe, VOCAB).eval()  # no dropout: the counted graph is deterministic
     x, y = torch.randint(0, VOCAB, (batch, seq)), torch.randint(0, VOCAB, (batch, seq))
     unigram = torch.bincount(y.reshape(-1), minlength=VOCAB).double()
     unigram /= unigram.sum()
@@ -130,7 +131,7 @@ def test_bf16_autocast_trains_with_either_output_head(backbone: str, output: str
     config = TrialConfig.model_validate(
         {"variant": "hybrid", "model": model, "moe": {"d_hidden": 64, "n_experts": 4, **LORA_SWITCH}}
     )
-    lm = build_model(config, VOCAB)
+    lm = build_model(config.model, config.moe, VOCAB)
     x, y = torch.randint(0, VOCAB, (4, 8)), torch.randint(0, VOCAB, (4, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = lm(x, y, lm.initial_state(4))

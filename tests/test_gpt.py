@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.config import TrialConfig, deep_merge, load_spec, resolve_trial
+from harness.config import VARIANT_PRESETS, TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import load_corpus
 from harness.trainer import train
 from models import build_model
@@ -27,7 +27,7 @@ def gpt_config(variant: str = "baseline", **model: Any) -> TrialConfig:
         "moe": {"n_experts": 4, "top_k": 2, "d_hidden": 32, "lora_rank": 2},
         "train": {"seq_len": 12},
     }
-    return TrialConfig.model_validate(tree)
+    return TrialConfig.model_validate(deep_merge(tree, VARIANT_PRESETS[variant]))
 
 
 def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,8 @@ def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 )
 def test_gpt_is_causal(variant: str, model: dict[str, Any]) -> None:
     torch.manual_seed(0)
-    net = build_model(gpt_config(variant, **model), VOCAB).eval()
+    config = gpt_config(variant, **model)
+    net = build_model(config.model, config.moe, VOCAB).eval()
     tokens = torch.randint(0, VOCAB, (3, 12))
     before = logits_of(net, tokens)
     for position in (11, 6, 1):
@@ -81,11 +82,13 @@ def test_rope_scores_depend_only_on_relative_position() -> None:
 
 
 def test_norm_position_and_tied_options() -> None:
-    rms = build_model(gpt_config(norm="rmsnorm", position="rope"), VOCAB)
+    config = gpt_config(norm="rmsnorm", position="rope")
+    rms = build_model(config.model, config.moe, VOCAB)
     assert any(isinstance(m, nn.RMSNorm) for m in rms.modules())
     assert not any(isinstance(m, nn.LayerNorm) for m in rms.modules())
     assert rms.pos is None and rms.blocks[0].attn.rope
-    ln = build_model(gpt_config(), VOCAB)
+    config = gpt_config()
+    ln = build_model(config.model, config.moe, VOCAB)
     assert not any(isinstance(m, nn.RMSNorm) for m in ln.modules()) and ln.pos is not None
     assert ln.head.proj.weight is ln.embed.weight
 
@@ -94,7 +97,7 @@ def test_gpt_swiglu_and_gelu_ffn() -> None:
     for activation in ("gelu", "swiglu"):
         config = gpt_config("dense")
         config = config.model_copy(update={"moe": config.moe.model_copy(update={"activation": activation})})
-        net = build_model(config, VOCAB)
+        net = build_model(config.model, config.moe, VOCAB)
         ffn = net.blocks[0].ffn
         assert ffn.activation == activation
         assert ffn.w_in.out_features == (64 if activation == "swiglu" else 32)
@@ -103,7 +106,8 @@ def test_gpt_swiglu_and_gelu_ffn() -> None:
 
 @pytest.mark.parametrize(("n_layers", "moe_every", "moe_blocks"), [(4, 1, [0, 1, 2, 3]), (4, 2, [1, 3]), (3, 3, [2])])
 def test_moe_every_places_moe_in_every_nth_block(n_layers: int, moe_every: int, moe_blocks: list[int]) -> None:
-    net = build_model(gpt_config(n_layers=n_layers, moe_every=moe_every), VOCAB)
+    config = gpt_config(n_layers=n_layers, moe_every=moe_every)
+    net = build_model(config.model, config.moe, VOCAB)
     assert [i for i, b in enumerate(net.blocks) if isinstance(b.ffn, MoELayer)] == moe_blocks
     out = net(torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 12)))
     assert len(out.moe_stats) == len(moe_blocks) and out.aux_loss.requires_grad

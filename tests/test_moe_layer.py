@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import MoEConfig
 from models import losses
+from models.config import MoEConfig
 from models.dispatch import capacity_for, plan_dispatch
 from models.experts import LoRAExperts, MLPExperts
 from models.grouped import GroupedFFN, GroupedLowRank

@@ -68,7 +68,7 @@ def minimal_loop_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, w
     device = resolve_device(config.train.device)
     set_threads(config)
     seed_everything(config.seed)
-    model = build_model(config, corpus.vocab_size).to(device)
+    model = build_model(config.model, config.moe, corpus.vocab_size).to(device)
     optimizer = build_optimizer(model, config)
     t = config.train
     rows = batchify(corpus.train, t.batch_size).to(device)

@@ -1,0 +1,102 @@
+"""The models' own configuration: what a backbone and its MoE layer need, and nothing else.
+
+Typed and validated with pydantic; the harness embeds these in its trial config. This module (like
+the whole ``models`` package) imports nothing from ``harness``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ModelError(ValueError):
+    """A model configuration that cannot be built; the message is one line for the user."""
+
+
+class StrictConfig(BaseModel):
+    """Unknown keys, NaN/inf and wrongly typed assignments are errors, not silently kept."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class ModelConfig(StrictConfig):
+    backbone: Literal["lstm", "gpt"] = "lstm"
+    ffn: Literal["moe", "dense"] = "moe"
+    """``dense``: one plain feed-forward block (``moe.d_hidden`` wide) wherever an MoE layer would sit."""
+    d_model: int = Field(200, ge=1)
+    n_layers: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    tie_weights: bool = True
+    output: Literal["full", "adaptive"] = "full"
+    """``adaptive``: adaptive softmax (Grave et al. 2017) over frequency-sorted clusters."""
+    adaptive_cutoffs: list[int] = [2000, 10000]
+    # GPT only
+    max_len: int | None = Field(None, ge=1)
+    """GPT: the longest sequence (learned positions, RoPE tables); a trial config sets it to ``train.seq_len``."""
+    n_heads: int = Field(4, ge=1)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    position: Literal["learned", "rope"] = "learned"
+    moe_every: int = Field(1, ge=1)
+    """GPT: the MoE layer replaces the FFN in every ``moe_every``-th block (the last one included)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.backbone == "gpt" and self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.position=rope needs an even head dimension")
+        if self.output == "adaptive" and sorted(set(self.adaptive_cutoffs)) != self.adaptive_cutoffs:
+            raise ValueError(f"model.adaptive_cutoffs={self.adaptive_cutoffs} must be strictly increasing")
+        return self
+
+
+class MoEConfig(StrictConfig):
+    n_experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    router: Literal["noisy_topk", "switch", "softmax_topk", "aux_free"] = "noisy_topk"
+    router_init: Literal["default", "zeros", "switch"] = "default"
+    """``default``: zeros for noisy top-k (as Shazeer 2017), PyTorch's Linear init otherwise;
+    ``switch``: truncated normal with std sqrt(0.1 / d_model) (Fedus et al.)."""
+    jitter: float = Field(0.0, ge=0.0, lt=1.0)
+    """Switch input jitter: multiply router input by U(1-jitter, 1+jitter) while training."""
+    bias_update_rate: float = Field(0.001, ge=0.0)
+    """``aux_free``: per-step selection-bias update b_i += rate * sign(mean_load - load_i)."""
+    expert: Literal["mlp", "lora"] = "mlp"
+    d_hidden: int = Field(400, ge=1)
+    activation: Literal["relu", "gelu", "swiglu"] = "relu"
+    granularity: int = Field(1, ge=1)
+    """Fine-grained experts: n_experts*g experts of width d_hidden/g, top_k*g active."""
+    n_shared_experts: int = Field(0, ge=0)
+    capacity_factor: float | None = Field(None, gt=0.0)
+    """``None`` is dropless; otherwise capacity = ceil(cf * k * T / E) slots per expert."""
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_base_trainable: bool = False
+    balance_losses: list[Literal["cv2", "switch"]] = ["cv2"]
+    aux_loss_coef: float = Field(0.01, ge=0.0)
+    z_loss_coef: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"moe.top_k={self.top_k} exceeds moe.n_experts={self.n_experts}")
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"moe.router=switch routes top-1, got moe.top_k={self.top_k}")
+        if self.d_hidden % self.granularity:
+            raise ValueError(f"moe.d_hidden={self.d_hidden} is not divisible by moe.granularity={self.granularity}")
+        return self
+
+    @property
+    def routed_experts(self) -> int:
+        return self.n_experts * self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        return self.top_k * self.granularity
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.d_hidden // self.granularity
