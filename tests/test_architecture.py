@@ -1,0 +1,165 @@
+"""Module dependencies point one way: no import cycles, models/ never needs harness/, no one's privates.
+
+The rules are read from the source with ``ast`` (every import statement, at any depth, counts), so
+they hold for code paths the other tests never execute.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx  # a torch dependency
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("harness", "models")
+# The report package's own branch (issue 11) untangles these; delete the entry when it is merged.
+KNOWN_TANGLES = [{"harness.plots", "harness.render", "harness.report"}]
+
+
+def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of ``packages`` under ``root``."""
+    modules = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_names(module: str, path: Path) -> list[tuple[str, str | None]]:
+    """(module imported from, name taken from it or None) for every import statement in the file."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: climb from this module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found += [(base, alias.name) for alias in node.names]
+    return found
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (``from a import b`` points at ``a.b`` when that is a module)."""
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        targets = set()
+        for source, name in imported_names(module, path):
+            target = f"{source}.{name}" if f"{source}.{name}" in modules else source
+            if target in modules and target != module:
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def tangles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Groups of modules that reach each other through imports (strongly connected, more than one)."""
+    groups = nx.strongly_connected_components(nx.DiGraph(graph))
+    return sorted((group for group in groups if len(group) > 1), key=sorted)
+
+
+def private_imports(modules: dict[str, Path], project: tuple[str, ...]) -> list[str]:
+    """``from X import _name`` and ``X._name`` where X is another project module (dunders are public)."""
+    found = []
+    for module, path in modules.items():
+        for source, name in imported_names(module, path):
+            if name and is_private(name) and source.split(".")[0] in project and source != module:
+                found.append(f"{module}: from {source} import {name}")
+        aliases = module_aliases(path, project)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            owner = node.value.id if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) else None
+            if owner in aliases and is_private(node.attr):
+                found.append(f"{module}: {aliases[owner]}.{node.attr}")
+    return found
+
+
+def module_aliases(path: Path, project: tuple[str, ...]) -> dict[str, str]:
+    """Local name -> project module, for ``import a.b as x`` and ``from a import b`` (b a module)."""
+    aliases = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in project:
+                    aliases[alias.asname or alias.name.split(".")[0]] = alias.name
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in project:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return aliases
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+# ---------------------------------------------------------------- the rules, on this codebase
+
+
+def test_no_import_cycle_among_harness_and_models() -> None:
+    graph = import_graph(module_files(REPO, PACKAGES))
+    assert len(graph) > 20 and "harness.config" in graph["harness.matrix"]  # the walk found the code
+    assert tangles(graph) == KNOWN_TANGLES  # a new cycle fails, and so does a known one that is gone
+
+
+def test_models_import_nothing_from_harness() -> None:
+    modules = module_files(REPO, ("models",))
+    used = {f"{m}: {source}" for m, path in modules.items() for source, _ in imported_names(m, path)}
+    assert "models.factory: models.gpt" in used  # imports are seen
+    assert not [u for u in used if u.split(": ")[1].split(".")[0] == "harness"]
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    modules = module_files(REPO, (*PACKAGES, "tests"))
+    assert private_imports(modules, (*PACKAGES, "tests")) == []
+
+
+@pytest.mark.parametrize(
+    ("statement", "heavy"),
+    [("import harness.cli", ("torch", "mlflow", "optuna")), ("import models.config", ("torch", "harness"))],
+)
+def test_light_imports_stay_light(statement: str, heavy: tuple[str, ...]) -> None:
+    """The CLI parser starts without torch/MLflow/Optuna (seconds to import); model configs need no harness."""
+    probe = f"import sys; {statement}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r}))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the checks catch what they are for
+
+
+TANGLED = {
+    "pkg/__init__.py": "",
+    "pkg/a.py": "def f():\n    from pkg import b  # local imports count too\n",
+    "pkg/b.py": "from .c import _hidden\n",
+    "pkg/c.py": "import pkg.a as alias\n\n_hidden = alias._secret\n",
+}
+ONE_WAY = {
+    "pkg/__init__.py": "from pkg.a import f\n\n__all__ = ['f']\n",
+    "pkg/a.py": "from pkg import b\n\ndef f():\n    return b.g(), b.__name__\n",
+    "pkg/b.py": "def _own():\n    return 1\n\ndef g():\n    return _own()\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("files", "expected_tangles", "expected_private"),
+    [
+        (TANGLED, [{"pkg.a", "pkg.b", "pkg.c"}], ["pkg.b: from pkg.c import _hidden", "pkg.c: pkg.a._secret"]),
+        (ONE_WAY, [], []),
+    ],
+    ids=["tangled", "one-way"],
+)
+def test_checks_catch_cycles_and_private_use(
+    tmp_path: Path, files: dict[str, str], expected_tangles: list[set[str]], expected_private: list[str]
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    modules = module_files(tmp_path, ("pkg",))
+    assert tangles(import_graph(modules)) == expected_tangles
+    assert private_imports(modules, ("pkg",)) == expected_private
