@@ -116,3 +116,23 @@ def test_console_entry_point_runs_as_a_module(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "4 trials in study 't'" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_built_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The vocabulary is only known once the data is read: the model raises ModelError, the CLI reports it."""
+    spec = with_base(
+        data={"max_vocab": 50},
+        model={"output": "adaptive", "tie_weights": False, "adaptive_cutoffs": [100, 200]},
+    )
+    spec["matrix"] = {"variants": ["baseline"], "seeds": [0]}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["run-study", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--no-progress"]
+    assert main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()  # above the last line: MLflow's own INFO lines
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        "harness: error: model.adaptive_cutoffs=[100, 200] leave no tail cluster for a vocabulary of 50 words"
+    )
