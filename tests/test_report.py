@@ -12,7 +12,7 @@ from pypdf import PdfReader
 from scipy import stats
 
 from harness.cli import main
-from harness.statistics import compare, describe
+from harness.report.significance import compare, describe
 from tests.studies import run_study, tiny_spec, trial_runs
 
 

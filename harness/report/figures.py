@@ -7,20 +7,21 @@ use a diverging map centred on the uniform share (blue below, red above, white =
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-if TYPE_CHECKING:
-    from harness.report import StudyData
+from harness.report.blocks import Figure  # noqa: E402
+from harness.report.gather import StudyData, variant_key  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 VARIANT_COLOURS = {
@@ -34,31 +35,20 @@ MARKERS = {"baseline": "o", "switch": "s", "lora": "^", "hybrid": "D", "dense": 
 DPI = 150
 
 
-@dataclass(frozen=True)
-class Figure:
-    file: str  # PNG name, relative to the report folder
-    title: str
-    caption: str
-    section: str  # "curves", "cost", "utilisation", "tuning"
-
-
 def colour(variant: str, index: int = 0) -> str:
     return VARIANT_COLOURS.get(variant, OKABE_ITO[index % len(OKABE_ITO)])
 
 
-def _style() -> None:
-    plt.rcParams.update(
-        {
-            "font.size": 9,
-            "axes.titlesize": 10,
-            "axes.labelsize": 9,
-            "legend.fontsize": 8,
-            "axes.grid": True,
-            "grid.alpha": 0.3,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-        }
-    )
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> str:
@@ -69,8 +59,6 @@ def _save(fig: plt.Figure, out: Path, name: str) -> str:
 
 def _groups(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     """(backbone, variant, rows) in report order."""
-    from harness.report import variant_key
-
     keys = frame[["backbone", "variant"]].drop_duplicates().itertuples(index=False)
     ordered = sorted(keys, key=lambda k: (str(k.backbone), variant_key(str(k.variant))))
     return [
@@ -189,16 +177,29 @@ def cost_quality(data: StudyData, out: Path) -> Figure | None:
     )
 
 
-def _moe_groups(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    return [g for g in _groups(frame) if g[1] != "dense"]
+def _moe_panels(frame: pd.DataFrame, column: str, value: object) -> tuple[pd.DataFrame, list, int, int]:
+    """Rows where ``column`` == ``value``; their MoE (not dense) groups, one panel each; panel rows, columns."""
+    if frame.empty:
+        return frame, [], 0, 0
+    frame = frame[frame[column] == value]
+    groups = [g for g in _groups(frame) if g[1] != "dense"]
+    cols = min(2, len(groups))
+    return frame, groups, (len(groups) + cols - 1) // max(cols, 1), cols
+
+
+def _shares_colourbar(fig: plt.Figure, axes: np.ndarray, norm: TwoSlopeNorm) -> None:
+    """One colour bar for all panels, the uniform share marked and labelled on it."""
+    uniform, vmax = float(norm.vcenter), float(norm.vmax)
+    bar = fig.colorbar(axes.flat[0].collections[0], ax=axes.ravel().tolist(), shrink=0.9)
+    bar.set_label("share of routed tokens")
+    bar.outline.set_linewidth(0)
+    bar.ax.axhline(uniform, color="black", linewidth=1.5)
+    ticks = sorted({0.0, uniform, *[t for t in np.linspace(0, vmax, 5)[1:] if abs(t - uniform) > 0.18 * vmax]})
+    bar.set_ticks(ticks, labels=[f"{t:.2f}" + (" uniform" if t == uniform else "") for t in ticks])
 
 
 def utilisation_heatmaps(data: StudyData, out: Path, split: str = "validation") -> Figure | None:
-    table = data.utilisation
-    if table.empty:
-        return None
-    table = table[table["split"] == split]
-    groups = _moe_groups(table)
+    table, groups, rows_n, cols = _moe_panels(data.utilisation, "split", split)
     if not groups:
         return None
     several = table["backbone"].nunique() > 1
@@ -206,40 +207,22 @@ def utilisation_heatmaps(data: StudyData, out: Path, split: str = "validation") 
     uniform = 1.0 / n_experts
     vmax = max(float(table.groupby(["backbone", "variant", "layer", "expert"])["share"].mean().max()), uniform * 1.5)
     norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=vmax)
-    cols = min(2, len(groups))
-    rows_n = (len(groups) + cols - 1) // cols
     n_layers = int(table["layer"].max()) + 1
     fig, axes = plt.subplots(
         rows_n, cols, figsize=(3.4 * cols + 0.8, (0.5 * n_layers + 1.6) * rows_n), squeeze=False, layout="constrained"
     )
-    image = None
     for ax, (backbone, variant, rows) in zip(axes.flat, groups, strict=False):
         grid = rows.groupby(["layer", "expert"])["share"].mean().unstack("expert").sort_index()
-        image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
-        for (r, e), value in np.ndenumerate(grid.to_numpy()):
-            ax.text(
-                e,
-                r,
-                f"{value:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if abs(float(norm(value)) - 0.5) > 0.3 else "black",
-            )
-        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
-        ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
+        sns.heatmap(grid, ax=ax, cmap="RdBu_r", norm=norm, annot=True, fmt=".2f", annot_kws={"fontsize": 7}, cbar=False)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-        ax.grid(False)
+        ax.tick_params(axis="y", labelrotation=0)
+        ax.grid(False)  # the report style's grid would cross the cells
         n_seeds = rows["seed"].nunique()
         ax.set_title(f"{_label(backbone, variant, several)} (n={n_seeds} seed{'s' if n_seeds != 1 else ''})")
     for ax in list(axes.flat)[len(groups) :]:
         ax.set_visible(False)
-    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
-    bar.set_label("share of routed tokens")
-    bar.ax.axhline(uniform, color="black", linewidth=1.5)
-    ticks = sorted({0.0, uniform, *[t for t in np.linspace(0, vmax, 5)[1:] if abs(t - uniform) > 0.18 * vmax]})
-    bar.set_ticks(ticks, labels=[f"{t:.2f}" + (" uniform" if t == uniform else "") for t in ticks])
+    _shares_colourbar(fig, axes, norm)
     name = _save(fig, out, f"utilisation_{split}.png")
     return Figure(
         name,
@@ -256,17 +239,11 @@ def utilisation_heatmaps(data: StudyData, out: Path, split: str = "validation") 
 
 
 def utilisation_over_training(data: StudyData, out: Path, layer: int = 0) -> Figure | None:
-    history = data.history
-    if history.empty:
-        return None
-    history = history[history["layer"] == layer]
-    groups = _moe_groups(history)
+    history, groups, rows_n, cols = _moe_panels(data.history, "layer", layer)
     if not groups:
         return None
     several = history["backbone"].nunique() > 1
     n_experts = int(history["expert"].max()) + 1
-    cols = min(2, len(groups))
-    rows_n = (len(groups) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 2.5 * rows_n), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis", n_experts)
     for ax, (backbone, variant, rows) in zip(axes.flat, groups, strict=False):
@@ -294,11 +271,12 @@ def utilisation_over_training(data: StudyData, out: Path, layer: int = 0) -> Fig
     )
 
 
-def tuning_figures(study: Any, out: Path) -> list[Figure]:
-    """Optuna's own matplotlib views: history, importances, and the Pareto front for two objectives."""
-    import optuna
-    from optuna.visualization import matplotlib as ov
+def _tuning_figure(ax: plt.Axes, out: Path, file: str, title: str, caption: str) -> Figure:
+    return Figure(_save(ax.figure, out, file), title, caption, "tuning")
 
+
+def tuning_figures(study: optuna.Study, out: Path) -> list[Figure]:
+    """Optuna's own matplotlib views: history, importances, and the Pareto front for two objectives."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return []
@@ -309,55 +287,40 @@ def tuning_figures(study: Any, out: Path) -> list[Figure]:
     figures = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
-        ax = ov.plot_optimization_history(study, target=target, target_name=target_name)
-        figures.append(
-            Figure(
-                _save(ax.figure, out, "tuning_history.png"),
-                "Optimisation history",
-                f"{target_name} per trial{'' if multi else ' and the best so far'} ({len(done)} completed trials).",
-                "tuning",
-            )
-        )
+        ax = optuna_plots.plot_optimization_history(study, target=target, target_name=target_name)
+        caption = f"{target_name} per trial{'' if multi else ' and the best so far'} ({len(done)} completed trials)."
+        figures.append(_tuning_figure(ax, out, "tuning_history.png", "Optimisation history", caption))
         if len(done) >= 2 and any(t.params for t in done):
             try:
-                ax = ov.plot_param_importances(study, target=target, target_name=target_name)
-                figures.append(
-                    Figure(
-                        _save(ax.figure, out, "tuning_importances.png"),
-                        "Hyperparameter importances",
-                        f"fANOVA importance of each tuned parameter for {target_name}.",
-                        "tuning",
-                    )
-                )
+                ax = optuna_plots.plot_param_importances(study, target=target, target_name=target_name)
+                caption = f"fANOVA importance of each tuned parameter for {target_name}."
+                figures.append(_tuning_figure(ax, out, "tuning_importances.png", "Hyperparameter importances", caption))
             except (RuntimeError, ValueError) as error:  # e.g. a parameter with a single value
                 print(f"harness report: no parameter importances ({error})")
         if len(study.directions) == 2:
-            ax = ov.plot_pareto_front(study, target_names=names[:2])
-            figures.append(
-                Figure(
-                    _save(ax.figure, out, "tuning_pareto.png"),
-                    "Pareto front",
-                    f"Completed trials on the two objectives ({names[0]}, {names[1]}); "
-                    "the highlighted trials are not dominated.",
-                    "tuning",
-                )
+            ax = optuna_plots.plot_pareto_front(study, target_names=names[:2])
+            caption = (
+                f"Completed trials on the two objectives ({names[0]}, {names[1]}); "
+                "the highlighted trials are not dominated."
             )
+            figures.append(_tuning_figure(ax, out, "tuning_pareto.png", "Pareto front", caption))
     return figures
 
 
-def make_figures(data: StudyData, out: Path, study: Any | None = None) -> list[Figure]:
-    _style()
-    figures = (
-        []
-        if data.tuning_only
-        else [  # tuning trials differ in hyperparameters: no per-variant views
-            val_curves(data, out),
-            cost_quality(data, out),
-            utilisation_heatmaps(data, out, "train"),
-            utilisation_heatmaps(data, out, "validation"),
-            utilisation_over_training(data, out),
-        ]
-    )
-    if study is not None:
-        figures.extend(tuning_figures(study, out))
+def make_figures(data: StudyData, out: Path, study: optuna.Study | None = None) -> list[Figure]:
+    """Every figure the data allows, written to ``out``; tuning studies get Optuna's views only."""
+    with plt.rc_context(STYLE):
+        figures = (
+            []
+            if data.tuning_only
+            else [  # tuning trials differ in hyperparameters: no per-variant views
+                val_curves(data, out),
+                cost_quality(data, out),
+                utilisation_heatmaps(data, out, "train"),
+                utilisation_heatmaps(data, out, "validation"),
+                utilisation_over_training(data, out),
+            ]
+        )
+        if study is not None:
+            figures.extend(tuning_figures(study, out))
     return [f for f in figures if f is not None]

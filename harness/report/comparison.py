@@ -1,0 +1,204 @@
+"""The main comparison: per-variant quality and cost tables, and each variant tested against the reference."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import pandas as pd
+
+from harness.report.blocks import Block, Heading, Para, Table
+from harness.report.formatting import MISSING, ci, fmt, fmt_count, mean_sd, p_text
+from harness.report.gather import BASELINE, StudyData
+from harness.report.significance import ALPHA, Comparison, compare, describe
+
+LOWER, HIGHER = "lower", "higher"
+
+
+def main_comparison(data: StudyData) -> list[Block]:
+    several = len(data.backbones) > 1
+    blocks: list[Block] = [Heading("Main comparison")]
+    if data.finished.empty:
+        blocks.append(Para("No trial finished, so there is nothing to compare."))
+    for backbone in finished_backbones(data):
+        if several:
+            blocks.append(Heading(f"Backbone: {backbone}", 3))
+        blocks.extend([quality_table(data, backbone), cost_table(data, backbone)])
+    return blocks
+
+
+def significance_section(data: StudyData) -> list[Block]:
+    several = len(data.backbones) > 1
+    blocks: list[Block] = [Heading("Significance")]
+    for backbone in finished_backbones(data):
+        blocks.extend(significance(data, backbone, several))
+    return blocks
+
+
+def finished_backbones(data: StudyData) -> list[str]:
+    return [b for b in data.backbones if not data.finished[data.finished["tags.backbone"] == b].empty]
+
+
+def _metric(rows: pd.DataFrame, name: str) -> list[float]:
+    column = f"metrics.{name}"
+    return rows[column].dropna().astype(float).tolist() if column in rows else []
+
+
+def load_cv(rows: pd.DataFrame) -> list[float]:
+    """Per run: the validation load CV averaged over MoE layers (util_val_cv_l<layer>)."""
+    columns = [c for c in rows.columns if re.fullmatch(r"metrics\.util_val_cv_l\d+", c)]
+    if not columns:
+        return []
+    return rows[columns].mean(axis=1, skipna=True).dropna().tolist()
+
+
+def peak_memory(data: StudyData) -> tuple[str, str]:
+    runs = data.finished
+    if "metrics.gpu_mem_peak_nvml_mb" in runs and runs["metrics.gpu_mem_peak_nvml_mb"].notna().any():
+        return "gpu_mem_peak_nvml_mb", "Peak GPU mem (MB)"
+    return "peak_rss_mb", "Peak RSS (MB)"
+
+
+def _best(table_rows: list[list[float]], column: int, direction: str) -> set[int]:
+    values = [(r[column], i) for i, r in enumerate(table_rows) if r[column] is not None and math.isfinite(r[column])]
+    if len(values) < 2:
+        return set()
+    target = min(v for v, _ in values) if direction == LOWER else max(v for v, _ in values)
+    return {i for v, i in values if v == target}
+
+
+def quality_table(data: StudyData, backbone: str) -> Table:
+    header = ["Variant", "n", "Val PPL (mean ± sd)", "Val PPL 95% CI", "Test PPL (mean ± sd)", "Test PPL 95% CI"]
+    rows, raw = [], []
+    for variant, runs in data.per_variant(backbone):
+        val, test = describe(_metric(runs, "final_val_ppl")), describe(_metric(runs, "test_ppl"))
+        rows.append([variant, str(len(runs)), mean_sd(val), ci(val), mean_sd(test), ci(test)])
+        raw.append([None, None, val.mean, None, test.mean, None])
+    bold = {(i, c) for c in (2, 4) for i in _best(raw, c, LOWER)}
+    return Table(
+        header,
+        rows,
+        bold,
+        "Perplexity on the full validation and test splits after the token budget; "
+        "mean ± sample sd over seeds, 95% CI of the mean from the t distribution. Bold: best (lowest).",
+    )
+
+
+def _cost_columns(data: StudyData) -> list[tuple[str, str | None, Callable[[float], str], str]]:
+    """(header, metric or None for the load CV, format, better direction) of each cost column."""
+    memory_metric, memory_label = peak_memory(data)
+    return [
+        ("Params total", "params_total", fmt_count, LOWER),
+        ("Trainable", "params_trainable", fmt_count, LOWER),
+        ("Active / token", "params_active", fmt_count, LOWER),
+        ("Time / Mtok (s)", "time_per_mtok_s", lambda v: fmt(v, 1), LOWER),
+        ("Tokens / s", "train_tokens_per_s", fmt_count, HIGHER),
+        (memory_label, memory_metric, lambda v: fmt(v, 0), LOWER),
+        ("Aux loss", "aux_loss", lambda v: fmt(v, 4), LOWER),
+        ("Load CV", None, lambda v: fmt(v, 3), LOWER),
+    ]
+
+
+def cost_table(data: StudyData, backbone: str) -> Table:
+    columns = _cost_columns(data)
+    rows, raw = [], []
+    for variant, runs in data.per_variant(backbone):
+        means = []
+        for _, metric, _, _ in columns:
+            values = load_cv(runs) if metric is None else _metric(runs, metric)
+            means.append(describe(values).mean if values else math.nan)
+        if variant == "dense":  # no router: no aux loss and no load to balance
+            means[-2:] = [math.nan, math.nan]
+        rows.append([variant] + [f(m) for (_, _, f, _), m in zip(columns, means, strict=True)])
+        raw.append([None, *means])
+    bold = {(i, c + 1) for c, (*_, direction) in enumerate(columns) for i in _best(raw, c + 1, direction)}
+    return Table(
+        ["Variant"] + [c[0] for c in columns],
+        rows,
+        bold,
+        "Means over seeds. Time per million training tokens excludes evaluation. Aux loss: router balance loss in "
+        "the last logging window; load CV: coefficient of variation of expert shares on the validation split, "
+        "averaged over MoE layers (0 = perfectly balanced). Bold: best (highest tokens/s, lowest otherwise).",
+    )
+
+
+def reference_variant(variants: list[str]) -> str | None:
+    if BASELINE in variants:
+        return BASELINE
+    return variants[0] if variants else None
+
+
+def _by_seed(runs: pd.DataFrame) -> dict[str, float]:
+    return {str(s): float(v) for s, v in zip(runs["tags.seed"], runs["metrics.test_ppl"], strict=True)}
+
+
+def significance(data: StudyData, backbone: str, several: bool) -> list[Block]:
+    """The significance table and its statement for one backbone, or why no test can be made."""
+    groups = dict(data.per_variant(backbone))
+    reference = reference_variant(list(groups))
+    where = f" ({backbone} backbone)" if several else ""
+    planned = data.runs[data.runs["tags.backbone"] == backbone]["tags.seed"].nunique()
+    max_seeds = max((len(runs) for runs in groups.values()), default=0)
+    if planned < 2 or max_seeds < 2:
+        seeds = "a single seed" if planned < 2 else "a single finished seed"
+        return [
+            Para(
+                f"Each variant{where} has {seeds}, so **no significance can be claimed**: the differences in the "
+                "tables are single observations with no estimate of seed-to-seed variation. Run at least two seeds "
+                "(three or more for useful power) to test them."
+            )
+        ]
+    if reference is None or len(groups) < 2:
+        return [Para(f"Only one variant finished{where}: there is nothing to compare.")]
+    base = _by_seed(groups[reference])
+    results = {v: compare(base, _by_seed(runs)) for v, runs in groups.items() if v != reference}
+    rows = [_significance_row(v, result, len(groups[v])) for v, result in results.items()]
+    table = Table(
+        ["Variant", "Test", "n", f"Δ test PPL vs {reference}", "t", "p", "Effect size"],
+        rows,
+        caption=f"Each variant against {reference} on final test perplexity. Paired t-test on per-seed "
+        "differences when both ran the same seeds (effect size d_z = mean difference / sd of differences); "
+        "Welch's t-test otherwise (effect size Cohen's d with pooled sd). Two-sided, no correction for "
+        "multiple comparisons.",
+    )
+    return [table, Para(_significance_statement(results, reference, where, max_seeds))]
+
+
+def _significance_row(variant: str, result: Comparison | None, n_runs: int) -> list[str]:
+    if result is None:
+        return [variant, MISSING, str(n_runs), MISSING, MISSING, MISSING, MISSING]
+    return [
+        variant,
+        result.test,
+        str(result.n),
+        f"{result.difference:+,.2f}",
+        fmt(result.statistic, 2),
+        p_text(result.p_value),
+        f"{result.effect_name} = {fmt(result.effect, 2)}",
+    ]
+
+
+def _significance_statement(results: dict[str, Comparison | None], reference: str, where: str, max_seeds: int) -> str:
+    holds, fails = [], []
+    for variant, result in results.items():
+        if result is not None:
+            direction = "lower" if result.difference < 0 else "higher"
+            text = f"{variant} ({direction} test PPL by {abs(result.difference):,.2f}, p = {p_text(result.p_value)})"
+            (holds if result.significant else fails).append(text)
+    untestable = [v for v, result in results.items() if result is None]
+    level = f"{ALPHA:.0%}"
+    if holds:
+        sentences = [f"At the {level} level, these differences from {reference} are significant: {'; '.join(holds)}."]
+    else:
+        sentences = [f"At the {level} level, no variant differs significantly from {reference}{where}."]
+    if fails:
+        sentences.append(f"Not significant at the {level} level: {'; '.join(fails)}.")
+    if untestable:
+        sentences.append(f"Too few seeds to test: {', '.join(untestable)}.")
+    if max_seeds < 3:
+        sentences.append(
+            "With two seeds per variant the tests have very little power; a non-significant result is "
+            "not evidence of no difference."
+        )
+    return " ".join(sentences)
