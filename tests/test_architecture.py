@@ -16,8 +16,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "models")
-# The report package's own branch (issue 11) untangles these; delete the entry when it is merged.
-KNOWN_TANGLES = [{"harness.plots", "harness.render", "harness.report"}]
 
 
 def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
@@ -104,7 +102,7 @@ def is_private(name: str) -> bool:
 def test_no_import_cycle_among_harness_and_models() -> None:
     graph = import_graph(module_files(REPO, PACKAGES))
     assert len(graph) > 20 and "harness.config" in graph["harness.matrix"]  # the walk found the code
-    assert tangles(graph) == KNOWN_TANGLES  # a new cycle fails, and so does a known one that is gone
+    assert tangles(graph) == []
 
 
 def test_models_import_nothing_from_harness() -> None:
