@@ -10,8 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from harness import tune
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
+from harness.tune import command as tune
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
