@@ -10,8 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from harness import tune
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
+from harness.tune import command as tune
 from models.config import ModelError
 
 EXIT_BAD_INPUT = 2

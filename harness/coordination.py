@@ -16,7 +16,6 @@ import importlib.util
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from harness.config import SpecError
+from harness.retry import created_tables_concurrently, retry_race
+from harness.urls import sqlite_path
 
 STORAGE_ENV = "HARNESS_STORAGE"
 WORKER_ENV = "HARNESS_WORKER_NAME"  # host part of the worker id (default: the hostname)
@@ -58,10 +59,8 @@ def resolve_storage(cli_value: str | None, tracking_uri: str, checkpoint_dir: Pa
     """``--storage`` > ``$HARNESS_STORAGE`` > a SQLite file beside the embedded MLflow store (one machine)."""
     if cli_value or os.environ.get(STORAGE_ENV):
         return cli_value or os.environ[STORAGE_ENV]
-    if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
-    else:
-        folder = checkpoint_dir
+    database = sqlite_path(tracking_uri)
+    folder = checkpoint_dir if database is None else database.parent
     return f"sqlite:///{(folder / 'coordination.db').resolve()}"
 
 
@@ -173,14 +172,7 @@ class Coordinator:
     def setup(self) -> None:
         if self._sqlite_folder is not None:
             self._sqlite_folder.mkdir(parents=True, exist_ok=True)
-        for attempt in range(5):  # workers starting together race on CREATE TABLE in PostgreSQL
-            try:
-                metadata.create_all(self.engine, checkfirst=True)
-                return
-            except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        retry_race(created_tables_concurrently)(metadata.create_all)(self.engine, checkfirst=True)
 
     def _insert_ignore(self, table: sa.Table) -> sa.Insert:
         if self.dialect == "postgresql":

@@ -13,18 +13,17 @@ from __future__ import annotations
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from harness.config import StudySpec
 from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
-from harness.data import Corpus, DataError, load_corpus
+from harness.data import Corpus, load_corpus
 from harness.matrix import Cell, expand
+from harness.runs import KILLED, TrialRun, cell_run, is_finished, open_trial_run, shared_run
+from harness.tags import ROLE, ROLE_STUDY, STUDY
 from harness.tracking import MlflowSink, TrackingStore, device_description
-from harness.trainer import Checkpointer, NonFiniteLoss, resolve_device, train
+from harness.trainer import Checkpointer, resolve_device, train
 
 CHECKPOINT_DIR = Path("mlruns") / "checkpoints"
 
@@ -59,54 +58,6 @@ class ClaimedSink(MlflowSink):
         super().log_metrics(metrics, step)
 
 
-def run_trial(
-    store: TrackingStore,
-    experiment_id: str,
-    parent_id: str,
-    spec: StudySpec,
-    trial: Cell,
-    corpus: Corpus,
-    checkpoint_dir: Path,
-    progress: bool,
-    run_id: str | None = None,
-    lost: threading.Event | None = None,
-) -> str | None:
-    """Train one cell into its MLflow run; returns the failure reason, or None on success.
-
-    ``run_id``: the cell's run, already opened (a resumed cell): its logged steps are not repeated.
-    """
-    device = resolve_device(trial.config.train.device)
-    logged: dict[str, int] = {}
-    if run_id is None:
-        run_id = store.open_trial_run(experiment_id, parent_id, trial, spec.name, corpus, device.type)
-    else:  # an existing run (resumed, taken over, retried): steps it already holds are not logged again
-        logged = store.logged_steps(run_id)
-    checkpoint = checkpointer(checkpoint_dir, spec, trial)
-    sink = ClaimedSink(store.client, run_id, logged, lost=lost)
-    try:
-        result = train(trial.config, corpus, sink, checkpoint=checkpoint, progress=progress, label=trial.key)
-    except (NonFiniteLoss, DataError, torch.OutOfMemoryError) as error:
-        sink.flush()
-        reason = f"{type(error).__name__}: {error}"
-        store.fail_trial(run_id, reason)
-        checkpoint.path.unlink(missing_ok=True)
-        return reason
-    except ClaimLost:
-        sink.flush()
-        raise
-    except BaseException:
-        sink.flush()
-        store.fail_trial(run_id, "interrupted: " + traceback.format_exc(limit=1).strip().splitlines()[-1], "KILLED")
-        raise
-    sink.flush()
-    if trial.config.train.save_checkpoint and result.model is not None:
-        store.log_weights(run_id, result.model.state_dict())
-    tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
-    store.finish_trial(run_id, result.summary, tables)
-    checkpoint.path.unlink(missing_ok=True)
-    return None
-
-
 def preflight(spec: StudySpec, trials: list[Cell], checkpoint_dir: Path) -> dict[str, Corpus]:
     """Everything that can reject the input without writing: data files, leftover checkpoints."""
     corpora: dict[str, Corpus] = {}
@@ -117,21 +68,82 @@ def preflight(spec: StudySpec, trials: list[Cell], checkpoint_dir: Path) -> dict
     return corpora
 
 
-def _open_cell_run(
-    store: TrackingStore,
-    experiment_id: str,
-    parent_id: str,
-    spec: StudySpec,
-    trial: Cell,
-    claim: Claim,
-    corpus: Corpus,
-) -> tuple[str, bool]:
-    """The cell's one MLflow run (the claim's, an existing one found by its tag, or a new one); finished?"""
-    run = store.client.get_run(claim.run_id) if claim.run_id else store.trial_run(experiment_id, trial)
-    if run is not None and store.is_finished(run):
-        return run.info.run_id, True
-    device = resolve_device(trial.config.train.device).type
-    return store.open_trial_run(experiment_id, parent_id, trial, spec.name, corpus, device), False
+@dataclass
+class StudyWorker:
+    """This process's share of a study: it runs the cells it claims into the study's MLflow runs."""
+
+    spec: StudySpec
+    store: TrackingStore
+    coordinator: Coordinator
+    study_key: str
+    outcome: StudyOutcome
+    corpora: dict[str, Corpus]
+    checkpoint_dir: Path
+    progress: bool
+
+    def open_cell_run(self, trial: Cell, claim: Claim) -> tuple[str, bool]:
+        """The cell's one MLflow run (the claim's, an existing one found by its tag, or a new one); finished?"""
+        store, experiment_id = self.store, self.outcome.experiment_id
+        run = store.client.get_run(claim.run_id) if claim.run_id else cell_run(store, experiment_id, trial)
+        if run is not None and is_finished(run):
+            return run.info.run_id, True
+        device = resolve_device(trial.config.train.device).type
+        corpus = self.corpora[_corpus_key(trial)]
+        return open_trial_run(
+            store, experiment_id, self.outcome.parent_run_id, trial, self.spec.name, corpus, device
+        ), False
+
+    def train_cell(self, trial: Cell, run_id: str, lost: threading.Event) -> str | None:
+        """Train one cell into its open MLflow run; the failure reason, or None once it finished.
+
+        Steps the run already holds (a resumed, taken-over or retried cell) are not logged again.
+        """
+        checkpoint = checkpointer(self.checkpoint_dir, self.spec, trial)
+        run = TrialRun(ClaimedSink(self.store.client, run_id, self.store.logged_steps(run_id), lost=lost))
+        config, corpus = trial.config, self.corpora[_corpus_key(trial)]
+        try:
+            result = train(config, corpus, run.sink, checkpoint=checkpoint, progress=self.progress, label=trial.key)
+        except ClaimLost:
+            run.sink.flush()  # the cell's run is the new holder's now: leave it as it is
+            raise
+        except BaseException as error:
+            how = run.fail(error)
+            if how.status == KILLED:
+                raise  # an interruption: the checkpoint stays, so a rerun resumes
+            checkpoint.path.unlink(missing_ok=True)
+            return how.reason
+        if config.train.save_checkpoint and result.model is not None:
+            self.store.log_weights(run_id, result.model.state_dict())
+        tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
+        run.finish(result.summary, tables)
+        checkpoint.path.unlink(missing_ok=True)
+        return None
+
+    def run_claimed(self, trial: Cell, claim: Claim, position: str) -> None:
+        """Run a claimed cell to its end and record that end on the claim."""
+        coordinator = self.coordinator
+        try:
+            run_id, finished = self.open_cell_run(trial, claim)
+            coordinator.set_run(claim, run_id)
+            if finished:
+                coordinator.complete(claim, FINISHED)
+                return
+            resumed = f" (resuming after {claim.previous_worker})" if claim.previous_worker else ""
+            print(f"{position} {trial.key}{resumed}", file=sys.stderr, flush=True)
+            with coordinator.heartbeat(claim) as lost:
+                reason = self.train_cell(trial, run_id, lost)
+        except ClaimLost:
+            print(f"  {trial.key}: taken over by another worker", file=sys.stderr, flush=True)
+            return
+        except BaseException:
+            coordinator.release(claim)  # Ctrl-C, SIGTERM: claimable again at once
+            raise
+        if reason is None:
+            coordinator.complete(claim, FINISHED)
+            self.outcome.finished.append(trial.key)
+        else:
+            coordinator.complete(claim, FAILED, reason)
+            print(f"  failed: {reason}", file=sys.stderr, flush=True)
 
 
 def run_study(
@@ -158,51 +170,22 @@ def run_study(
     coordinator.register(study_key, cells)
     if retry_failed:
         coordinator.requeue_failed(study_key, cells)
+    tags = {ROLE: ROLE_STUDY, STUDY: spec.name, "n_trials": str(len(trials))}
+    tags["device"] = device_description(trials[0].config.train.device)
     parent_id = coordinator.study_run(
-        study_key,
-        lambda: store.study_run(
-            experiment_id,
-            spec.name,
-            {"n_trials": str(len(trials)), "device": device_description(trials[0].config.train.device)},
-        ),
+        study_key, lambda: shared_run(store, experiment_id, f"tags.`{ROLE}` = '{ROLE_STUDY}'", spec.name, tags)
     )
     outcome = StudyOutcome(experiment_id, parent_id)
+    worker = StudyWorker(spec, store, coordinator, study_key, outcome, corpora, checkpoint_dir, progress)
     by_key = {t.key: t for t in trials}
-    poll = min(2.0, heartbeat_timeout / 4)
     while True:
         claim = coordinator.claim(study_key, cells)
-        if claim is None:
-            states = coordinator.states(study_key, cells)
-            if all(state in (FINISHED, FAILED) for state, _ in states.values()):
-                break
-            time.sleep(poll)  # other workers hold the rest; take over any whose heartbeat stops
-            continue
-        trial = by_key[claim.cell]
-        corpus = corpora[_corpus_key(trial)]
-        try:
-            run_id, finished = _open_cell_run(store, experiment_id, parent_id, spec, trial, claim, corpus)
-            coordinator.set_run(claim, run_id)
-            if finished:
-                coordinator.complete(claim, FINISHED)
-                continue
-            resumed = f" (resuming after {claim.previous_worker})" if claim.previous_worker else ""
-            print(f"[{cells.index(claim.cell) + 1}/{len(cells)}] {trial.key}{resumed}", file=sys.stderr, flush=True)
-            with coordinator.heartbeat(claim) as lost:
-                reason = run_trial(
-                    store, experiment_id, parent_id, spec, trial, corpus, checkpoint_dir, progress, run_id, lost
-                )
-        except ClaimLost:
-            print(f"  {trial.key}: taken over by another worker", file=sys.stderr, flush=True)
-            continue
-        except BaseException:
-            coordinator.release(claim)  # Ctrl-C, SIGTERM: claimable again at once
-            raise
-        if reason is None:
-            coordinator.complete(claim, FINISHED)
-            outcome.finished.append(trial.key)
+        if claim is not None:
+            worker.run_claimed(by_key[claim.cell], claim, f"[{cells.index(claim.cell) + 1}/{len(cells)}]")
+        elif all(state in (FINISHED, FAILED) for state, _ in coordinator.states(study_key, cells).values()):
+            break
         else:
-            coordinator.complete(claim, FAILED, reason)
-            print(f"  failed: {reason}", file=sys.stderr, flush=True)
+            time.sleep(min(2.0, heartbeat_timeout / 4))  # other workers hold the rest; take over stale ones
     for cell, (state, error) in coordinator.states(study_key, cells).items():
         if state == FAILED:
             outcome.failed[cell] = error or "failed"

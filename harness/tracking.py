@@ -1,13 +1,12 @@
-"""MLflow: where runs go, how a study and its trials are laid out, and how metrics are logged.
+"""MLflow: where runs go (a store made ready for a study) and how metrics are logged.
 
 Layout: one experiment per study; one parent run per study (role ``study``); one nested run per
-matrix cell (role ``trial``, tag ``harness.cell``), found again by its cell key so an
-interrupted trial resumes into the same run. Step metrics are logged asynchronously in batches.
+matrix cell (role ``trial``, tag ``harness.cell``). How a trial's run is opened and ended is
+:mod:`harness.runs`. Step metrics are logged asynchronously in batches.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import queue
@@ -24,18 +23,15 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
-import yaml
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run
-from mlflow.entities import RunStatus as MlflowRunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric, Run
 from mlflow.tracking import MlflowClient
 
 from harness.config import SpecError
 from harness.data import Corpus
-from harness.matrix import Cell
+from harness.retry import retry_race
+from harness.urls import sqlite_path
 
 DEFAULT_STORE_DIR = Path("mlruns")
-ROLE, CELL, STUDY = "harness.role", "harness.cell", "harness.study"
-PARENT = "mlflow.parentRunId"
 
 
 def default_tracking_uri(store_dir: Path = DEFAULT_STORE_DIR) -> str:
@@ -66,8 +62,8 @@ class TrackingStore:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if (database := sqlite_path(uri)) is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
         elif uri.startswith(("http://", "https://")):
             self._check_server(uri)
         mlflow.set_tracking_uri(uri)
@@ -84,9 +80,8 @@ class TrackingStore:
             raise SpecError(f"tracking server {uri} is unreachable ({reason})") from None
 
     def artifact_location(self, name: str) -> str | None:
-        if self.uri.startswith("sqlite:///"):
-            return (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts" / name).resolve().as_uri()
-        return None
+        database = sqlite_path(self.uri)
+        return None if database is None else (database.parent / "artifacts" / name).resolve().as_uri()
 
     def experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -109,55 +104,6 @@ class TrackingStore:
             if not token:
                 return found
 
-    def study_run(self, experiment_id: str, study: str, tags: dict[str, str]) -> str:
-        """The study's parent run; created once, shared by every invocation and worker."""
-        query = f"tags.`{ROLE}` = 'study'"
-        existing = self.runs(experiment_id, query)
-        if not existing:
-            self.client.create_run(experiment_id, run_name=study, tags={ROLE: "study", STUDY: study, **tags})
-            existing = self.runs(experiment_id, query)
-        keep = min(existing, key=lambda r: (r.info.start_time, r.info.run_id))
-        for extra in existing:  # workers raced to create it: the oldest wins, childless extras go
-            extra_id = extra.info.run_id
-            if extra_id != keep.info.run_id and not self.runs(experiment_id, f"tags.`{PARENT}` = '{extra_id}'"):
-                self.client.delete_run(extra_id)
-        return keep.info.run_id
-
-    def trial_run(self, experiment_id: str, trial: Cell) -> Run | None:
-        matches = self.runs(experiment_id, f"tags.`{CELL}` = '{trial.key}'")
-        return min(matches, key=lambda r: r.info.start_time) if matches else None
-
-    def open_trial_run(
-        self, experiment_id: str, parent_id: str, trial: Cell, study: str, corpus: Corpus, device: str
-    ) -> str:
-        """Create the trial's run (or reopen it after an interruption) and log its inputs."""
-        existing = self.trial_run(experiment_id, trial)
-        if existing is not None:
-            self.client.update_run(existing.info.run_id, status="RUNNING")
-            if "harness.error" in existing.data.tags:  # a retried failure: the old reason no longer holds
-                self.client.delete_tag(existing.info.run_id, "harness.error")
-            return existing.info.run_id
-        config = trial.config
-        tags = {
-            ROLE: "trial",
-            CELL: trial.key,
-            STUDY: study,
-            PARENT: parent_id,
-            "variant": trial.variant,
-            "seed": str(trial.seed),
-            "backbone": config.model.backbone,
-            "git_commit": git_commit(),
-            "device": device_description(device),
-            **{f"data.{k}": str(v) for k, v in corpus.summary().items() if k not in ("name", "digest")},
-        }
-        run_id = self.client.create_run(experiment_id, run_name=trial.name, tags=tags).info.run_id
-        params = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in config.flat().items()]
-        for start in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[start : start + 100])
-        self.log_dataset(run_id, corpus)
-        self.client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
-        return run_id
-
     def logged_steps(self, run_id: str) -> dict[str, int]:
         """Metric name -> last step already logged to a run (what a resumed attempt must not repeat)."""
         run = self.client.get_run(run_id)
@@ -170,29 +116,7 @@ class TrackingStore:
             warnings.simplefilter("ignore")
             dataset = mlflow.data.from_pandas(frame, source=corpus.name, name=corpus.name, digest=corpus.digest)
         inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
-        for attempt in range(3):
-            try:
-                self.client.log_inputs(run_id, inputs)
-                return
-            except mlflow.exceptions.MlflowException as error:
-                # Workers logging the same dataset at once race on MLflow's insert of the dataset
-                # row; the loser's retry finds the row and only links it to its run.
-                duplicate = "dataset_pk" in str(error) or "UNIQUE constraint failed: datasets" in str(error)
-                if not duplicate or attempt == 2:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-
-    def finish_trial(self, run_id: str, summary: dict[str, float], tables: dict[str, pd.DataFrame]) -> None:
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items()]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        with tempfile.TemporaryDirectory() as folder:
-            for name, table in tables.items():
-                path = Path(folder) / f"{name}.csv"
-                table.to_csv(path, index=False)
-                self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, "FINISHED")
+        retry_race(_dataset_inserted_concurrently, attempts=3)(self.client.log_inputs)(run_id, inputs)
 
     def log_weights(self, run_id: str, state_dict: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -200,13 +124,14 @@ class TrackingStore:
             torch.save(state_dict, path)
             self.client.log_artifact(run_id, str(path))
 
-    def fail_trial(self, run_id: str, reason: str, status: str = "FAILED") -> None:
-        self.client.set_tag(run_id, "harness.error", reason[:5000])
-        self.client.set_terminated(run_id, status)
 
-    @staticmethod
-    def is_finished(run: Run) -> bool:
-        return run.info.status == MlflowRunStatus.to_string(MlflowRunStatus.FINISHED)
+def _dataset_inserted_concurrently(error: BaseException) -> bool:
+    # Workers logging the same dataset at once race on MLflow's insert of the dataset row; the
+    # loser's retry finds the row and only links it to its run.
+    message = str(error)
+    return isinstance(error, mlflow.exceptions.MlflowException) and (
+        "dataset_pk" in message or "UNIQUE constraint failed: datasets" in message
+    )
 
 
 class MlflowSink:

@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from harness.cli import main
 from harness.config import load_spec
 from harness.tracking import TrackingStore
-from harness.tuner import INTERRUPTED_ATTR, RUN_ID_ATTR, SURPLUS_ATTR, counted
+from harness.tune.attrs import INTERRUPTED_ATTR, RUN_ID_ATTR, SURPLUS_ATTR
+from harness.tune.budget import counted
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD_LR, BAD_LR = 1.0e-2, 1.0e-7

@@ -18,11 +18,11 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from harness.config import SpecError, load_spec
-from harness.tracking import ROLE
+from harness.config import VARIANTS, SpecError, load_spec
+from harness.tags import ROLE, ROLE_STUDY, ROLE_TRIAL, ROLE_TUNE, ROLE_TUNE_TRIAL
 
 BASELINE = "baseline"
-VARIANT_ORDER = ["baseline", "switch", "lora", "hybrid", "dense"]
+VARIANT_ORDER = list(VARIANTS)
 ARTIFACT_TABLES = {"utilisation": "utilisation.csv", "history": "utilisation_history.csv"}
 
 
@@ -89,12 +89,12 @@ def load_study(name: str, tracking_uri: str) -> StudyData:
     if experiment is None:
         raise SpecError(f"study '{name}' has no experiment in the tracking store {tracking_uri}")
     eid = experiment.experiment_id
-    study_parents = client.search_runs([eid], f"tags.`{ROLE}` = 'study'", order_by=["attributes.start_time ASC"])
-    tune_parents = client.search_runs([eid], f"tags.`{ROLE}` = 'tune'", order_by=["attributes.start_time ASC"])
-    runs = mlflow.search_runs([eid], filter_string=f"tags.`{ROLE}` = 'trial'", max_results=50000)
+    study_parents = client.search_runs([eid], f"tags.`{ROLE}` = '{ROLE_STUDY}'", order_by=["attributes.start_time ASC"])
+    tune_parents = client.search_runs([eid], f"tags.`{ROLE}` = '{ROLE_TUNE}'", order_by=["attributes.start_time ASC"])
+    runs = mlflow.search_runs([eid], filter_string=f"tags.`{ROLE}` = '{ROLE_TRIAL}'", max_results=50000)
     tuning_only = runs.empty
     if tuning_only:  # a tuning study with no run-study: its tuning trials are the runs
-        runs = mlflow.search_runs([eid], filter_string=f"tags.`{ROLE}` = 'tune-trial'", max_results=50000)
+        runs = mlflow.search_runs([eid], filter_string=f"tags.`{ROLE}` = '{ROLE_TUNE_TRIAL}'", max_results=50000)
     if runs.empty:
         raise SpecError(f"study '{name}' has no trial runs in {tracking_uri}")
     for column in ("tags.variant", "tags.seed", "tags.backbone", "tags.harness.error", "tags.harness.cell"):

@@ -1,4 +1,4 @@
-"""``harness tune SPEC``: Optuna search over a spec's ``tune`` section; the engine is :mod:`harness.tuner`.
+"""``harness tune SPEC``: the command line face; the search itself is :mod:`harness.tune.engine`.
 
 This module only wires the command into the CLI (``register``), so ``harness --help`` and the other
 commands don't pay for importing Optuna, MLflow and torch. See docs/tuning.md.
@@ -17,7 +17,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import optuna  # heavy (torch, MLflow, Optuna): only when the command runs
 
     from harness.tracking import resolve_tracking_uri
-    from harness.tuner import default_storage, redact, run_tune, summary_lines
+    from harness.tune.engine import run_tune
+    from harness.tune.results import summary_lines
+    from harness.tune.storage import default_storage
+    from harness.urls import redact
 
     spec = load_spec(args.spec)
     if spec.tune is None:

@@ -1,0 +1,164 @@
+"""A trial's MLflow run from open to end, used by the study runner and the tuner alike.
+
+* Open: :func:`open_trial_run` creates the cell's run, or reopens the run that carries its cell key
+  (tag ``harness.cell``), so an interrupted or retried trial goes on in the same run.
+* End: every terminal status goes through :func:`end_run`; :class:`TrialRun` finishes, fails or
+  prunes a run after flushing its metric sink, so what was logged before the end is kept.
+* Why it ended: :func:`ending` is the one table from an exception to a status. The trial's own
+  error (divergence, out of memory, bad data; :data:`TRIAL_ERRORS`) fails the trial with its reason
+  and the study goes on; anything else (Ctrl-C, SIGTERM, a bug) interrupts the harness and kills
+  the run, so a rerun resumes it.
+* Shared runs: a study's parent run is created by whichever worker comes first; when workers race,
+  :func:`oldest` wins (:func:`shared_run`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from mlflow.entities import Metric, Param, Run
+from mlflow.tracking import MlflowClient
+
+from harness.data import Corpus, DataError
+from harness.matrix import Cell
+from harness.tags import CELL, ERROR, PARENT, PRUNED, ROLE, ROLE_TRIAL, STUDY
+from harness.tracking import MlflowSink, TrackingStore, device_description, git_commit
+from harness.trainer import NonFiniteLoss
+
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"  # MLflow run statuses
+TRIAL_ERRORS = (NonFiniteLoss, DataError, torch.OutOfMemoryError)  # the trial's own fault: the study goes on
+
+
+@dataclass(frozen=True)
+class Ending:
+    status: str  # FAILED or KILLED
+    reason: str  # the ``harness.error`` tag
+
+
+def ending(error: BaseException) -> Ending:
+    """How a run ends on ``error``: the trial's own error fails it, anything else is an interruption."""
+    if isinstance(error, TRIAL_ERRORS):
+        return Ending(FAILED, f"{type(error).__name__}: {error}")
+    last_line = "".join(traceback.format_exception_only(error)).strip().splitlines()[-1]
+    return Ending(KILLED, f"interrupted: {last_line}")
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
+    """The one place a trial's run ends: its terminal status and, for a failure or a kill, why."""
+    if reason is not None:
+        client.set_tag(run_id, ERROR, reason[:5000])
+    client.set_terminated(run_id, status)
+
+
+def is_finished(run: Run) -> bool:
+    return run.info.status == FINISHED
+
+
+def oldest(runs: list[Run]) -> Run | None:
+    """Of runs that workers racing each other created for one purpose, the one they all keep."""
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+
+
+def shared_run(store: TrackingStore, experiment_id: str, query: str, run_name: str, tags: dict[str, str]) -> str:
+    """The run matching ``query``, created if there is none, RUNNING; shared by every worker and invocation.
+
+    Workers that raced to create it all keep the oldest; the extras (childless) are deleted.
+    """
+    existing = store.runs(experiment_id, query)
+    if not existing:
+        store.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        existing = store.runs(experiment_id, query)
+    keep = oldest(existing)
+    assert keep is not None
+    for extra in existing:
+        extra_id = extra.info.run_id
+        if extra_id != keep.info.run_id and not store.runs(experiment_id, f"tags.`{PARENT}` = '{extra_id}'"):
+            store.client.delete_run(extra_id)
+    if keep.info.status != RUNNING:  # resumed, or extended with more trials
+        store.client.update_run(keep.info.run_id, RUNNING)
+    return keep.info.run_id
+
+
+def cell_run(store: TrackingStore, experiment_id: str, cell: Cell) -> Run | None:
+    return oldest(store.runs(experiment_id, f"tags.`{CELL}` = '{cell.key}'"))
+
+
+def open_trial_run(
+    store: TrackingStore,
+    experiment_id: str,
+    parent_id: str,
+    cell: Cell,
+    study: str,
+    corpus: Corpus,
+    device: str,
+    run_name: str | None = None,
+) -> str:
+    """Create the cell's run with its tags, params and inputs, or reopen it (RUNNING, old error cleared)."""
+    existing = cell_run(store, experiment_id, cell)
+    if existing is not None:
+        store.client.update_run(existing.info.run_id, status=RUNNING)
+        if ERROR in existing.data.tags:  # a retried failure: the old reason no longer holds
+            store.client.delete_tag(existing.info.run_id, ERROR)
+        return existing.info.run_id
+    config = cell.config
+    tags = {
+        ROLE: ROLE_TRIAL,
+        CELL: cell.key,
+        STUDY: study,
+        PARENT: parent_id,
+        "variant": cell.variant,
+        "seed": str(cell.seed),
+        "backbone": config.model.backbone,
+        "git_commit": git_commit(),
+        "device": device_description(device),
+        **{f"data.{k}": str(v) for k, v in corpus.summary().items() if k not in ("name", "digest")},
+    }
+    run_id = store.client.create_run(experiment_id, run_name=run_name or cell.name, tags=tags).info.run_id
+    params = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in config.flat().items()]
+    for start in range(0, len(params), 100):
+        store.client.log_batch(run_id, params=params[start : start + 100])
+    store.log_dataset(run_id, corpus)
+    store.client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    return run_id
+
+
+class TrialRun:
+    """An open trial run and its metric sink; each way it can end flushes the sink first."""
+
+    def __init__(self, sink: MlflowSink) -> None:
+        self.sink, self.client, self.run_id = sink, sink.client, sink.run_id
+
+    def finish(self, summary: dict[str, float], tables: dict[str, pd.DataFrame]) -> None:
+        """Log the summary metrics and tables (as CSV artifacts), then end FINISHED."""
+        self.sink.flush()
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items()]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        with tempfile.TemporaryDirectory() as folder:
+            for name, table in tables.items():
+                path = Path(folder) / f"{name}.csv"
+                table.to_csv(path, index=False)
+                self.client.log_artifact(self.run_id, str(path))
+        end_run(self.client, self.run_id, FINISHED)
+
+    def fail(self, error: BaseException) -> Ending:
+        """End the run as :func:`ending` says for ``error``; the caller decides whether to re-raise."""
+        self.sink.flush()
+        how = ending(error)
+        end_run(self.client, self.run_id, how.status, how.reason)
+        return how
+
+    def prune(self, reason: str) -> None:
+        """The tuner's pruner stopped the trial: KILLED, with the reason in ``harness.pruned``."""
+        self.sink.flush()
+        self.client.set_tag(self.run_id, PRUNED, reason)
+        end_run(self.client, self.run_id, KILLED)

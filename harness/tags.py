@@ -1,0 +1,20 @@
+"""The names the harness writes on MLflow runs (and the report reads back), defined once."""
+
+ROLE = "harness.role"  # one of the ROLE_* values below
+ROLE_STUDY, ROLE_TRIAL = "study", "trial"  # ``harness run-study``: the study's parent run, one run per cell
+ROLE_TUNE, ROLE_TUNE_TRIAL = "tune", "tune-trial"  # ``harness tune``: the tuning parent run, one run per trial
+CELL = "harness.cell"  # the matrix cell's key: how an interrupted trial finds its run again
+STUDY = "harness.study"
+ERROR = "harness.error"  # why a run ended FAILED or KILLED
+PRUNED = "harness.pruned"  # why the tuner's pruner stopped a trial
+WORKER = "harness.worker"
+
+PARENT = "mlflow.parentRunId"
+RUN_NAME = "mlflow.runName"
+
+OPTUNA_STUDY = "optuna.study_name"
+OPTUNA_STORAGE = "optuna.storage"
+OPTUNA_STATE = "optuna.state"  # the Optuna state of the trial behind a tune-trial run
+OPTUNA_TRIAL = "optuna.trial_number"
+OPTUNA_RETRIED_FROM = "optuna.retried_from"
+OPTUNA_PARAM = "optuna.param."  # prefix of one tag per tuned parameter
