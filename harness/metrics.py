@@ -86,7 +86,7 @@ class RoutingTally:
     counts: Tensor = field(init=False)
     loss_sums: dict[str, Tensor] = field(init=False)
     entropy_sum: Tensor = field(init=False)
-    dropped_sum: float = 0.0
+    dropped_sum: Tensor = field(init=False)
     calls: int = 0
 
     def __post_init__(self) -> None:
@@ -96,7 +96,7 @@ class RoutingTally:
         self.counts = torch.zeros(self.n_layers, self.n_experts, device=self.device)
         self.loss_sums = {}
         self.entropy_sum = torch.zeros((), device=self.device)
-        self.dropped_sum, self.calls = 0.0, 0
+        self.dropped_sum, self.calls = torch.zeros((), device=self.device), 0
 
     def add(self, stats: list[MoEStats]) -> None:
         if not stats:
@@ -106,7 +106,7 @@ class RoutingTally:
             for name, value in s.loss_terms.items():
                 self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
             self.entropy_sum = self.entropy_sum + s.entropy
-            self.dropped_sum += s.dropped_fraction
+            self.dropped_sum = self.dropped_sum + s.dropped_fraction
         self.calls += len(stats)
 
     def fractions(self) -> Tensor:
@@ -119,7 +119,7 @@ class RoutingTally:
             return {}
         values = {name: float(total) / self.calls for name, total in self.loss_sums.items()}
         values["routing_entropy"] = float(self.entropy_sum) / self.calls
-        values["dropped_fraction"] = self.dropped_sum / self.calls
+        values["dropped_fraction"] = float(self.dropped_sum) / self.calls
         return values
 
 

@@ -17,7 +17,7 @@ from harness.config import MoEConfig
 from models import losses
 from models.dispatch import capacity_for, plan_dispatch
 from models.experts import LoRAExperts, MLPExperts
-from models.grouped import GroupedFFN, GroupedLowRank
+from models.grouped import ExpertGroups, GroupedFFN, GroupedLowRank
 from models.moe import MoELayer
 from models.routers import AuxFreeRouter, NoisyTopKRouter
 
@@ -29,6 +29,14 @@ ROUTER_K = {"noisy_topk": 2, "switch": 1, "softmax_topk": 2, "aux_free": 2}
 def make_layer(d: int = D, **moe: object) -> MoELayer:
     defaults: dict[str, object] = {"n_experts": 4, "top_k": 2, "d_hidden": 8, "lora_rank": 3}
     return MoELayer(d, MoEConfig(**(defaults | moe)))
+
+
+def groups_of(counts: list[int]) -> ExpertGroups:
+    """Groups of the given sizes, laid out back to back (what ``plan_dispatch`` builds from routing)."""
+    sizes = torch.tensor(counts)
+    return ExpertGroups(
+        sizes, torch.cumsum(sizes, 0).to(torch.int32), torch.repeat_interleave(torch.arange(len(counts)), sizes)
+    )
 
 
 def randomise_(layer: MoELayer, scale: float = 0.5) -> MoELayer:
@@ -186,10 +194,12 @@ def test_capacity_drops_exactly_the_slots_beyond_capacity_rank_major() -> None:
     capacity = capacity_for(4, 3, 2, 1.0)
     assert capacity == 3
     plan = plan_dispatch(index, 3, capacity)
-    kept = {(int(s) // 4, int(s) % 4) for s in plan.slot_order}  # (rank, token)
+    assert plan.kept is not None
+    kept = {(int(s) // 4, int(s) % 4) for s in plan.slot_order[plan.kept]}  # (rank, token)
     assert kept == {(0, 0), (0, 2), (0, 3), (0, 1), (1, 0), (1, 3), (1, 2)}  # only (rank 1, token 1) dropped
-    assert plan.counts == [3, 3, 1]
-    assert plan.dropped_fraction == pytest.approx(1 / 8)
+    assert plan.slot_order[~plan.kept].tolist() == [1 * 4 + 1]  # the dropped slot sits behind every group
+    assert plan.groups.counts.tolist() == [3, 3, 1]
+    assert float(plan.dropped_fraction) == pytest.approx(1 / 8)
 
 
 def test_capacity_in_the_layer_zeroes_dropped_tokens_and_logs_the_fraction() -> None:
@@ -200,7 +210,7 @@ def test_capacity_in_the_layer_zeroes_dropped_tokens_and_logs_the_fraction() -> 
     x = torch.randn(12, D)
     x[:, 0] = torch.tensor([1.0] * 9 + [-1.0] * 3)  # 9 tokens want expert 0; capacity = ceil(12/2) = 6
     out, _, stats = layer(x)
-    assert stats.dropped_fraction == pytest.approx(3 / 12)
+    assert float(stats.dropped_fraction) == pytest.approx(3 / 12)
     assert torch.all(out[6:9] == 0)  # the 7th-9th tokens of expert 0 are dropped, in token order
     assert torch.all(out[:6].abs().sum(-1) > 0) and torch.all(out[9:].abs().sum(-1) > 0)
 
@@ -268,7 +278,7 @@ def test_lora_zero_b_reproduces_the_base_exactly() -> None:
     x = torch.randn(11, D)
     every = experts.forward_every_expert(x)
     assert torch.equal(every, experts.base(x).unsqueeze(1).expand_as(every))
-    assert torch.equal(experts(x, [3, 0, 6, 2]), torch.zeros(11, D))
+    assert torch.equal(experts(x, groups_of([3, 0, 6, 2])), torch.zeros(11, D))
     torch.testing.assert_close(layer(x)[0], experts.base(x))  # renormalised weights sum to one
 
 
@@ -280,16 +290,17 @@ def test_lora_rank_alpha_and_frozen_or_trainable_base() -> None:
     assert all(p.requires_grad for p in trainable.base.parameters())
 
 
+@pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
 @pytest.mark.parametrize("expert", ["mlp", "lora"])
-def test_grouped_experts_equal_every_expert_reference(expert: str) -> None:
-    layer = randomise_(make_layer(expert=expert, activation="swiglu"))
+def test_grouped_experts_equal_every_expert_reference(expert: str, kernel: str) -> None:
+    layer = randomise_(make_layer(expert=expert, activation="swiglu", kernel=kernel))
     counts = [2, 0, 4, 3]
     x = torch.randn(9, D)
     owner = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
     reference = layer.experts.forward_every_expert(x)[torch.arange(9), owner]
     if expert == "lora":
         reference = reference - layer.experts.base(x)
-    torch.testing.assert_close(layer.experts(x, counts), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.experts(x, groups_of(counts)), reference, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- gradients
