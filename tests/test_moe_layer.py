@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.bench.moe import layer_cost
 from harness.config import MoEConfig
 from models import losses
 from models.dispatch import capacity_for, plan_dispatch
@@ -424,13 +425,26 @@ def test_bench_moe_quick_writes_the_required_json(tmp_path: Path) -> None:
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
-    assert len(rows) == 2 * 2 * 2  # E x k x expert type
-    required = {"experts", "top_k", "expert_type", "tokens", "moe_ms", "dense_ms", "naive_ms"}
+    assert len(rows) == 2 * 2 * 2 * 2  # E x k x expert type x kernel
+    required = {"experts", "top_k", "expert_type", "tokens", "moe_ms", "dense_ms", "naive_ms", "kernel"}
+    required |= {"flops", "bytes", "bound_ms"}
     for row in rows:
         assert required <= row.keys()
         assert row["expert_type"] in {"mlp", "lora"} and row["tokens"] == 128
-        assert all(row[k] > 0 for k in ("moe_ms", "dense_ms", "naive_ms"))
-    assert {(r["experts"], r["top_k"], r["expert_type"]) for r in rows} == {
-        (e, k, t) for e in (4, 8) for k in (1, 2) for t in ("mlp", "lora")
+        assert all(row[k] > 0 for k in ("moe_ms", "dense_ms", "naive_ms", "flops", "bytes", "bound_ms"))
+        assert row["time_over_bound"] == pytest.approx(row["moe_ms"] / row["bound_ms"])
+    assert {(r["experts"], r["top_k"], r["expert_type"], r["kernel"]) for r in rows} == {
+        (e, k, t, kernel) for e in (4, 8) for k in (1, 2) for t in ("mlp", "lora") for kernel in ("loop", "grouped_mm")
     }
     assert "moe/dense" in result.stdout and "MALLOC_MMAP_MAX_=0" in result.stdout
+    assert "t/bound" in result.stdout and "GB/s" in result.stdout
+
+
+def test_layer_cost_counts_flops_and_bytes_from_the_shapes() -> None:
+    # MLP, k=1, E=2, T=10, d=4, h=8: experts 3 x (fwd 2*T*d*h*2); router 3 x 2*T*d*E.
+    flops, moved = layer_cost(10, 2, 1, "mlp", 4, 8, 3, itemsize=4)
+    assert flops == 3 * 2 * 10 * 4 * 8 * 2 + 3 * 2 * 10 * 4 * 2
+    weights = 3 * 2 * (2 * 4 * 8 + 8 + 4) + 3 * 2 * 4  # experts, router: read fwd, read bwd, gradient written
+    assert moved == 4 * (weights + 4 * 10 * (2 * 4 + 8))
+    lora_flops, _ = layer_cost(10, 2, 2, "lora", 4, 8, 3, itemsize=4)
+    assert lora_flops == 2 * (2 * 10 * 4 * 8 * 2) + 3 * (2 * 20 * 4 * 3 * 2) + 3 * 2 * 10 * 4 * 2
