@@ -188,6 +188,7 @@ def ffn_grouped_mm(
     return y + F.pad(b_out, (0, 0, 0, 1))[groups.row_expert]
 
 
+@torch.compiler.disable  # host-side group sizes: run eagerly under torch.compile (dynamo cannot trace them)
 def ffn_loop(
     x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor, groups: ExpertGroups, act: str
 ) -> Tensor:
@@ -198,6 +199,7 @@ def low_rank_grouped_mm(x: Tensor, a: Tensor, b: Tensor, groups: ExpertGroups) -
     return _aligned_grouped_mm(_aligned_grouped_mm(x, a, groups.offsets), b, groups.offsets)  # (S, r) -> (S, d)
 
 
+@torch.compiler.disable  # as ffn_loop
 def low_rank_loop(x: Tensor, a: Tensor, b: Tensor, groups: ExpertGroups) -> Tensor:
     return GroupedLowRank.apply(x, a, b, groups.counts.tolist())
 
