@@ -21,11 +21,10 @@ AUTO_CPU_KERNEL = "loop"
 
 
 def resolve_kernel(requested: str, x: Tensor) -> str:
-    """The kernel that runs for inputs like ``x``: ``auto`` is grouped_mm on CUDA and under torch.compile
-    (the loop's host-side group sizes would specialise, hence recompile, every step); grouped_mm has no
-    float64, so that falls back to loop."""
-    fixed_shapes = x.is_cuda or torch.compiler.is_compiling()
-    kernel = requested if requested != "auto" else ("grouped_mm" if fixed_shapes else AUTO_CPU_KERNEL)
+    """The kernel that runs for inputs like ``x``: ``auto`` is grouped_mm on CUDA. Not under torch.compile on
+    CPU: there grouped_mm's fake-tensor kernel accepts only bf16 (torch 2.13, measured), so the loop runs
+    eagerly inside the compiled graph. grouped_mm has no float64, so that falls back to loop."""
+    kernel = requested if requested != "auto" else ("grouped_mm" if x.is_cuda else AUTO_CPU_KERNEL)
     return "loop" if x.dtype == torch.float64 else kernel
 
 
