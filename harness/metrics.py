@@ -6,6 +6,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -19,10 +20,13 @@ def perplexity(loss: float) -> float:
 
 
 class ResourceMonitor:
-    """Background sampler of this process's peak RSS and, with a GPU, NVML device memory.
+    """Background sampler of this process's peak RSS and, with a GPU, NVML memory.
 
-    NVML memory is instantaneous and device-wide, so a thread samples it; without a GPU (or
-    without NVML) the GPU figures are ``None`` ("no value"), never 0.
+    NVML memory is instantaneous, so a thread samples it. Two figures: ``gpu_mem_peak_nvml_mb`` is the
+    device's ``used`` memory (every process on a shared GPU, plus the driver's own); and
+    ``gpu_mem_peak_process_mb`` is this process's entry in ``nvmlDeviceGetComputeRunningProcesses``
+    (CUDA context and allocator pool included), matched by :func:`nvml_visible_pid`. Without a GPU (or
+    without NVML, or with no entry for this process) a figure is ``None`` ("no value"), never 0.
     """
 
     def __init__(self, device: torch.device, interval_s: float = 0.2) -> None:
@@ -33,13 +37,16 @@ class ResourceMonitor:
         self._nvml_handle = self._open_nvml() if device.type == "cuda" else None
         self.peak_rss_bytes = self._process.memory_info().rss
         self.peak_gpu_bytes: int | None = None
+        self.peak_gpu_process_bytes: int | None = None
+        self._pid = nvml_visible_pid()
 
     def _open_nvml(self) -> object | None:
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            return pynvml.nvmlDeviceGetHandleByIndex(self.device.index or torch.cuda.current_device())
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return pynvml.nvmlDeviceGetHandleByIndex(index)
         except Exception:  # no driver / library: record no value
             return None
 
@@ -50,6 +57,13 @@ class ResourceMonitor:
 
             used = int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used)
             self.peak_gpu_bytes = max(self.peak_gpu_bytes or 0, used)
+            mine = [
+                p.usedGpuMemory
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(self._nvml_handle)
+                if p.pid == self._pid and p.usedGpuMemory is not None  # None: NVML may not report it
+            ]
+            if mine:
+                self.peak_gpu_process_bytes = max(self.peak_gpu_process_bytes or 0, int(sum(mine)))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -71,9 +85,23 @@ class ResourceMonitor:
         out = {"peak_rss_mb": self.peak_rss_bytes / mib}
         if self.peak_gpu_bytes is not None:
             out["gpu_mem_peak_nvml_mb"] = self.peak_gpu_bytes / mib
+        if self.peak_gpu_process_bytes is not None:
+            out["gpu_mem_peak_process_mb"] = self.peak_gpu_process_bytes / mib
         if self.device.type == "cuda":
             out["gpu_mem_peak_torch_mb"] = torch.cuda.max_memory_allocated(self.device) / mib
         return out
+
+
+def nvml_visible_pid(status: Path = Path("/proc/self/status")) -> int:
+    """This process's PID as NVML reports it: the outermost PID namespace's (first ``NSpid`` entry),
+    which is the host PID inside a container; ``os.getpid()`` where procfs does not say."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[1])
+    except OSError:  # no procfs (not Linux)
+        pass
+    return os.getpid()
 
 
 @dataclass
@@ -86,7 +114,7 @@ class RoutingTally:
     counts: Tensor = field(init=False)
     loss_sums: dict[str, Tensor] = field(init=False)
     entropy_sum: Tensor = field(init=False)
-    dropped_sum: float = 0.0
+    dropped_sum: Tensor = field(init=False)
     calls: int = 0
 
     def __post_init__(self) -> None:
@@ -96,7 +124,7 @@ class RoutingTally:
         self.counts = torch.zeros(self.n_layers, self.n_experts, device=self.device)
         self.loss_sums = {}
         self.entropy_sum = torch.zeros((), device=self.device)
-        self.dropped_sum, self.calls = 0.0, 0
+        self.dropped_sum, self.calls = torch.zeros((), device=self.device), 0
 
     def add(self, stats: list[MoEStats]) -> None:
         if not stats:
@@ -106,7 +134,7 @@ class RoutingTally:
             for name, value in s.loss_terms.items():
                 self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
             self.entropy_sum = self.entropy_sum + s.entropy
-            self.dropped_sum += s.dropped_fraction
+            self.dropped_sum = self.dropped_sum + s.dropped_fraction
         self.calls += len(stats)
 
     def fractions(self) -> Tensor:
@@ -119,7 +147,7 @@ class RoutingTally:
             return {}
         values = {name: float(total) / self.calls for name, total in self.loss_sums.items()}
         values["routing_entropy"] = float(self.entropy_sum) / self.calls
-        values["dropped_fraction"] = self.dropped_sum / self.calls
+        values["dropped_fraction"] = float(self.dropped_sum) / self.calls
         return values
 
 

@@ -78,6 +78,9 @@ class MoEConfig(StrictConfig):
     balance_losses: list[Literal["cv2", "switch"]] = ["cv2"]
     aux_loss_coef: float = Field(0.01, ge=0.0)
     z_loss_coef: float = Field(0.0, ge=0.0)
+    kernel: Literal["auto", "loop", "grouped_mm"] = "auto"
+    """Expert matmuls: ``grouped_mm`` (torch's grouped GEMM, no host syncs), ``loop`` (one matmul per
+    expert); ``auto``: grouped_mm on CUDA, the faster one measured on CPU (``models.experts.AUTO_CPU_KERNEL``)."""
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:

@@ -1,8 +1,8 @@
 """Experts: a dense FFN, a bank of MLP experts, and LoRA experts over one shared base FFN.
 
-Expert banks take tokens already grouped by expert (see ``dispatch``) plus the group sizes and
-run one matmul chain per non-empty group (``models.grouped``), so compute follows the active
-experts only. ``forward_every_expert`` is the naive reference (tests and the benchmark baseline).
+Expert banks take tokens already grouped by expert (see ``dispatch``) plus where the groups are,
+and run them through a grouped kernel (``models.grouped``), so compute follows the active experts
+only. ``forward_every_expert`` is the naive reference (tests and the benchmark baseline).
 """
 
 from __future__ import annotations
@@ -13,7 +13,19 @@ import torch
 from torch import Tensor, nn
 
 from models.config import MoEConfig
-from models.grouped import GroupedFFN, GroupedLowRank, activate
+from models.grouped import FFN_KERNELS, LOW_RANK_KERNELS, ExpertGroups, activate
+
+# ``moe.kernel: auto`` on CPU. grouped_mm was 1.15-1.3x slower than the loop kernels on a 2-core CPU
+# (fp32, T=4096, d 256 / hidden 512, E 4..64; FIELD-NOTES "torch 2.13 grouped GEMM").
+AUTO_CPU_KERNEL = "loop"
+
+
+def resolve_kernel(requested: str, x: Tensor) -> str:
+    """The kernel that runs for inputs like ``x``: ``auto`` is grouped_mm on CUDA. Not under torch.compile on
+    CPU: there grouped_mm's fake-tensor kernel accepts only bf16 (torch 2.13, measured), so the loop runs
+    eagerly inside the compiled graph. grouped_mm has no float64, so that falls back to loop."""
+    kernel = requested if requested != "auto" else ("grouped_mm" if x.is_cuda else AUTO_CPU_KERNEL)
+    return "loop" if x.dtype == torch.float64 else kernel
 
 
 def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -54,7 +66,7 @@ class MLPExperts(nn.Module):
     def __init__(self, d_model: int, config: MoEConfig) -> None:
         super().__init__()
         n, hidden = config.routed_experts, config.expert_hidden
-        self.activation = config.activation
+        self.activation, self.kernel = config.activation, config.kernel
         self.w_in = nn.Parameter(torch.empty(n, d_model, _in_width(hidden, config.activation)))
         self.b_in = nn.Parameter(torch.empty(n, _in_width(hidden, config.activation)))
         self.w_out = nn.Parameter(torch.empty(n, hidden, d_model))
@@ -67,10 +79,11 @@ class MLPExperts(nn.Module):
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in (self.w_in, self.b_in, self.w_out, self.b_out))
 
-    def forward(self, x_grouped: Tensor, counts: list[int]) -> Tensor:
+    def forward(self, x_grouped: Tensor, groups: ExpertGroups) -> Tensor:
         operands = _autocast_operands(x_grouped, self.w_in, self.b_in, self.w_out, self.b_out)
+        kernel = FFN_KERNELS[resolve_kernel(self.kernel, operands[0])]
         with torch.autocast(x_grouped.device.type, enabled=False):
-            return GroupedFFN.apply(*operands, counts, self.activation)
+            return kernel(*operands, groups, self.activation)
 
     def forward_every_expert(self, x: Tensor) -> Tensor:
         """``[T, E, d]``: every expert on every token (reference and naive baseline only)."""
@@ -90,7 +103,7 @@ class LoRAExperts(nn.Module):
         n, rank = config.routed_experts, config.lora_rank
         self.base = FeedForward(d_model, config.d_hidden, config.activation)
         self.base.requires_grad_(config.lora_base_trainable)
-        self.scale = config.lora_alpha / rank
+        self.scale, self.kernel = config.lora_alpha / rank, config.kernel
         self.dropout = nn.Dropout(config.lora_dropout)
         self.lora_a = nn.Parameter(torch.empty(n, d_model, rank))
         self.lora_b = nn.Parameter(torch.zeros(n, rank, d_model))
@@ -102,10 +115,11 @@ class LoRAExperts(nn.Module):
     def shared(self, x: Tensor) -> Tensor:
         return self.base(x)
 
-    def forward(self, x_grouped: Tensor, counts: list[int]) -> Tensor:
+    def forward(self, x_grouped: Tensor, groups: ExpertGroups) -> Tensor:
         operands = _autocast_operands(self.dropout(x_grouped), self.lora_a, self.lora_b)
+        kernel = LOW_RANK_KERNELS[resolve_kernel(self.kernel, operands[0])]
         with torch.autocast(x_grouped.device.type, enabled=False):
-            return GroupedLowRank.apply(*operands, counts) * self.scale
+            return kernel(*operands, groups) * self.scale
 
     def forward_every_expert(self, x: Tensor) -> Tensor:
         delta = torch.einsum("td,edr,erk->tek", self.dropout(x), self.lora_a, self.lora_b) * self.scale

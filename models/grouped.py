@@ -1,6 +1,15 @@
-"""Grouped per-expert matmuls with hand-written backward passes.
+"""Grouped per-expert matmuls: two kernels behind one registry (``FFN_KERNELS``, ``LOW_RANK_KERNELS``).
 
-Tokens arrive grouped by expert (``counts[e]`` consecutive rows for expert ``e``). Autograd over
+Tokens arrive grouped by expert (``counts[e]`` consecutive rows for expert ``e``; rows after the
+last group are not computed and hold anything).
+
+``grouped_mm``: torch's native grouped GEMM (``torch.nn.functional.grouped_mm``, autograd
+included; what torchtitan and Hugging Face use on GPU). Group boundaries stay a device tensor of
+offsets, so nothing is read back to the host. It has no bias argument (biases are gathered per row)
+and needs 16-byte-aligned rows (narrow widths are zero-padded).
+
+``loop``: a Python loop over the non-empty groups with hand-written backward passes (the group
+sizes are read to the host once per call). Autograd over
 a Python loop of per-expert ``addmm`` records several nodes per expert and keeps every
 intermediate alive; these functions run the same loop in forward and backward themselves, write
 into preallocated buffers, apply the activation once over all rows, and save only the inputs and
@@ -9,11 +18,22 @@ the pre-activation. Cost therefore follows the active (non-empty) experts and th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+@dataclass
+class ExpertGroups:
+    """Where each expert's rows are: ``counts[e]`` rows ending at ``offsets[e]``; ``row_expert`` per row."""
+
+    counts: Tensor  # [E] int64
+    offsets: Tensor  # [E] int32 cumulative counts (grouped_mm's ``offs``)
+    row_expert: Tensor  # [rows] int64 expert of every row; rows past the last group (dropped): E
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -62,7 +82,7 @@ def _group_sums(rows: Tensor, counts: list[int]) -> Tensor:
     sums = rows.new_zeros(len(counts), rows.size(-1))
     if rows.device.type == "cpu":
         owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-        return sums.index_add_(0, owner, rows)
+        return sums.index_add_(0, owner, rows[: owner.numel()])
     for e, s, t in _segments(counts):
         torch.sum(rows[s:t], 0, out=sums[e])
     return sums
@@ -147,3 +167,42 @@ class GroupedLowRank(torch.autograd.Function):
             if grad_x is not None:
                 torch.mm(grad_low[s:t], a[e].t(), out=grad_x[s:t])
         return grad_x, grad_a, grad_b, None
+
+
+def _aligned_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """``grouped_mm`` with inner and output widths zero-padded to its 16-byte row alignment."""
+    align = 16 // x.element_size()
+    pad_in, pad_out = -x.size(-1) % align, -w.size(-1) % align
+    if pad_in or pad_out:
+        x, w = F.pad(x, (0, pad_in)), F.pad(w, (0, pad_out, 0, pad_in))
+    y = F.grouped_mm(x, w, offs=offsets)
+    return y[:, : y.size(-1) - pad_out] if pad_out else y
+
+
+def ffn_grouped_mm(
+    x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor, groups: ExpertGroups, act: str
+) -> Tensor:
+    # Biases get a zero row E for rows past the last group, whose (uncomputed) gradients land there.
+    pre = _aligned_grouped_mm(x, w_in, groups.offsets) + F.pad(b_in, (0, 0, 0, 1))[groups.row_expert]  # (S, h)
+    y = _aligned_grouped_mm(activate(pre, act), w_out, groups.offsets)  # (S, d)
+    return y + F.pad(b_out, (0, 0, 0, 1))[groups.row_expert]
+
+
+@torch.compiler.disable  # host-side group sizes: run eagerly under torch.compile (dynamo cannot trace them)
+def ffn_loop(
+    x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor, groups: ExpertGroups, act: str
+) -> Tensor:
+    return GroupedFFN.apply(x, w_in, b_in, w_out, b_out, groups.counts.tolist(), act)
+
+
+def low_rank_grouped_mm(x: Tensor, a: Tensor, b: Tensor, groups: ExpertGroups) -> Tensor:
+    return _aligned_grouped_mm(_aligned_grouped_mm(x, a, groups.offsets), b, groups.offsets)  # (S, r) -> (S, d)
+
+
+@torch.compiler.disable  # as ffn_loop
+def low_rank_loop(x: Tensor, a: Tensor, b: Tensor, groups: ExpertGroups) -> Tensor:
+    return GroupedLowRank.apply(x, a, b, groups.counts.tolist())
+
+
+FFN_KERNELS: dict[str, Callable[..., Tensor]] = {"loop": ffn_loop, "grouped_mm": ffn_grouped_mm}
+LOW_RANK_KERNELS: dict[str, Callable[..., Tensor]] = {"loop": low_rank_loop, "grouped_mm": low_rank_grouped_mm}

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from models import losses
 from models.config import MoEConfig
-from models.dispatch import capacity_for, combine, kept_weight_sum, plan_dispatch
+from models.dispatch import capacity_for, combine, expert_counts, gather_rows, kept_weight_sum, plan_dispatch
 from models.experts import FeedForward, LoRAExperts, build_experts
 from models.routers import build_router
 
@@ -21,7 +21,7 @@ class MoEStats:
     counts: Tensor  # [E] selected slots per expert
     loss_terms: dict[str, Tensor]  # unweighted: balance_cv2, balance_switch, z
     entropy: Tensor  # mean per-token routing entropy (nats)
-    dropped_fraction: float
+    dropped_fraction: Tensor  # () share of routed slots dropped by the capacity (0 when dropless)
 
 
 class MoELayer(nn.Module):
@@ -44,7 +44,7 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         capacity = capacity_for(tokens.size(0), self.n_experts, self.top_k, self.config.capacity_factor)
         plan = plan_dispatch(routing.expert_index, self.n_experts, capacity)
-        expert_out = self.experts(tokens[plan.token_index], plan.counts)
+        expert_out = self.experts(gather_rows(tokens, plan), plan.groups)
         out = combine(expert_out, plan, routing.combine_weight)
         if isinstance(self.experts, LoRAExperts):
             # sum_k w_k (base(x) + delta_k(x)) = (sum_k w_k) base(x) + sum_k w_k delta_k(x)
@@ -72,7 +72,7 @@ class MoELayer(nn.Module):
                 aux = aux + weight * terms[name]
         probs = routing.probs.detach()
         stats = MoEStats(
-            counts=torch.bincount(routing.expert_index.reshape(-1), minlength=self.n_experts).detach(),
+            counts=expert_counts(routing.expert_index, self.n_experts).detach(),
             loss_terms={k: v.detach() for k, v in terms.items()},
             entropy=-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean(),
             dropped_fraction=plan.dropped_fraction,

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.bench.moe import layer_cost
 from models import losses
 from models.config import MoEConfig
 from models.dispatch import capacity_for, plan_dispatch
 from models.experts import LoRAExperts, MLPExperts
-from models.grouped import GroupedFFN, GroupedLowRank
+from models.grouped import ExpertGroups, GroupedFFN, GroupedLowRank
 from models.moe import MoELayer
 from models.routers import AuxFreeRouter, NoisyTopKRouter
 
@@ -29,6 +30,14 @@ ROUTER_K = {"noisy_topk": 2, "switch": 1, "softmax_topk": 2, "aux_free": 2}
 def make_layer(d: int = D, **moe: object) -> MoELayer:
     defaults: dict[str, object] = {"n_experts": 4, "top_k": 2, "d_hidden": 8, "lora_rank": 3}
     return MoELayer(d, MoEConfig(**(defaults | moe)))
+
+
+def groups_of(counts: list[int]) -> ExpertGroups:
+    """Groups of the given sizes, laid out back to back (what ``plan_dispatch`` builds from routing)."""
+    sizes = torch.tensor(counts)
+    return ExpertGroups(
+        sizes, torch.cumsum(sizes, 0).to(torch.int32), torch.repeat_interleave(torch.arange(len(counts)), sizes)
+    )
 
 
 def randomise_(layer: MoELayer, scale: float = 0.5) -> MoELayer:
@@ -186,10 +195,12 @@ def test_capacity_drops_exactly_the_slots_beyond_capacity_rank_major() -> None:
     capacity = capacity_for(4, 3, 2, 1.0)
     assert capacity == 3
     plan = plan_dispatch(index, 3, capacity)
-    kept = {(int(s) // 4, int(s) % 4) for s in plan.slot_order}  # (rank, token)
+    assert plan.kept is not None
+    kept = {(int(s) // 4, int(s) % 4) for s in plan.slot_order[plan.kept]}  # (rank, token)
     assert kept == {(0, 0), (0, 2), (0, 3), (0, 1), (1, 0), (1, 3), (1, 2)}  # only (rank 1, token 1) dropped
-    assert plan.counts == [3, 3, 1]
-    assert plan.dropped_fraction == pytest.approx(1 / 8)
+    assert plan.slot_order[~plan.kept].tolist() == [1 * 4 + 1]  # the dropped slot sits behind every group
+    assert plan.groups.counts.tolist() == [3, 3, 1]
+    assert float(plan.dropped_fraction) == pytest.approx(1 / 8)
 
 
 def test_capacity_in_the_layer_zeroes_dropped_tokens_and_logs_the_fraction() -> None:
@@ -200,7 +211,7 @@ def test_capacity_in_the_layer_zeroes_dropped_tokens_and_logs_the_fraction() -> 
     x = torch.randn(12, D)
     x[:, 0] = torch.tensor([1.0] * 9 + [-1.0] * 3)  # 9 tokens want expert 0; capacity = ceil(12/2) = 6
     out, _, stats = layer(x)
-    assert stats.dropped_fraction == pytest.approx(3 / 12)
+    assert float(stats.dropped_fraction) == pytest.approx(3 / 12)
     assert torch.all(out[6:9] == 0)  # the 7th-9th tokens of expert 0 are dropped, in token order
     assert torch.all(out[:6].abs().sum(-1) > 0) and torch.all(out[9:].abs().sum(-1) > 0)
 
@@ -268,7 +279,7 @@ def test_lora_zero_b_reproduces_the_base_exactly() -> None:
     x = torch.randn(11, D)
     every = experts.forward_every_expert(x)
     assert torch.equal(every, experts.base(x).unsqueeze(1).expand_as(every))
-    assert torch.equal(experts(x, [3, 0, 6, 2]), torch.zeros(11, D))
+    assert torch.equal(experts(x, groups_of([3, 0, 6, 2])), torch.zeros(11, D))
     torch.testing.assert_close(layer(x)[0], experts.base(x))  # renormalised weights sum to one
 
 
@@ -280,16 +291,17 @@ def test_lora_rank_alpha_and_frozen_or_trainable_base() -> None:
     assert all(p.requires_grad for p in trainable.base.parameters())
 
 
+@pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
 @pytest.mark.parametrize("expert", ["mlp", "lora"])
-def test_grouped_experts_equal_every_expert_reference(expert: str) -> None:
-    layer = randomise_(make_layer(expert=expert, activation="swiglu"))
+def test_grouped_experts_equal_every_expert_reference(expert: str, kernel: str) -> None:
+    layer = randomise_(make_layer(expert=expert, activation="swiglu", kernel=kernel))
     counts = [2, 0, 4, 3]
     x = torch.randn(9, D)
     owner = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
     reference = layer.experts.forward_every_expert(x)[torch.arange(9), owner]
     if expert == "lora":
         reference = reference - layer.experts.base(x)
-    torch.testing.assert_close(layer.experts(x, counts), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.experts(x, groups_of(counts)), reference, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- gradients
@@ -413,13 +425,26 @@ def test_bench_moe_quick_writes_the_required_json(tmp_path: Path) -> None:
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
-    assert len(rows) == 2 * 2 * 2  # E x k x expert type
-    required = {"experts", "top_k", "expert_type", "tokens", "moe_ms", "dense_ms", "naive_ms"}
+    assert len(rows) == 2 * 2 * 2 * 2  # E x k x expert type x kernel
+    required = {"experts", "top_k", "expert_type", "tokens", "moe_ms", "dense_ms", "naive_ms", "kernel"}
+    required |= {"flops", "bytes", "bound_ms"}
     for row in rows:
         assert required <= row.keys()
         assert row["expert_type"] in {"mlp", "lora"} and row["tokens"] == 128
-        assert all(row[k] > 0 for k in ("moe_ms", "dense_ms", "naive_ms"))
-    assert {(r["experts"], r["top_k"], r["expert_type"]) for r in rows} == {
-        (e, k, t) for e in (4, 8) for k in (1, 2) for t in ("mlp", "lora")
+        assert all(row[k] > 0 for k in ("moe_ms", "dense_ms", "naive_ms", "flops", "bytes", "bound_ms"))
+        assert row["time_over_bound"] == pytest.approx(row["moe_ms"] / row["bound_ms"])
+    assert {(r["experts"], r["top_k"], r["expert_type"], r["kernel"]) for r in rows} == {
+        (e, k, t, kernel) for e in (4, 8) for k in (1, 2) for t in ("mlp", "lora") for kernel in ("loop", "grouped_mm")
     }
     assert "moe/dense" in result.stdout and "MALLOC_MMAP_MAX_=0" in result.stdout
+    assert "t/bound" in result.stdout and "GB/s" in result.stdout
+
+
+def test_layer_cost_counts_flops_and_bytes_from_the_shapes() -> None:
+    # MLP, k=1, E=2, T=10, d=4, h=8: experts 3 x (fwd 2*T*d*h*2); router 3 x 2*T*d*E.
+    flops, moved = layer_cost(10, 2, 1, "mlp", 4, 8, 3, itemsize=4)
+    assert flops == 3 * 2 * 10 * 4 * 8 * 2 + 3 * 2 * 10 * 4 * 2
+    weights = 3 * 2 * (2 * 4 * 8 + 8 + 4) + 3 * 2 * 4  # experts, router: read fwd, read bwd, gradient written
+    assert moved == 4 * (weights + 4 * 10 * (2 * 4 + 8))
+    lora_flops, _ = layer_cost(10, 2, 2, "lora", 4, 8, 3, itemsize=4)
+    assert lora_flops == 2 * (2 * 10 * 4 * 8 * 2) + 3 * (2 * 20 * 4 * 3 * 2) + 3 * 2 * 10 * 4 * 2

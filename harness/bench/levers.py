@@ -9,13 +9,15 @@ Levers and their config keys: ``model.output=adaptive`` (adaptive softmax, Grave
 ``train.precision=bf16`` (autocast), ``train.compile=true`` (``torch.compile``),
 ``train.threads``, ``optim.fused`` (one fused AdamW kernel). Batches need no lever: a split is
 batchified onto the device once and each step's batch is a view of it, so nothing is prepared on
-the critical path.
+the critical path. For ``torch.compile`` it also prints how many graphs were compiled meanwhile
+(recompiling every step shows as about one per step).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from harness.bench.train import trainer_tokens_per_s
@@ -46,11 +48,27 @@ def with_settings(config: TrialConfig, settings: dict[str, Any]) -> TrialConfig:
     return TrialConfig.model_validate(tree)
 
 
+def compiled_graphs(run: Callable[[], float]) -> tuple[float, int]:
+    """``run()``'s result and how many graphs torch.compile built meanwhile: about one per step means it
+    recompiles every step (a shape or Python value changing per step), a handful means it compiled once."""
+    import torch
+    from torch._dynamo.utils import counters  # torch's only count of compiled graphs
+
+    torch.compiler.reset()
+    counters.clear()
+    result = run()
+    return result, int(counters["stats"]["unique_graphs"])
+
+
 def lever_speeds(plain: TrialConfig, corpus: Corpus, levers: list[str], steps: int, warmup: int) -> list[dict]:
     rows = [{"lever": "plain (fp32, full softmax)", "tokens_per_s": trainer_tokens_per_s(plain, corpus, steps, warmup)}]
     for name in levers:
         config = with_settings(plain, LEVERS[name])
-        rows.append({"lever": name, "tokens_per_s": trainer_tokens_per_s(config, corpus, steps, warmup)})
+        row: dict[str, Any] = {"lever": name}
+        row["tokens_per_s"], graphs = compiled_graphs(lambda c=config: trainer_tokens_per_s(c, corpus, steps, warmup))
+        if config.train.compile:
+            row["graphs_compiled"] = graphs
+        rows.append(row)
     for row in rows:
         row["speedup_vs_plain"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     return rows
@@ -92,7 +110,8 @@ def cmd_bench_levers(args: argparse.Namespace) -> int:
         raise SpecError(f"--levers: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
     print(f"{args.variant}: each lever alone on the plain path ({args.steps} timed steps after {args.warmup})")
     for row in lever_speeds(plain, corpus, args.levers, args.steps, args.warmup):
-        print(f"  {row['lever']:28s} {row['tokens_per_s']:9.0f} tok/s  x{row['speedup_vs_plain']:.2f}")
+        graphs = f"  ({row['graphs_compiled']} graphs compiled)" if "graphs_compiled" in row else ""
+        print(f"  {row['lever']:28s} {row['tokens_per_s']:9.0f} tok/s  x{row['speedup_vs_plain']:.2f}{graphs}")
     if args.skip_end_to_end:
         return 0
     budget = f"{fast.budget.tokens:,} tokens" if fast.budget.tokens else f"{fast.budget.epochs:g} epochs"

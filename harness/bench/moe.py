@@ -1,14 +1,20 @@
-"""``harness bench moe``: forward+backward time of one MoE layer against its dense and naive baselines.
+"""``harness bench moe``: forward+backward time of one MoE layer against the hardware's limit and its baselines.
 
 For every E (experts), k (top-k) and expert type it times, interleaved in one process so that load
-drift on a shared machine hits all three alike:
-- ``moe``: the real :class:`models.MoELayer` (router, sparse dispatch, grouped experts, combine, losses);
+drift on a shared machine hits all cases alike:
+- ``moe``: the real :class:`models.MoELayer` (router, sparse dispatch, grouped experts, combine, losses),
+  once per expert kernel (``loop``, ``grouped_mm``; one row each);
 - ``dense``: one FFN with the same active parameters (width k*d_hidden for MLP experts; the LoRA
   base width plus k*rank for LoRA experts, a rank-r adapter costing what r hidden units cost);
 - ``naive``: the same router and experts, but every expert computed for every token;
 - ``base`` (LoRA only): a dense FFN of the base's width, the reference of the hybrid target.
 Each figure is the median milliseconds of forward+backward (gradients for the input and every
 parameter) after one warm-up round (naive: at most ``NAIVE_REPEATS`` timed rounds).
+
+Roofline: the same run measures the GEMM peak (``harness.bench.train.gemm_peak_flops``) and the
+memory bandwidth (a tensor copy, read + write) for the precision and thread count in use. Each row
+carries its FLOPs and bytes moved (:func:`layer_cost`), the lower bound
+``max(FLOPs / peak, bytes / bandwidth)`` and time / bound.
 
 Glibc serves blocks of 32 MiB and more (E=64's weight gradients) with mmap and returns them on
 free, so every step page-faults them back in; the command re-executes
@@ -45,7 +51,9 @@ EXPERT_TYPES = ("mlp", "lora")
 # Keep freed blocks in the heap instead of mmap/munmap + page faults every step (glibc only).
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 * 1024**3)}
 NAIVE_REPEATS = 3  # compute-every-expert at E=64 costs seconds per step; its median needs fewer rounds
-TARGETS = {"moe_over_dense": 1.5, "e64_over_e4": 1.5, "hybrid_over_base": 1.3}
+TARGETS = {"moe_over_dense": 1.5, "e64_over_e4": 1.5, "hybrid_over_base": 1.3, "time_over_bound": 1.5}
+KERNELS = ("loop", "grouped_mm")
+COPY_BYTES = 256 * 1024**2  # large enough to leave every cache
 
 
 def register(bench_subparsers: Any) -> None:
@@ -57,7 +65,7 @@ def register(bench_subparsers: Any) -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-hidden", type=int, default=512, help="hidden width of one MLP expert and of the LoRA base")
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 7; 2 with --quick)")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5; 2 with --quick)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -102,7 +110,7 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
         d_model=args.d_model,
         d_hidden=args.d_hidden,
         lora_rank=args.lora_rank,
-        repeats=args.repeats or (2 if args.quick else 7),
+        repeats=args.repeats or (2 if args.quick else 5),
         precision=args.precision,
         device=device,
     )
@@ -115,12 +123,60 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_config(experts: int, top_k: int, expert_type: str, d_hidden: int, lora_rank: int) -> MoEConfig:
+def _layer_config(experts: int, top_k: int, expert_type: str, d_hidden: int, lora_rank: int, kernel: str) -> MoEConfig:
     # Switch routing for k=1, Mixtral softmax top-k otherwise: the routers the variants use.
     router = "switch" if top_k == 1 else "softmax_topk"
     return MoEConfig(
-        n_experts=experts, top_k=top_k, router=router, expert=expert_type, d_hidden=d_hidden, lora_rank=lora_rank
+        n_experts=experts,
+        top_k=top_k,
+        router=router,
+        expert=expert_type,
+        d_hidden=d_hidden,
+        lora_rank=lora_rank,
+        kernel=kernel,
     )
+
+
+def memory_bandwidth(device: torch.device, precision: str, repeats: int = 5) -> float:
+    """Bytes/s of a ``COPY_BYTES`` tensor copy (read + write), median of ``repeats``."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    src = torch.ones(COPY_BYTES // dtype.itemsize, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return 2.0 * COPY_BYTES / statistics.median(times)
+
+
+def layer_cost(
+    tokens: int, experts: int, top_k: int, expert_type: str, d: int, h: int, rank: int, itemsize: int
+) -> tuple[float, float]:
+    """``(FLOPs, bytes)`` of one MoE layer's forward + backward (input and every trainable weight).
+
+    FLOPs: 2 per multiply-add; a trainable matmul costs 3x its forward (forward, input gradient,
+    weight gradient), the frozen LoRA base 2x; the router is included. Bytes: every expert weight
+    read in forward and in backward and its gradient written (3x; the frozen base: 2 reads), plus
+    each routed row's activations (input d, pre-activation h or rank, output d) written and read
+    once in forward and again as gradients in backward (4x).
+    """
+    rows = tokens * top_k
+    router_flops = 3 * 2.0 * tokens * d * experts
+    if expert_type == "lora":
+        flops = router_flops + 2 * (2.0 * tokens * d * h * 2) + 3 * (2.0 * rows * d * rank * 2)
+        weights = 2 * (2 * d * h + h + d) + 3 * experts * (2 * d * rank)
+        activations = 4 * (rows * (2 * d + rank) + tokens * (2 * d + h))
+    else:
+        flops = router_flops + 3 * (2.0 * rows * d * h * 2)
+        weights = 3 * experts * (2 * d * h + h + d)
+        activations = 4 * rows * (2 * d + h)
+    return flops, float(itemsize * (weights + activations + 3 * experts * d))  # + the router's weights
 
 
 def naive_forward(layer: MoELayer, x: Tensor) -> Tensor:
@@ -181,11 +237,16 @@ def run_bench(
     precision: str,
     device: torch.device,
 ) -> list[dict[str, Any]]:
+    """One row per (expert type, k, E, kernel); the roofline's peak and bandwidth are measured first."""
     import torch
 
+    from harness.bench.train import gemm_peak_flops
     from models.experts import FeedForward
     from models.moe import MoELayer
 
+    peak, bandwidth = gemm_peak_flops(device, precision), memory_bandwidth(device, precision)
+    itemsize = 2 if precision == "bf16" else 4
+    print(f"  GEMM peak {peak / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
     rows = []
     torch.manual_seed(0)
     x = torch.randn(tokens, d_model, device=device, requires_grad=True)
@@ -193,13 +254,18 @@ def run_bench(
     for expert_type in EXPERT_TYPES:
         for top_k in TOP_KS:
             for n in experts:
-                layer = MoELayer(d_model, _layer_config(n, top_k, expert_type, d_hidden, lora_rank)).to(device).train()
+                layers = {
+                    k: MoELayer(d_model, _layer_config(n, top_k, expert_type, d_hidden, lora_rank, k)).to(device)
+                    for k in KERNELS
+                }
+                for layer in layers.values():  # the same weights for every kernel
+                    layer.load_state_dict(layers[KERNELS[0]].state_dict())
                 active_width = d_hidden + top_k * lora_rank if expert_type == "lora" else top_k * d_hidden
                 dense = FeedForward(d_model, active_width, "relu").to(device)
                 cases: dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]] = {
-                    "moe": (layer, lambda t, m=layer: m(t)[0]),
+                    **{k: (layer, lambda t, m=layer: m(t)[0]) for k, layer in layers.items()},
                     "dense": (dense, dense),
-                    "naive": (layer, lambda t, m=layer: naive_forward(m, t)),
+                    "naive": (layers["loop"], lambda t, m=layers["loop"]: naive_forward(m, t)),
                 }
                 if expert_type == "lora":
                     base = FeedForward(d_model, d_hidden, "relu").to(device)
@@ -207,57 +273,80 @@ def run_bench(
                 ms = _time_interleaved(cases, x, grad, repeats, precision)
                 summary = " ".join(f"{name}={value:.1f}ms" for name, value in ms.items())
                 print(f"  {expert_type} E={n} k={top_k}: {summary}", file=sys.stderr, flush=True)  # progress
-                rows.append(
-                    {
-                        "experts": n,
-                        "top_k": top_k,
-                        "expert_type": expert_type,
-                        "tokens": tokens,
-                        "moe_ms": ms["moe"],
-                        "dense_ms": ms["dense"],
-                        "naive_ms": ms["naive"],
-                        "base_ms": ms.get("base"),
-                        "dense_hidden": active_width,
-                        "d_model": d_model,
-                        "d_hidden": d_hidden,
-                        "lora_rank": lora_rank if expert_type == "lora" else None,
-                        "precision": precision,
-                        "device": str(device),
-                    }
-                )
+                flops, moved = layer_cost(tokens, n, top_k, expert_type, d_model, d_hidden, lora_rank, itemsize)
+                bound_ms = 1e3 * max(flops / peak, moved / bandwidth)
+                for kernel in KERNELS:
+                    rows.append(
+                        {
+                            "experts": n,
+                            "top_k": top_k,
+                            "expert_type": expert_type,
+                            "kernel": kernel,
+                            "tokens": tokens,
+                            "moe_ms": ms[kernel],
+                            "dense_ms": ms["dense"],
+                            "naive_ms": ms["naive"],
+                            "base_ms": ms.get("base"),
+                            "flops": flops,
+                            "bytes": moved,
+                            "bound_ms": bound_ms,
+                            "time_over_bound": ms[kernel] / bound_ms,
+                            "gemm_peak_flops_per_s": peak,
+                            "bandwidth_bytes_per_s": bandwidth,
+                            "dense_hidden": active_width,
+                            "d_model": d_model,
+                            "d_hidden": d_hidden,
+                            "lora_rank": lora_rank if expert_type == "lora" else None,
+                            "precision": precision,
+                            "device": str(device),
+                        }
+                    )
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Per-row ratios, then E_max/E_min at fixed k and type, then each target's verdict."""
+    """Per-row time, roofline bound and ratios, then E_max/E_min at fixed k, type and kernel, then each target."""
     lines = [
-        f"{'type':5s} {'E':>3s} {'k':>2s} {'tokens':>6s} {'moe ms':>8s} {'dense ms':>8s} {'naive ms':>9s} "
-        f"{'moe/dense':>9s} {'naive/moe':>9s} {'moe/base':>8s}"
+        f"GEMM peak {rows[0]['gemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+        f"bandwidth {rows[0]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (measured in this run)",
+        f"{'type':5s} {'E':>3s} {'k':>2s} {'kernel':10s} {'GFLOP':>6s} {'MB':>6s} {'bound ms':>8s} {'moe ms':>8s} "
+        f"{'t/bound':>7s} {'dense ms':>8s} {'naive ms':>9s} {'moe/dense':>9s} {'naive/moe':>9s} {'moe/base':>8s}",
     ]
     for r in rows:
         base = f"{r['moe_ms'] / r['base_ms']:8.2f}" if r["base_ms"] else f"{'-':>8s}"
         lines.append(
-            f"{r['expert_type']:5s} {r['experts']:3d} {r['top_k']:2d} {r['tokens']:6d} {r['moe_ms']:8.1f} "
+            f"{r['expert_type']:5s} {r['experts']:3d} {r['top_k']:2d} {r['kernel']:10s} {r['flops'] / 1e9:6.2f} "
+            f"{r['bytes'] / 1e6:6.1f} {r['bound_ms']:8.1f} {r['moe_ms']:8.1f} {r['time_over_bound']:7.2f} "
             f"{r['dense_ms']:8.1f} {r['naive_ms']:9.1f} {r['moe_ms'] / r['dense_ms']:9.2f} "
             f"{r['naive_ms'] / r['moe_ms']:9.2f} {base}"
         )
-    worst_dense = max(r["moe_ms"] / r["dense_ms"] for r in rows)
-    lines.append(f"max moe/dense = {worst_dense:.2f} (target <= {TARGETS['moe_over_dense']})")
-    for expert_type in EXPERT_TYPES:
-        for top_k in TOP_KS:
-            group = sorted((r for r in rows if r["expert_type"] == expert_type and r["top_k"] == top_k), key=_experts)
-            if len(group) > 1:
-                lo, hi = group[0], group[-1]
-                lines.append(
-                    f"{expert_type} k={top_k}: time(E={hi['experts']})/time(E={lo['experts']}) = "
-                    f"{hi['moe_ms'] / lo['moe_ms']:.2f} (target <= {TARGETS['e64_over_e4']})"
-                )
-    hybrid = [r["moe_ms"] / r["base_ms"] for r in rows if r["expert_type"] == "lora" and r["top_k"] == 1]
-    if hybrid:
+    for kernel in KERNELS:
+        mine = [r for r in rows if r["kernel"] == kernel]
+        worst = max(mine, key=lambda r: r["time_over_bound"])
+        met = sum(r["time_over_bound"] <= TARGETS["time_over_bound"] for r in mine)
         lines.append(
-            f"hybrid (top-1 LoRA) / dense FFN of base width: max {max(hybrid):.2f} "
-            f"(target <= {TARGETS['hybrid_over_base']})"
+            f"{kernel}: time/bound <= {TARGETS['time_over_bound']} in {met}/{len(mine)} rows; worst "
+            f"{worst['time_over_bound']:.2f} ({worst['expert_type']} E={worst['experts']} k={worst['top_k']}); "
+            f"max moe/dense = {max(r['moe_ms'] / r['dense_ms'] for r in mine):.2f} "
+            f"(target <= {TARGETS['moe_over_dense']})"
         )
+        for expert_type in EXPERT_TYPES:
+            for top_k in TOP_KS:
+                group = sorted(
+                    (r for r in mine if r["expert_type"] == expert_type and r["top_k"] == top_k), key=_experts
+                )
+                if len(group) > 1:
+                    lo, hi = group[0], group[-1]
+                    lines.append(
+                        f"  {expert_type} k={top_k}: time(E={hi['experts']})/time(E={lo['experts']}) = "
+                        f"{hi['moe_ms'] / lo['moe_ms']:.2f} (target <= {TARGETS['e64_over_e4']})"
+                    )
+        hybrid = [r["moe_ms"] / r["base_ms"] for r in mine if r["expert_type"] == "lora" and r["top_k"] == 1]
+        if hybrid:
+            lines.append(
+                f"  hybrid (top-1 LoRA) / dense FFN of base width: max {max(hybrid):.2f} "
+                f"(target <= {TARGETS['hybrid_over_base']})"
+            )
     return "\n".join(lines)
 
 
