@@ -79,6 +79,10 @@ class MoELayer(nn.Module):
         )
         return out.reshape(shape), aux, stats
 
+    def update_router_bias(self) -> None:
+        """Once per optimiser step, after the update (the aux-free router's bias; a no-op for the others)."""
+        self.router.update_bias()
+
     def active_params(self) -> int:
         """Parameters one token touches: router, shared parts, and k routed experts."""
         total = sum(p.numel() for p in self.router.parameters())

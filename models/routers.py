@@ -5,10 +5,11 @@
 - ``SoftmaxTopKRouter``: Mixtral: softmax over all experts, top-k, renormalised over the k.
 - ``AuxFreeRouter``: DeepSeek-V3 auxiliary-loss-free balancing: sigmoid affinities s_i, selection
   by top-k of s_i + b_i, combine weights the selected s_i (not s_i + b_i) normalised to sum to 1.
-  Update rule, applied once per training-mode forward pass (one per optimiser step in the trainer),
-  under ``no_grad``: b_i += rate * sign(mean_j c_j - c_i), where c_i counts the batch's slots
-  routed to expert i. Overloaded experts become less attractive, underloaded ones more; the bias
-  only steers selection, so it never enters the gradient or the output scale.
+  Training-mode forwards only accumulate c_i, the slots routed to expert i; ``update_bias``, called
+  once per optimiser step by the train step, applies b_i += rate * sign(mean_j c_j - c_i) under
+  ``no_grad`` and resets c (outside forward, as in torchtitan, so gradient accumulation or activation
+  recomputation cannot move the bias twice per step). Overloaded experts become less attractive,
+  underloaded ones more; the bias only steers selection, so it never enters the gradient or the output scale.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class Router(nn.Module):
 
     def clean_logits(self, x: Tensor) -> Tensor:
         return self.router_linear(x, self.gate.weight)
+
+    def update_bias(self) -> None:
+        """Once per optimiser step; only a router with a selection bias has anything to do."""
 
 
 class NoisyTopKRouter(Router):
@@ -122,6 +126,8 @@ class AuxFreeRouter(Router):
         super().__init__(d_model, config)
         self.update_rate = config.bias_update_rate
         self.register_buffer("selection_bias", torch.zeros(self.n_experts))
+        # Slots routed to each expert since the last update_bias; zero between steps, so not checkpointed.
+        self.register_buffer("load_seen", torch.zeros(self.n_experts), persistent=False)
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.clean_logits(x)
@@ -131,10 +137,15 @@ class AuxFreeRouter(Router):
         weight = selected / selected.sum(-1, keepdim=True)
         counts = _selection_counts(index, self.n_experts)
         if self.training:
-            with torch.no_grad():
-                self.selection_bias += self.update_rate * torch.sign(counts.mean() - counts)
+            self.load_seen += counts
         probs = affinity / affinity.sum(-1, keepdim=True)
         return Routing(index, weight, probs, logits, counts)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """DeepSeek-V3's rule on the load seen since the last update: b_i += rate * sign(mean_j c_j - c_i)."""
+        self.selection_bias += self.update_rate * torch.sign(self.load_seen.mean() - self.load_seen)
+        self.load_seen.zero_()
 
 
 ROUTERS: dict[str, type[Router]] = {

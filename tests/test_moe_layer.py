@@ -395,6 +395,7 @@ def _load_cv(rate: float, steps: int = 150) -> tuple[float, float]:
     cvs = []
     for _ in range(steps):
         counts = torch.bincount(router(x).expert_index.view(-1), minlength=4).float()
+        router.update_bias()  # one forward per optimiser step, as in the trainer
         cvs.append(float(counts.std(correction=0) / counts.mean()))
     return cvs[0], cvs[-1]
 

@@ -27,17 +27,8 @@ from pydantic import ValidationError
 from harness.config import VARIANTS, SpecError, TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import Corpus, batchify, get_batch, load_corpus
 from harness.flops import train_flops_per_token
-from harness.trainer import (
-    NullSink,
-    build_optimizer,
-    optimisation_step,
-    resolve_device,
-    seed_everything,
-    set_threads,
-    steps_per_epoch,
-    train,
-)
-from models import build_model
+from harness.step import build_train_state, resolve_device, seed_everything, set_threads, train_step
+from harness.trainer import MetricSink, NullSink, steps_per_epoch, total_steps, train
 
 EVAL_TOKENS = 4096  # the bench's final evaluation is not timed; keep it short
 
@@ -63,40 +54,39 @@ def _sync(device: torch.device) -> None:
 
 
 def minimal_loop_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, warmup: int) -> float:
-    """The same model, batches and optimisation step in the plainest loop: no schedule, logging,
-    metrics, routing statistics, progress or checkpoints."""
+    """The trainer's own set-up and ``train_step`` in the plainest loop: no logging, metrics, routing
+    statistics, progress, evaluation or checkpoints."""
     device = resolve_device(config.train.device)
     set_threads(config)
     seed_everything(config.seed)
-    model = build_model(config.model, config.moe, corpus.vocab_size).to(device)
-    optimizer = build_optimizer(model, config)
     t = config.train
     rows = batchify(corpus.train, t.batch_size).to(device)
     per_epoch = steps_per_epoch(rows.size(1), t.seq_len)
-    state = model.initial_state(t.batch_size)
-    tokens = 0
+    state, context = build_train_state(config, corpus.vocab_size, device, total_steps(config, rows.size(1)))
+    state.recurrent = state.model.initial_state(t.batch_size)
     for i in range(warmup + steps):
         if i == warmup:
             _sync(device)
-            start, tokens = time.perf_counter(), 0
+            start, tokens_before = time.perf_counter(), state.tokens
         x, y = get_batch(rows, (i % per_epoch) * t.seq_len, t.seq_len)
-        out = optimisation_step(model, model, optimizer, x, y, state, config, device)
-        state = model.detach_state(out.state)
-        tokens += y.numel()
+        train_step(state, context, x, y)
     _sync(device)
-    return tokens / (time.perf_counter() - start)
+    return (state.tokens - tokens_before) / (time.perf_counter() - start)
 
 
 class _RecordingSink:
     """Forwards to an inner sink and keeps each logging window's throughput."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: MetricSink) -> None:
         self.inner, self.windows = inner, []
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if "tokens_per_s" in metrics:
             self.windows.append((step, metrics["tokens_per_s"]))
         self.inner.log_metrics(metrics, step)
+
+    def sync(self) -> None:
+        self.inner.sync()
 
 
 def trainer_tokens_per_s(

@@ -1,0 +1,110 @@
+"""One optimisation step, and the set-up it runs on: the trainer's loop and the bench's minimal loop
+both build their state with ``build_train_state`` and advance it with ``train_step``, so the bench
+times exactly the step the trainer runs."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from harness.checkpoint import TrainState
+from harness.config import SpecError, TrialConfig
+from models import LMOutput, MoELayer, build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpecError("train.device = 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's choice for this machine, before any trial changes it
+
+
+def set_threads(config: TrialConfig) -> None:
+    """Intra-op threads for this trial; unset means torch's default (not the previous trial's)."""
+    torch.set_num_threads(config.train.threads or DEFAULT_THREADS)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def build_optimizer(model: nn.Module, config: TrialConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=o.fused)
+
+
+def lr_factor(step: int, total_steps: int, config: TrialConfig) -> float:
+    """Linear warm-up, then constant, cosine or linear decay to ``min_lr_ratio``."""
+    o = config.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step needs besides the state it advances."""
+
+    forward: Callable[..., LMOutput]  # the model, or its torch.compile'd form
+    device: torch.device
+    precision: str  # fp32 | bf16 (autocast)
+    grad_clip: float  # max gradient norm; 0 = no clipping
+    moe_layers: list[MoELayer]  # whose routers update their biases once per step
+
+
+def build_train_state(
+    config: TrialConfig, vocab_size: int, device: torch.device, n_steps: int
+) -> tuple[TrainState, StepContext]:
+    """A fresh model, optimiser and ``n_steps`` learning-rate schedule (seed the RNGs first)."""
+    model = build_model(config.model, config.moe, vocab_size).to(device)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, n_steps, config))
+    moe_layers = model.moe_layers()
+    counts = torch.zeros(len(moe_layers), config.moe.routed_experts if moe_layers else 0, device=device)
+    forward = torch.compile(model) if config.train.compile else model
+    context = StepContext(forward, device, config.train.precision, config.optim.grad_clip, moe_layers)
+    return TrainState(model, optimizer, scheduler, device, counts), context
+
+
+def train_step(state: TrainState, context: StepContext, x: Tensor, y: Tensor) -> LMOutput:
+    """Forward (under autocast) from the carried recurrent state, backward on LM + router losses, clip,
+    update, learning-rate schedule, router biases; returns the forward's output."""
+    with autocast(context.device, context.precision):
+        out = context.forward(x, y, state.recurrent)  # x, y: (B, T)
+        loss = out.loss + out.aux_loss
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if context.grad_clip:
+        nn.utils.clip_grad_norm_(state.model.parameters(), context.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    for layer in context.moe_layers:
+        layer.update_router_bias()
+    state.recurrent = state.model.detach_state(out.state)
+    state.step += 1
+    state.tokens += y.numel()
+    return out
