@@ -161,3 +161,28 @@ def test_checks_catch_cycles_and_private_use(
     modules = module_files(tmp_path, ("pkg",))
     assert tangles(import_graph(modules)) == expected_tangles
     assert private_imports(modules, ("pkg",)) == expected_private
+
+
+MAX_FUNCTION_LINES = 60
+LONG_OK = "# long:"  # on a function's ``def`` line: the one-line reason it cannot be split
+
+
+def long_functions(modules: dict[str, Path]) -> list[str]:
+    """Functions over MAX_FUNCTION_LINES lines without a ``# long:`` reason on their def line."""
+    found = []
+    for module, path in modules.items():
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and LONG_OK not in lines[node.lineno - 1]:
+                    found.append(f"{module}.{node.name}: {length} lines")
+    return found
+
+
+def test_functions_fit_on_a_screen(tmp_path: Path) -> None:
+    assert long_functions(module_files(REPO, PACKAGES)) == []
+    long_body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(f"def f():\n{long_body}\n\ndef g():  {LONG_OK} a table\n{long_body}\n")
+    assert long_functions(module_files(tmp_path, ("pkg",))) == ["pkg.mod.f: 61 lines"]  # the check sees them

@@ -33,8 +33,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tabulate import tabulate
 
 from harness.config import MoEConfig
 
@@ -226,6 +229,88 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class BenchPoint:
+    """One point of the sweep: the layer's shape and the precision it runs in."""
+
+    expert_type: str
+    top_k: int
+    experts: int
+    tokens: int
+    d_model: int
+    d_hidden: int
+    lora_rank: int
+    precision: str
+
+    @property
+    def active_width(self) -> int:
+        """Hidden width of the dense FFN with the same active parameters per token."""
+        if self.expert_type == "lora":
+            return self.d_hidden + self.top_k * self.lora_rank
+        return self.top_k * self.d_hidden
+
+
+def _cases(point: BenchPoint, device: torch.device) -> dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]]:
+    """The MoE layer once per kernel (same weights), the dense FFN of equal active size, the naive layer."""
+    from models.experts import FeedForward
+    from models.moe import MoELayer
+
+    p = point
+    layers = {
+        k: MoELayer(p.d_model, _layer_config(p.experts, p.top_k, p.expert_type, p.d_hidden, p.lora_rank, k)).to(device)
+        for k in KERNELS
+    }
+    for layer in layers.values():  # the same weights for every kernel
+        layer.load_state_dict(layers[KERNELS[0]].state_dict())
+    dense = FeedForward(p.d_model, p.active_width, "relu").to(device)
+    cases: dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]] = {
+        **{k: (layer, lambda t, m=layer: m(t)[0]) for k, layer in layers.items()},
+        "dense": (dense, dense),
+        "naive": (layers["loop"], lambda t, m=layers["loop"]: naive_forward(m, t)),
+    }
+    if p.expert_type == "lora":
+        base = FeedForward(p.d_model, p.d_hidden, "relu").to(device)
+        cases["base"] = (base, base)
+    return cases
+
+
+def _bench_point(
+    point: BenchPoint, x: Tensor, grad: Tensor, repeats: int, device: torch.device, peak: float, bandwidth: float
+) -> list[dict[str, Any]]:
+    """Time one point's cases interleaved; one row per kernel with its roofline bound."""
+    p = point
+    ms = _time_interleaved(_cases(p, device), x, grad, repeats, p.precision)
+    summary = " ".join(f"{name}={value:.1f}ms" for name, value in ms.items())
+    print(f"  {p.expert_type} E={p.experts} k={p.top_k}: {summary}", file=sys.stderr, flush=True)  # progress
+    itemsize = 2 if p.precision == "bf16" else 4
+    flops, moved = layer_cost(p.tokens, p.experts, p.top_k, p.expert_type, p.d_model, p.d_hidden, p.lora_rank, itemsize)
+    bound_ms = 1e3 * max(flops / peak, moved / bandwidth)
+    shared = {
+        "experts": p.experts,
+        "top_k": p.top_k,
+        "expert_type": p.expert_type,
+        "tokens": p.tokens,
+        "dense_ms": ms["dense"],
+        "naive_ms": ms["naive"],
+        "base_ms": ms.get("base"),
+        "flops": flops,
+        "bytes": moved,
+        "bound_ms": bound_ms,
+        "gemm_peak_flops_per_s": peak,
+        "bandwidth_bytes_per_s": bandwidth,
+        "dense_hidden": p.active_width,
+        "d_model": p.d_model,
+        "d_hidden": p.d_hidden,
+        "lora_rank": p.lora_rank if p.expert_type == "lora" else None,
+        "precision": p.precision,
+        "device": str(device),
+    }
+    return [
+        {**shared, "kernel": kernel, "moe_ms": ms[kernel], "time_over_bound": ms[kernel] / bound_ms}
+        for kernel in KERNELS
+    ]
+
+
 def run_bench(
     *,
     experts: tuple[int, ...] | list[int],
@@ -241,11 +326,8 @@ def run_bench(
     import torch
 
     from harness.bench.train import gemm_peak_flops
-    from models.experts import FeedForward
-    from models.moe import MoELayer
 
     peak, bandwidth = gemm_peak_flops(device, precision), memory_bandwidth(device, precision)
-    itemsize = 2 if precision == "bf16" else 4
     print(f"  GEMM peak {peak / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
     rows = []
     torch.manual_seed(0)
@@ -254,72 +336,37 @@ def run_bench(
     for expert_type in EXPERT_TYPES:
         for top_k in TOP_KS:
             for n in experts:
-                layers = {
-                    k: MoELayer(d_model, _layer_config(n, top_k, expert_type, d_hidden, lora_rank, k)).to(device)
-                    for k in KERNELS
-                }
-                for layer in layers.values():  # the same weights for every kernel
-                    layer.load_state_dict(layers[KERNELS[0]].state_dict())
-                active_width = d_hidden + top_k * lora_rank if expert_type == "lora" else top_k * d_hidden
-                dense = FeedForward(d_model, active_width, "relu").to(device)
-                cases: dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]] = {
-                    **{k: (layer, lambda t, m=layer: m(t)[0]) for k, layer in layers.items()},
-                    "dense": (dense, dense),
-                    "naive": (layers["loop"], lambda t, m=layers["loop"]: naive_forward(m, t)),
-                }
-                if expert_type == "lora":
-                    base = FeedForward(d_model, d_hidden, "relu").to(device)
-                    cases["base"] = (base, base)
-                ms = _time_interleaved(cases, x, grad, repeats, precision)
-                summary = " ".join(f"{name}={value:.1f}ms" for name, value in ms.items())
-                print(f"  {expert_type} E={n} k={top_k}: {summary}", file=sys.stderr, flush=True)  # progress
-                flops, moved = layer_cost(tokens, n, top_k, expert_type, d_model, d_hidden, lora_rank, itemsize)
-                bound_ms = 1e3 * max(flops / peak, moved / bandwidth)
-                for kernel in KERNELS:
-                    rows.append(
-                        {
-                            "experts": n,
-                            "top_k": top_k,
-                            "expert_type": expert_type,
-                            "kernel": kernel,
-                            "tokens": tokens,
-                            "moe_ms": ms[kernel],
-                            "dense_ms": ms["dense"],
-                            "naive_ms": ms["naive"],
-                            "base_ms": ms.get("base"),
-                            "flops": flops,
-                            "bytes": moved,
-                            "bound_ms": bound_ms,
-                            "time_over_bound": ms[kernel] / bound_ms,
-                            "gemm_peak_flops_per_s": peak,
-                            "bandwidth_bytes_per_s": bandwidth,
-                            "dense_hidden": active_width,
-                            "d_model": d_model,
-                            "d_hidden": d_hidden,
-                            "lora_rank": lora_rank if expert_type == "lora" else None,
-                            "precision": precision,
-                            "device": str(device),
-                        }
-                    )
+                point = BenchPoint(expert_type, top_k, n, tokens, d_model, d_hidden, lora_rank, precision)
+                rows += _bench_point(point, x, grad, repeats, device, peak, bandwidth)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Per-row time, roofline bound and ratios, then E_max/E_min at fixed k, type and kernel, then each target."""
+    table = [
+        {
+            "type": r["expert_type"],
+            "E": r["experts"],
+            "k": r["top_k"],
+            "kernel": r["kernel"],
+            "GFLOP": r["flops"] / 1e9,
+            "MB": r["bytes"] / 1e6,
+            "bound ms": r["bound_ms"],
+            "moe ms": r["moe_ms"],
+            "t/bound": r["time_over_bound"],
+            "dense ms": r["dense_ms"],
+            "naive ms": r["naive_ms"],
+            "moe/dense": r["moe_ms"] / r["dense_ms"],
+            "naive/moe": r["naive_ms"] / r["moe_ms"],
+            "moe/base": r["moe_ms"] / r["base_ms"] if r["base_ms"] else None,
+        }
+        for r in rows
+    ]
     lines = [
         f"GEMM peak {rows[0]['gemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, "
         f"bandwidth {rows[0]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (measured in this run)",
-        f"{'type':5s} {'E':>3s} {'k':>2s} {'kernel':10s} {'GFLOP':>6s} {'MB':>6s} {'bound ms':>8s} {'moe ms':>8s} "
-        f"{'t/bound':>7s} {'dense ms':>8s} {'naive ms':>9s} {'moe/dense':>9s} {'naive/moe':>9s} {'moe/base':>8s}",
+        tabulate(table, headers="keys", floatfmt=".2f", missingval="-"),
     ]
-    for r in rows:
-        base = f"{r['moe_ms'] / r['base_ms']:8.2f}" if r["base_ms"] else f"{'-':>8s}"
-        lines.append(
-            f"{r['expert_type']:5s} {r['experts']:3d} {r['top_k']:2d} {r['kernel']:10s} {r['flops'] / 1e9:6.2f} "
-            f"{r['bytes'] / 1e6:6.1f} {r['bound_ms']:8.1f} {r['moe_ms']:8.1f} {r['time_over_bound']:7.2f} "
-            f"{r['dense_ms']:8.1f} {r['naive_ms']:9.1f} {r['moe_ms'] / r['dense_ms']:9.2f} "
-            f"{r['naive_ms'] / r['moe_ms']:9.2f} {base}"
-        )
     for kernel in KERNELS:
         mine = [r for r in rows if r["kernel"] == kernel]
         worst = max(mine, key=lambda r: r["time_over_bound"])

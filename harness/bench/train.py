@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 from pydantic import ValidationError
+from tabulate import tabulate
 
 from harness.config import VARIANTS, SpecError, TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import Corpus, batchify, get_batch, load_corpus
@@ -185,17 +186,20 @@ def bench_train(configs: list[TrialConfig], steps: int, warmup: int, rounds: int
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = (
-        f"{'variant':9s} {'tok/s':>8s} {'ms/Mtok':>9s} {'GFLOP/s':>8s} {'%peak':>6s} "
-        f"{'minimal tok/s':>13s} {'trainer/minimal':>15s} {'no-log/log':>10s}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['variant']:9s} {r['tokens_per_s']:8.0f} {r['ms_per_mtok']:9.0f} {r['flops_per_s'] / 1e9:8.2f} "
-            f"{100 * r['fraction_of_peak']:5.1f}% {r['minimal_loop_tokens_per_s']:13.0f} "
-            f"{r['trainer_vs_minimal']:15.3f} {r['logging_overhead_ratio']:10.3f}"
-        )
+    table = [
+        {
+            "variant": r["variant"],
+            "tok/s": round(r["tokens_per_s"]),
+            "ms/Mtok": round(r["ms_per_mtok"]),
+            "GFLOP/s": r["flops_per_s"] / 1e9,
+            "% peak": 100 * r["fraction_of_peak"],
+            "minimal tok/s": round(r["minimal_loop_tokens_per_s"]),
+            "trainer/minimal": r["trainer_vs_minimal"],
+            "no-log/log": r["logging_overhead_ratio"],
+        }
+        for r in rows
+    ]
+    lines = [tabulate(table, headers="keys", floatfmt=("", "", "", ".2f", ".1f", "", ".3f", ".3f"))]
     if rows:
         lines.append(
             f"GEMM peak ({rows[0]['precision']}, 2048^2 matmul): {rows[0]['gemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s"
