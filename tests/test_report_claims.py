@@ -16,7 +16,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
-from harness.config import TrialConfig, load_spec, resolve_trial
+from harness.config import SpecError, TrialConfig, load_spec, resolve_trial
 from harness.report.equivalence import holm, seeds_for_power, tost
 from harness.report.matched import matched_points, ppl_at
 from harness.report.pipeline import write_report
@@ -132,3 +132,12 @@ def test_equivalence_and_compute_matched_tables_carry_the_library_figures(flagge
     expected = np.array(list(CLOSE.values())) * 40 / 20
     assert f"{expected.mean():,.2f} ± {expected.std(ddof=1):,.2f}" in switch
     assert (flagged_study / "grad_norms.png").stat().st_size > 5000
+
+
+def test_equivalence_margin_is_a_validated_spec_key(tmp_path: Path) -> None:
+    spec = yaml.safe_load(tiny_spec(tmp_path, "margin", ["baseline"], [0]).read_text())
+    assert load_spec(tiny_spec(tmp_path, "margin", ["baseline"], [0])).report.equivalence_margin == 0.05
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec | {"report": {"equivalence_margin": 1.5}}))
+    with pytest.raises(SpecError, match=r"report\.equivalence_margin.*1\.5"):
+        load_spec(path)

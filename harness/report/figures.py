@@ -323,6 +323,8 @@ def grad_norm_curves(data: StudyData, out: Path) -> Figure | None:
     for ax, (backbone, variant, rows) in zip(axes.flat, groups, strict=False):
         for i, component in enumerate(GRAD_COMPONENTS):
             series = rows[rows["component"] == component].groupby("step")["grad_norm"].mean().clip(lower=1e-6)
+            if series.empty:  # e.g. no router in dense
+                continue
             total = component == "total"
             colour_ = "black" if total else OKABE_ITO[i]
             ax.plot(series.index, series, "--" if total else "-", color=colour_, linewidth=1.0, label=component)
@@ -333,7 +335,9 @@ def grad_norm_curves(data: StudyData, out: Path) -> Figure | None:
         ax.set_yscale("log")
     for row in axes:
         row[0].set_ylabel("grad norm (before clip)")
-    axes[0][n_cols - 1].legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(handles.values(), handles.keys(), frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     name = _save(fig, out, "grad_norms.png")
     return Figure(
         name,
