@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",  # re-exported: the models' own config, part of every trial config
     "MoEConfig",  # re-exported, as ModelConfig
     "OptimConfig",
+    "ReportConfig",
     "ResolvedTrial",
     "SpecError",
     "StudySpec",
@@ -232,6 +233,14 @@ class TuneConfig(StrictConfig):
         return self
 
 
+class ReportConfig(StrictConfig):
+    """How ``harness report`` judges the study's claims."""
+
+    equivalence_margin: float = Field(0.05, gt=0, lt=1)
+    """Relative perplexity margin of the equivalence test (TOST): 0.05 = within ±5% of the baseline's PPL,
+    i.e. ±log(1.05) on the loss."""
+
+
 class StudySpec(StrictConfig):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -239,6 +248,7 @@ class StudySpec(StrictConfig):
     matrix: MatrixConfig
     overrides: dict[Variant, dict[str, Any]] = {}
     tune: TuneConfig | None = None
+    report: ReportConfig = ReportConfig()
 
 
 # What each variant name means, applied on top of ``base`` and below ``overrides``.

@@ -21,7 +21,7 @@ from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
 from harness.data import Corpus, load_corpus
 from harness.matrix import Cell, expand
 from harness.runs import KILLED, TrialRun, cell_run, is_finished, open_trial_run, shared_run
-from harness.tags import ROLE, ROLE_STUDY, STUDY
+from harness.tags import EQUIVALENCE_MARGIN, ROLE, ROLE_STUDY, STUDY
 from harness.tracking import MlflowSink, TrackingStore, device_description
 from harness.trainer import Checkpointer, resolve_device, train
 
@@ -175,6 +175,8 @@ def run_study(
     parent_id = coordinator.study_run(
         study_key, lambda: shared_run(store, experiment_id, f"tags.`{ROLE}` = '{ROLE_STUDY}'", spec.name, tags)
     )
+    # A tag, not a param: a rerun with another margin replaces it (MLflow params cannot change).
+    store.client.set_tag(parent_id, EQUIVALENCE_MARGIN, str(spec.report.equivalence_margin))
     outcome = StudyOutcome(experiment_id, parent_id)
     worker = StudyWorker(spec, store, coordinator, study_key, outcome, corpora, checkpoint_dir, progress)
     by_key = {t.key: t for t in trials}

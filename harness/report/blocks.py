@@ -37,7 +37,7 @@ class Figure:
     file: str  # PNG name, relative to the report folder
     title: str
     caption: str
-    section: str  # the key of the section that shows it: "curves", "cost", "utilisation", "tuning"
+    section: str  # the key of the section that shows it: "health", "curves", "cost", "utilisation", "tuning"
 
 
 @dataclass

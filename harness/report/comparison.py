@@ -9,8 +9,10 @@ from collections.abc import Callable
 import pandas as pd
 
 from harness.report.blocks import Block, Heading, Para, Table
+from harness.report.equivalence import holm, seeds_for_power
 from harness.report.formatting import MISSING, ci, fmt, fmt_count, mean_sd, p_text
 from harness.report.gather import BASELINE, StudyData
+from harness.report.health import flag_note
 from harness.report.significance import ALPHA, Comparison, compare, describe
 
 LOWER, HIGHER = "lower", "higher"
@@ -25,6 +27,7 @@ def main_comparison(data: StudyData) -> list[Block]:
         if several:
             blocks.append(Heading(f"Backbone: {backbone}", 3))
         blocks.extend([quality_table(data, backbone), cost_table(data, backbone)])
+        blocks.extend(flag_note(data, backbone, "these tables and their rankings"))
     return blocks
 
 
@@ -33,6 +36,7 @@ def significance_section(data: StudyData) -> list[Block]:
     blocks: list[Block] = [Heading("Significance")]
     for backbone in finished_backbones(data):
         blocks.extend(significance(data, backbone, several))
+        blocks.extend(flag_note(data, backbone, "these tests"))
     return blocks
 
 
@@ -60,7 +64,7 @@ def peak_memory(data: StudyData) -> tuple[str, str]:
     return "peak_rss_mb", "Peak RSS (MB)"
 
 
-def _best(table_rows: list[list[float]], column: int, direction: str) -> set[int]:
+def best_rows(table_rows: list[list[float]], column: int, direction: str) -> set[int]:
     values = [(r[column], i) for i, r in enumerate(table_rows) if r[column] is not None and math.isfinite(r[column])]
     if len(values) < 2:
         return set()
@@ -75,7 +79,7 @@ def quality_table(data: StudyData, backbone: str) -> Table:
         val, test = describe(_metric(runs, "final_val_ppl")), describe(_metric(runs, "test_ppl"))
         rows.append([variant, str(len(runs)), mean_sd(val), ci(val), mean_sd(test), ci(test)])
         raw.append([None, None, val.mean, None, test.mean, None])
-    bold = {(i, c) for c in (2, 4) for i in _best(raw, c, LOWER)}
+    bold = {(i, c) for c in (2, 4) for i in best_rows(raw, c, LOWER)}
     return Table(
         header,
         rows,
@@ -112,7 +116,7 @@ def cost_table(data: StudyData, backbone: str) -> Table:
             means[-2:] = [math.nan, math.nan]
         rows.append([variant] + [f(m) for (_, _, f, _), m in zip(columns, means, strict=True)])
         raw.append([None, *means])
-    bold = {(i, c + 1) for c, (*_, direction) in enumerate(columns) for i in _best(raw, c + 1, direction)}
+    bold = {(i, c + 1) for c, (*_, direction) in enumerate(columns) for i in best_rows(raw, c + 1, direction)}
     return Table(
         ["Variant"] + [c[0] for c in columns],
         rows,
@@ -129,7 +133,7 @@ def reference_variant(variants: list[str]) -> str | None:
     return variants[0] if variants else None
 
 
-def _by_seed(runs: pd.DataFrame) -> dict[str, float]:
+def test_ppl_by_seed(runs: pd.DataFrame) -> dict[str, float]:
     return {str(s): float(v) for s, v in zip(runs["tags.seed"], runs["metrics.test_ppl"], strict=True)}
 
 
@@ -150,24 +154,28 @@ def significance(data: StudyData, backbone: str, several: bool) -> list[Block]:
             )
         ]
     if reference is None or len(groups) < 2:
-        return [Para(f"Only one variant finished{where}: there is nothing to compare.")]
-    base = _by_seed(groups[reference])
-    results = {v: compare(base, _by_seed(runs)) for v, runs in groups.items() if v != reference}
-    rows = [_significance_row(v, result, len(groups[v])) for v, result in results.items()]
+        return [Para(f"Only one variant finished (and was not flagged){where}: there is nothing to compare.")]
+    base = test_ppl_by_seed(groups[reference])
+    results = {v: compare(base, test_ppl_by_seed(runs)) for v, runs in groups.items() if v != reference}
+    adjusted = holm({v: r.p_value if r else math.nan for v, r in results.items()})
+    rows = [_significance_row(v, result, len(groups[v]), adjusted[v]) for v, result in results.items()]
     table = Table(
-        ["Variant", "Test", "n", f"Δ test PPL vs {reference}", "t", "p", "Effect size"],
+        ["Variant", "Test", "n", f"Δ test PPL vs {reference}", "t", "p", "Effect size", "p (Holm)", "Seeds, 80% power"],
         rows,
         caption=f"Each variant against {reference} on final test perplexity. Paired t-test on per-seed "
         "differences when both ran the same seeds (effect size d_z = mean difference / sd of differences); "
-        "Welch's t-test otherwise (effect size Cohen's d with pooled sd). Two-sided, no correction for "
-        "multiple comparisons.",
+        "Welch's t-test otherwise (effect size Cohen's d with pooled sd). Two-sided; p (Holm): Holm-Bonferroni "
+        "adjusted across the variants listed. Seeds, 80% power: seeds (pairs, or runs per variant) a test at the "
+        "5% level needs to detect the observed effect size with 80% power (statsmodels TTestPower / TTestIndPower).",
     )
-    return [table, Para(_significance_statement(results, reference, where, max_seeds))]
+    statement = Para(_significance_statement(results, reference, where, max_seeds))
+    return [table, statement]
 
 
-def _significance_row(variant: str, result: Comparison | None, n_runs: int) -> list[str]:
+def _significance_row(variant: str, result: Comparison | None, n_runs: int, adjusted: float) -> list[str]:
     if result is None:
-        return [variant, MISSING, str(n_runs), MISSING, MISSING, MISSING, MISSING]
+        return [variant, MISSING, str(n_runs), *[MISSING] * 6]
+    seeds = seeds_for_power(result)
     return [
         variant,
         result.test,
@@ -176,6 +184,8 @@ def _significance_row(variant: str, result: Comparison | None, n_runs: int) -> l
         fmt(result.statistic, 2),
         p_text(result.p_value),
         f"{result.effect_name} = {fmt(result.effect, 2)}",
+        p_text(adjusted) if math.isfinite(adjusted) else MISSING,
+        fmt_count(seeds),
     ]
 
 

@@ -12,8 +12,10 @@ from datetime import datetime
 import optuna
 
 from harness.report.blocks import Block, Figure, Heading, Image
+from harness.report.claims import equivalence_section, matched_section
 from harness.report.comparison import main_comparison, significance_section
 from harness.report.gather import StudyData
+from harness.report.health import health_section
 from harness.report.overview import failures, header
 from harness.report.tuning import tuning_only_note, tuning_summary
 
@@ -37,8 +39,11 @@ def build_document(
         ]
     return [
         *header(data, generated),
+        *health_section(data, figures),  # first: whether each trial trained decides what the rest may claim
         *main_comparison(data),
         *significance_section(data),
+        *equivalence_section(data),
+        *matched_section(data),
         *figure_section(figures, "curves", "Training curves"),
         *figure_section(figures, "cost", "Quality against cost"),
         *figure_section(figures, "utilisation", "Expert utilisation"),

@@ -21,7 +21,8 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from harness.report.blocks import Figure  # noqa: E402
-from harness.report.gather import StudyData, variant_key  # noqa: E402
+from harness.report.gather import GRAD_COMPONENTS, HEALTH_UNKNOWN, StudyData, variant_key  # noqa: E402
+from harness.tags import HEALTH  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 VARIANT_COLOURS = {
@@ -307,6 +308,47 @@ def tuning_figures(study: optuna.Study, out: Path) -> list[Figure]:
     return figures
 
 
+def grad_norm_curves(data: StudyData, out: Path) -> Figure | None:
+    """Small multiples, one panel per (backbone, variant): each component's gradient norm before clipping."""
+    norms = data.grad_norms
+    if norms.empty:
+        return None
+    groups = _groups(norms)
+    several = norms["backbone"].nunique() > 1
+    n_cols = min(3, len(groups))
+    n_rows = -(-len(groups) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.4 * n_cols, 2.3 * n_rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, (backbone, variant, rows) in zip(axes.flat, groups, strict=False):
+        for i, component in enumerate(GRAD_COMPONENTS):
+            series = rows[rows["component"] == component].groupby("step")["grad_norm"].mean().clip(lower=1e-6)
+            if series.empty:  # e.g. no router in dense
+                continue
+            total = component == "total"
+            colour_ = "black" if total else OKABE_ITO[i]
+            ax.plot(series.index, series, "--" if total else "-", color=colour_, linewidth=1.0, label=component)
+        trials = data.finished[data.finished["run_id"].isin(rows["run_id"])]
+        verdicts = sorted(set(trials[f"tags.{HEALTH}"].fillna(HEALTH_UNKNOWN)))
+        ax.set_title(f"{_label(backbone, variant, several)}: {', '.join(verdicts)}")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    for row in axes:
+        row[0].set_ylabel("grad norm (before clip)")
+    fig.tight_layout()
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(handles.values(), handles.keys(), frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    name = _save(fig, out, "grad_norms.png")
+    return Figure(
+        name,
+        "Gradient norm per component",
+        "L2 norm of each component's gradient before clipping at the logging steps, mean over seeds (log scale, "
+        "floored at 1e-6); dashed: all parameters. Panel titles: the health verdicts of the variant's trials. "
+        "A component whose norm falls towards zero has stopped learning.",
+        "health",
+    )
+
+
 def make_figures(data: StudyData, out: Path, study: optuna.Study | None = None) -> list[Figure]:
     """Every figure the data allows, written to ``out``; tuning studies get Optuna's views only."""
     with plt.rc_context(STYLE):
@@ -315,6 +357,7 @@ def make_figures(data: StudyData, out: Path, study: optuna.Study | None = None) 
             if data.tuning_only
             else [  # tuning trials differ in hyperparameters: no per-variant views
                 val_curves(data, out),
+                grad_norm_curves(data, out),
                 cost_quality(data, out),
                 utilisation_heatmaps(data, out, "train"),
                 utilisation_heatmaps(data, out, "validation"),

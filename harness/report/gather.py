@@ -10,20 +10,33 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from harness.config import VARIANTS, SpecError, load_spec
-from harness.tags import ROLE, ROLE_STUDY, ROLE_TRIAL, ROLE_TUNE, ROLE_TUNE_TRIAL
+from harness.config import VARIANTS, ReportConfig, SpecError, TrialConfig, load_spec
+from harness.tags import (
+    EQUIVALENCE_MARGIN,
+    HEALTH,
+    HEALTH_EVIDENCE,
+    ROLE,
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    ROLE_TUNE,
+    ROLE_TUNE_TRIAL,
+)
 
 BASELINE = "baseline"
 VARIANT_ORDER = list(VARIANTS)
 ARTIFACT_TABLES = {"utilisation": "utilisation.csv", "history": "utilisation_history.csv"}
+GRAD_COMPONENTS = ["embedding", "backbone", "router", "experts", "head", "total"]  # step metrics grad_norm_<name>
+HEALTH_OK, HEALTH_UNKNOWN = "ok", "unknown"  # unknown: a run from before health was judged (no tag)
 
 
 @dataclass
@@ -36,7 +49,11 @@ class StudyData:
     runs: pd.DataFrame  # search_runs frame of every trial run (all states); tuning trials if there are no others
     tune_parent: Run | None = None  # ``harness tune``'s parent run (tags optuna.storage, optuna.study_name)
     tuning_only: bool = False
-    curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # variant, backbone, seed, step, tokens, val_ppl
+    # variant, backbone, seed, run_id, step, tokens, train_time_s, val_ppl
+    curves: pd.DataFrame = field(default_factory=pd.DataFrame)
+    grad_norms: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, ...: step, component, grad_norm
+    configs: dict[str, TrialConfig] = field(default_factory=dict)  # run_id -> its config.yaml (finished runs)
+    equivalence_margin: float = ReportConfig().equivalence_margin
     utilisation: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, backbone, seed: split, layer, ...
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, backbone, seed: step, tokens, layer, ...
 
@@ -49,6 +66,17 @@ class StudyData:
         return self.runs[self.runs["status"] != "FINISHED"]
 
     @property
+    def flagged(self) -> pd.DataFrame:
+        """Finished runs whose training-health verdict is not ok: they trained badly, so they rank nowhere."""
+        verdicts = self.finished[f"tags.{HEALTH}"].fillna(HEALTH_OK)
+        return self.finished[verdicts != HEALTH_OK]
+
+    @property
+    def judged(self) -> pd.DataFrame:
+        """Finished runs that may be ranked and tested: healthy, or from a store that predates health checks."""
+        return self.finished.drop(self.flagged.index)
+
+    @property
     def backbones(self) -> list[str]:
         return sorted(self.runs["tags.backbone"].dropna().unique()) if "tags.backbone" in self.runs else []
 
@@ -57,8 +85,8 @@ class StudyData:
         return None if run is None else run.data.tags.get(key)
 
     def per_variant(self, backbone: str) -> list[tuple[str, pd.DataFrame]]:
-        """Finished runs of one backbone grouped by variant, in report order."""
-        runs = self.finished[self.finished["tags.backbone"] == backbone]
+        """Finished runs of one backbone not flagged unhealthy, grouped by variant, in report order."""
+        runs = self.judged[self.judged["tags.backbone"] == backbone]
         return [(v, runs[runs["tags.variant"] == v]) for v in sorted(runs["tags.variant"].unique(), key=variant_key)]
 
 
@@ -97,36 +125,62 @@ def load_study(name: str, tracking_uri: str) -> StudyData:
         runs = mlflow.search_runs([eid], filter_string=f"tags.`{ROLE}` = '{ROLE_TUNE_TRIAL}'", max_results=50000)
     if runs.empty:
         raise SpecError(f"study '{name}' has no trial runs in {tracking_uri}")
-    for column in ("tags.variant", "tags.seed", "tags.backbone", "tags.harness.error", "tags.harness.cell"):
+    columns = ("tags.variant", "tags.seed", "tags.backbone", "tags.harness.error", "tags.harness.cell")
+    for column in (*columns, f"tags.{HEALTH}", f"tags.{HEALTH_EVIDENCE}"):
         if column not in runs:
             runs[column] = None
     runs = runs.sort_values(["tags.backbone", "tags.variant", "tags.seed"], key=_sort_key).reset_index(drop=True)
     parent = (study_parents or tune_parents or [None])[0]
     data = StudyData(name, eid, parent, runs, tune_parent=tune_parents[0] if tune_parents else None)
     data.tuning_only = tuning_only
-    data.curves, data.utilisation, data.history = _per_trial_tables(client, runs)
+    data.curves, data.grad_norms, data.utilisation, data.history, data.configs = _per_trial_tables(client, runs)
+    if parent is not None:  # the spec's report.equivalence_margin, as run-study recorded it
+        margin = parent.data.params.get(EQUIVALENCE_MARGIN) or parent.data.tags.get(EQUIVALENCE_MARGIN)
+        data.equivalence_margin = float(margin) if margin else data.equivalence_margin
     return data
 
 
-def _per_trial_tables(client: MlflowClient, runs: pd.DataFrame) -> tuple[pd.DataFrame, ...]:
-    """Validation curves of every run, utilisation tables of finished runs; each row tagged with its trial."""
-    curves: list[pd.DataFrame] = []
-    tables: dict[str, list[pd.DataFrame]] = {kind: [] for kind in ARTIFACT_TABLES}
+def _per_trial_tables(client: MlflowClient, runs: pd.DataFrame) -> tuple[Any, ...]:
+    """Validation curves of every run; gradient norms, utilisation tables and configs of finished runs.
+
+    Each table's rows carry their trial (variant, backbone, seed, run_id).
+    """
+    tables: dict[str, list[pd.DataFrame]] = {kind: [] for kind in ("curves", "grad_norms", *ARTIFACT_TABLES)}
+    configs: dict[str, TrialConfig] = {}
     with tempfile.TemporaryDirectory() as folder:
         for _, row in runs.iterrows():
+            run_id = row["run_id"]
             ident = {"variant": row["tags.variant"], "backbone": row["tags.backbone"], "seed": row["tags.seed"]}
-            curve = _curve(client, row["run_id"])
-            if not curve.empty:
-                curves.append(curve.assign(**ident))
-            if row["status"] != "FINISHED":
-                continue
-            target = Path(folder) / row["run_id"]
-            target.mkdir()
-            for kind, file in ARTIFACT_TABLES.items():
-                table = _download_csv(client, row["run_id"], file, target)
+            found = {"curves": _curve(client, run_id)}
+            if row["status"] == "FINISHED":
+                target = Path(folder) / run_id
+                target.mkdir()
+                found["grad_norms"] = _grad_norms(client, run_id)
+                found |= {kind: _download_csv(client, run_id, file, target) for kind, file in ARTIFACT_TABLES.items()}
+                if (config := _download_config(client, run_id, target)) is not None:
+                    configs[run_id] = config
+            for kind, table in found.items():
                 if table is not None and not table.empty:
-                    tables[kind].append(table.assign(**ident))
-    return _concat(curves), _concat(tables["utilisation"]), _concat(tables["history"])
+                    tables[kind].append(table.assign(**ident, run_id=run_id))
+    return (*(_concat(tables[k]) for k in ("curves", "grad_norms", *ARTIFACT_TABLES)), configs)
+
+
+def _download_config(client: MlflowClient, run_id: str, folder: Path) -> TrialConfig | None:
+    try:
+        path = client.download_artifacts(run_id, "config.yaml", str(folder))
+        return TrialConfig.model_validate(yaml.safe_load(Path(path).read_text()))
+    except Exception:  # missing (old run) or from another version of the config: no FLOP count for it
+        return None
+
+
+def _grad_norms(client: MlflowClient, run_id: str) -> pd.DataFrame:
+    """Per-component gradient norms before clipping, long format (step, component, grad_norm)."""
+    rows = [
+        (m.step, component, m.value)
+        for component in GRAD_COMPONENTS
+        for m in client.get_metric_history(run_id, f"grad_norm_{component}")
+    ]
+    return pd.DataFrame(rows, columns=["step", "component", "grad_norm"])
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -144,16 +198,31 @@ def _download_csv(client: MlflowClient, run_id: str, name: str, folder: Path) ->
         return None
 
 
+def _history(client: MlflowClient, run_id: str, name: str) -> pd.Series:
+    """A step metric's history as a Series indexed by step (the last value where a step repeats)."""
+    seen = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, name))
+    return pd.Series({step: value for step, _, value in seen}, dtype=float)
+
+
 def _curve(client: MlflowClient, run_id: str) -> pd.DataFrame:
-    """val_ppl per evaluation step, placed on the training-token axis via the ``tokens`` step metric."""
-    val = client.get_metric_history(run_id, "val_ppl")
-    if not val:
-        return pd.DataFrame(columns=["step", "tokens", "val_ppl"])
-    seen = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "tokens"))
-    steps = np.array([m.step for m in val], dtype=float)
-    tokens = np.interp(steps, [s for s, _ in seen], [v for _, v in seen]) if seen else steps
-    frame = pd.DataFrame({"step": steps, "tokens": tokens, "val_ppl": [m.value for m in val]})
-    return frame.sort_values("step").drop_duplicates("step", keep="last")
+    """val_ppl per evaluation step on the training-token and training-time axes.
+
+    Tokens come from the ``tokens`` step metric; training time at a logging step is the sum over the logging
+    windows so far of window tokens / ``tokens_per_s`` (evaluation excluded, as the trainer times it).
+    """
+    val = _history(client, run_id, "val_ppl")
+    if val.empty:
+        return pd.DataFrame(columns=["step", "tokens", "train_time_s", "val_ppl"])
+    tokens, speed = _history(client, run_id, "tokens"), _history(client, run_id, "tokens_per_s")
+    steps = val.index.to_numpy(dtype=float)
+    frame = pd.DataFrame({"step": steps, "tokens": steps, "train_time_s": np.nan, "val_ppl": val.to_numpy()})
+    if not tokens.empty:
+        frame["tokens"] = np.interp(steps, tokens.index, tokens.to_numpy())
+        speed = speed.reindex(tokens.index)
+        if speed.notna().all():
+            elapsed = np.cumsum(np.diff(tokens.to_numpy(), prepend=0.0) / speed.to_numpy())
+            frame["train_time_s"] = np.interp(frame["tokens"], tokens.to_numpy(), elapsed)
+    return frame
 
 
 def _sort_key(column: pd.Series) -> pd.Series:

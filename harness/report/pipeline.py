@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from harness.config import load_spec
 from harness.report.document import build_document
 from harness.report.figures import make_figures
 from harness.report.gather import load_study, study_name, tuning_study
@@ -24,6 +25,8 @@ def write_report(
     """Gather, analyse, plot and render; returns the folder holding report.md and report.pdf."""
     name = study_name(target)
     data = load_study(name, tracking_uri)
+    if target.endswith((".yaml", ".yml")):  # the spec at hand states the margin, whatever the study run recorded
+        data.equivalence_margin = load_spec(target).report.equivalence_margin
     out = Path(out) if out is not None else Path("reports") / name
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):

@@ -1,0 +1,81 @@
+"""The claims beyond "different": equivalence (TOST), Holm-adjusted p-values and the seeds a test would need.
+
+All figures come from statsmodels, the well-kept implementation, never a hand-written test:
+
+- TOST (Schuirmann's two one-sided tests) on the log perplexity (= the loss), so a relative PPL margin ``m``
+  is the symmetric interval ±log(1 + m) on the loss difference; ``ttost_paired`` on per-seed differences when
+  both variants ran at least two common seeds, ``ttost_ind`` (Welch's unequal variances) otherwise.
+- Holm-Bonferroni (Holm 1979) across the variants compared, via ``multipletests(method="holm")``.
+- Seeds for 80% power at the observed effect size: ``TTestPower`` (paired, d_z) or ``TTestIndPower`` (d).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.stats.weightstats import ttost_ind, ttost_paired
+
+from harness.report.significance import ALPHA, Comparison
+
+POWER = 0.8
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    test: str  # "paired TOST" or "Welch TOST"
+    n: int  # pairs (paired) or the smaller group size
+    ratio: float  # geometric-mean PPL ratio variant / baseline = exp(mean loss difference)
+    margin: float  # relative PPL margin: equivalent when the ratio lies within [1/(1+m), 1+m]
+    p_value: float  # the larger of the two one-sided p-values
+
+    @property
+    def equivalent(self) -> bool:
+        return math.isfinite(self.p_value) and self.p_value < ALPHA
+
+
+def _finite_logs(values: Mapping[str, float]) -> dict[str, float]:
+    return {k: math.log(v) for k, v in values.items() if v is not None and math.isfinite(v) and v > 0}
+
+
+def tost(baseline: Mapping[str, float], variant: Mapping[str, float], margin: float) -> Equivalence | None:
+    """Is ``variant``'s PPL within ``margin`` (relative) of ``baseline``'s? Each a {seed: PPL} map; None: too few."""
+    base, other = _finite_logs(baseline), _finite_logs(variant)
+    bound = math.log1p(margin)
+    common = sorted(set(base) & set(other))
+    if len(common) >= 2:
+        x1, x2 = np.array([other[s] for s in common]), np.array([base[s] for s in common])
+        p_value = ttost_paired(x1, x2, -bound, bound)[0]
+        return Equivalence("paired TOST", len(common), math.exp(float((x1 - x2).mean())), margin, float(p_value))
+    if len(base) < 2 or len(other) < 2:
+        return None
+    x1, x2 = np.array(list(other.values())), np.array(list(base.values()))
+    p_value = ttost_ind(x1, x2, -bound, bound, usevar="unequal")[0]
+    ratio = math.exp(float(x1.mean() - x2.mean()))
+    return Equivalence("Welch TOST", min(len(x1), len(x2)), ratio, margin, float(p_value))
+
+
+def holm(p_values: Mapping[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values of one family of tests; non-finite p-values stay out of the family."""
+    tested = {k: p for k, p in p_values.items() if p is not None and math.isfinite(p)}
+    if not tested:
+        return dict.fromkeys(p_values, math.nan)
+    adjusted = dict(zip(tested, multipletests(list(tested.values()), alpha=ALPHA, method="holm")[1], strict=True))
+    return {k: float(adjusted.get(k, math.nan)) for k in p_values}
+
+
+def seeds_for_power(result: Comparison, power: float = POWER) -> float:
+    """Seeds (pairs, or runs per variant) a two-sided t-test needs to detect the observed effect; nan if none."""
+    effect = abs(result.effect)
+    if not math.isfinite(effect) or effect == 0.0:
+        return math.nan
+    analysis = TTestPower() if result.effect_name == "d_z" else TTestIndPower()
+    try:
+        nobs = analysis.solve_power(effect_size=effect, alpha=ALPHA, power=power, alternative="two-sided")
+    except (ValueError, RuntimeError):  # the root finder can fail for tiny effects: report no figure
+        return math.nan
+    return float(np.ceil(np.asarray(nobs).item()))

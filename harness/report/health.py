@@ -1,0 +1,92 @@
+"""The "Training health" section: each trial's verdict with its numbers, and the notes beside rankings.
+
+The verdicts are the trainer's (tags ``harness.health`` / ``harness.health.evidence``, see harness/health.py);
+runs from before those checks have none and read "unknown". A flagged trial (stalled, collapsed, unstable)
+did not train as intended, so it is left out of every ranking and test and listed here with its reason.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from harness.report.blocks import Block, Figure, Heading, Image, Para, Table
+from harness.report.formatting import MISSING, fmt
+from harness.report.gather import HEALTH_UNKNOWN, StudyData
+from harness.tags import HEALTH, HEALTH_EVIDENCE
+
+
+def verdict(run: pd.Series) -> str:
+    value = run.get(f"tags.{HEALTH}")
+    return str(value) if value is not None and pd.notna(value) else HEALTH_UNKNOWN
+
+
+def _trial(run: pd.Series, several: bool) -> str:
+    where = f" ({run['tags.backbone']})" if several else ""
+    return f"{run['tags.variant']} seed {run['tags.seed']}{where}"
+
+
+def _number(run: pd.Series, metric: str, digits: int) -> str:
+    value = run.get(f"metrics.{metric}")
+    return fmt(float(value), digits) if value is not None and pd.notna(value) else MISSING
+
+
+def _evidence(run: pd.Series) -> str:
+    value = run.get(f"tags.{HEALTH_EVIDENCE}")
+    return str(value) if value is not None and pd.notna(value) else MISSING
+
+
+def health_table(data: StudyData) -> Table:
+    several = len(data.backbones) > 1
+    rows = [
+        [
+            _trial(run, several),
+            verdict(run),
+            _number(run, "train_loss", 3),
+            _number(run, "health_unigram_loss", 3),
+            _number(run, "health_clip_fraction", 2),
+            _number(run, "grad_norm_total", 3),
+            _evidence(run),
+        ]
+        for _, run in data.finished.iterrows()
+    ]
+    return Table(
+        ["Trial", "Health", "Train loss", "Unigram loss", "Clip fraction", "Grad norm", "Evidence"],
+        rows,
+        caption="Train loss: the last logging window's mean. Unigram loss: the entropy of the training split's "
+        "unigram distribution (a model that learnt only word frequencies). Clip fraction: share of steps whose "
+        "gradient was clipped. Grad norm: the total gradient norm before clipping at the last logging step. "
+        "unknown: the run predates the health checks.",
+    )
+
+
+def flagged_list(data: StudyData, runs: pd.DataFrame | None = None) -> str:
+    """'hybrid seed 1 (stalled), ...' for the flagged trials among ``runs`` (default: all)."""
+    flagged = data.flagged if runs is None else data.flagged[data.flagged.index.isin(runs.index)]
+    several = len(data.backbones) > 1
+    return ", ".join(f"{_trial(run, several)} ({verdict(run)})" for _, run in flagged.iterrows())
+
+
+def flag_note(data: StudyData, backbone: str, what: str) -> list[Block]:
+    """The note beside a ranking or test of ``backbone`` that leaves flagged trials out; nothing when none are."""
+    listed = flagged_list(data, data.runs[data.runs["tags.backbone"] == backbone])
+    if not listed:
+        return []
+    return [Para(f"**Left out of {what}, flagged in Training health:** {listed}. They did not train as intended.")]
+
+
+def health_section(data: StudyData, figures: list[Figure]) -> list[Block]:
+    blocks: list[Block] = [Heading("Training health")]
+    if data.finished.empty:
+        return [*blocks, Para("No trial finished, so no training health was judged.")]
+    flagged = flagged_list(data)
+    if flagged:
+        summary = (
+            f"Flagged: {flagged}. These trials are left out of every ranking, table and test below; "
+            "their numbers describe a failed optimisation, not the design."
+        )
+    elif (data.finished[f"tags.{HEALTH}"].isna()).all():
+        summary = "These runs predate the training-health checks: no verdict was recorded (health unknown)."
+    else:
+        summary = "No trial was flagged stalled, collapsed or unstable."
+    blocks += [Para(summary), health_table(data)]
+    return blocks + [Image(f) for f in figures if f.section == "health"]

@@ -1,0 +1,143 @@
+"""The report's claims: TOST / Holm / power equal statsmodels' own figures, compute matching interpolates, and
+trials flagged in Training health (logged into a real MLflow store here) are named and left out of rankings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.stats.weightstats import ttost_ind, ttost_paired
+
+from harness.config import SpecError, TrialConfig, load_spec, resolve_trial
+from harness.report.equivalence import holm, seeds_for_power, tost
+from harness.report.matched import matched_points, ppl_at
+from harness.report.pipeline import write_report
+from harness.report.significance import compare
+from harness.tags import EQUIVALENCE_MARGIN, HEALTH, HEALTH_EVIDENCE, PARENT, ROLE, ROLE_STUDY, ROLE_TRIAL
+from tests.studies import tiny_spec
+
+BASE = {"0": 100.0, "1": 104.0, "2": 101.0}
+CLOSE = {"0": 101.0, "1": 104.5, "2": 102.5}
+
+
+def test_tost_paired_and_welch_equal_statsmodels_on_the_log_scale() -> None:
+    bound = math.log(1.05)
+    paired = tost(BASE, CLOSE, 0.05)
+    x1, x2 = np.log(list(CLOSE.values())), np.log(list(BASE.values()))
+    assert paired.test == "paired TOST" and paired.n == 3
+    assert paired.p_value == pytest.approx(ttost_paired(x1, x2, -bound, bound)[0], rel=1e-12)
+    assert paired.ratio == pytest.approx(math.exp((x1 - x2).mean()))
+    other = {"3": 110.0, "4": 99.0, "5": 103.0}
+    welch = tost(BASE, other, 0.05)
+    expected = ttost_ind(np.log(list(other.values())), x2, -bound, bound, usevar="unequal")[0]
+    assert welch.test == "Welch TOST" and welch.p_value == pytest.approx(expected, rel=1e-12)
+    assert not welch.equivalent and paired.equivalent == (paired.p_value < 0.05)
+    assert tost({"0": 1.0}, {"0": 1.0}, 0.05) is None
+
+
+def test_holm_equals_multipletests_and_keeps_untested_out_of_the_family() -> None:
+    p = {"switch": 0.01, "lora": 0.04, "hybrid": 0.03, "dense": math.nan}
+    adjusted = holm(p)
+    expected = multipletests([0.01, 0.04, 0.03], method="holm")[1]
+    assert [adjusted[k] for k in ("switch", "lora", "hybrid")] == pytest.approx(list(expected))
+    assert math.isnan(adjusted["dense"])
+
+
+def test_seeds_for_power_equal_statsmodels_paired_and_independent() -> None:
+    paired = compare(BASE, CLOSE)
+    expected = TTestPower().solve_power(effect_size=abs(paired.effect), alpha=0.05, power=0.8)
+    assert seeds_for_power(paired) == math.ceil(expected)
+    welch = compare(BASE, {"3": 110.0, "4": 99.0, "5": 103.0})
+    expected = TTestIndPower().solve_power(effect_size=abs(welch.effect), alpha=0.05, power=0.8)
+    assert seeds_for_power(welch) == math.ceil(expected)
+    assert math.isnan(seeds_for_power(compare(BASE, BASE)))  # no difference: no finite number of seeds
+
+
+def test_interpolation_is_linear_in_log_ppl_and_matches_at_the_smallest_total() -> None:
+    x, ppl = np.array([0.0, 10.0, 20.0]), np.exp([5.0, 4.0, 3.0])
+    assert ppl_at(x, ppl, 15.0) == pytest.approx(math.exp(3.5))
+    assert math.isnan(ppl_at(x, ppl, 25.0)) and math.isnan(ppl_at(x, ppl, -1.0))
+    curves = pd.DataFrame(
+        {"run_id": ["a"] * 3 + ["b"] * 2, "t": [0.0, 10.0, 20.0, 0.0, 16.0], "val_ppl": [*ppl, 100.0, 50.0]}
+    )
+    budget, points = matched_points(curves, "t")
+    assert budget == 16.0  # run b stopped there
+    assert points["a"] == pytest.approx(math.exp(4.0 - 0.6)) and points["b"] == pytest.approx(50.0)
+
+
+def _trial(client: MlflowClient, eid: str, parent: str, config: TrialConfig, test_ppl: float, health: str | None):
+    """A finished trial run as the trainer records it: tags, summary, curves, gradient norms, config.yaml."""
+    tags = {ROLE: ROLE_TRIAL, PARENT: parent, "variant": config.variant, "seed": str(config.seed), "backbone": "lstm"}
+    if health is not None:
+        tags |= {HEALTH: health, HEALTH_EVIDENCE: f"train loss {test_ppl:.0f} evidence"}
+    run_id = client.create_run(eid, tags=tags).info.run_id
+    speed = 1000.0 if config.variant == "baseline" else 500.0  # switch: half the speed
+    metrics = [Metric("test_ppl", test_ppl, 0, 0), Metric("final_val_ppl", test_ppl, 0, 0)]
+    metrics += [Metric("health_unigram_loss", 7.0, 0, 0), Metric("health_clip_fraction", 0.5, 0, 0)]
+    for step in (10, 20, 30, 40):
+        metrics += [Metric("tokens", step * 100.0, 0, step), Metric("tokens_per_s", speed, 0, step)]
+        metrics += [Metric("val_ppl", test_ppl * 40 / step, 0, step), Metric("train_loss", 6.0, 0, step)]
+        metrics += [Metric(f"grad_norm_{c}", 0.1 * step, 0, step) for c in ("backbone", "router", "head", "total")]
+    client.log_batch(run_id, metrics=metrics)
+    client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json")), "config.yaml")
+    client.set_terminated(run_id, "FINISHED")
+
+
+@pytest.fixture
+def flagged_study(tmp_path: Path, tracking_uri: str) -> Path:
+    """baseline and switch healthy over 3 seeds, hybrid stalled in both of its seeds, lora from an older store."""
+    spec = load_spec(tiny_spec(tmp_path, "claims", ["baseline"], [0]))
+    client = MlflowClient(tracking_uri)
+    eid = client.create_experiment("claims")
+    parent = client.create_run(eid, tags={ROLE: ROLE_STUDY, EQUIVALENCE_MARGIN: "0.1"}).info.run_id
+    values = {"baseline": BASE, "switch": CLOSE, "hybrid": {"0": 1030.0, "1": 1040.0}, "lora": {"0": 99.0}}
+    health = {"baseline": "ok", "switch": "ok", "hybrid": "stalled", "lora": None}
+    for variant, by_seed in values.items():
+        for seed, ppl in by_seed.items():
+            _trial(client, eid, parent, resolve_trial(spec, variant, int(seed)), ppl, health[variant])
+    return write_report("claims", tracking_uri, tmp_path / "out", log_artifacts=False)
+
+
+def test_flagged_trials_are_named_and_left_out_of_rankings_and_tests(flagged_study: Path) -> None:
+    markdown = (flagged_study / "report.md").read_text()
+    health = markdown.split("## Training health", 1)[1].split("## Main comparison", 1)[0]
+    assert "Flagged: hybrid seed 0 (stalled), hybrid seed 1 (stalled)" in health
+    assert "| hybrid seed 0 | stalled | 6.000 | 7.000 | 0.50 | 4.000 | train loss 1030 evidence |" in health
+    assert "| lora seed 0 | unknown |" in health and "![Gradient norm per component](grad_norms.png)" in health
+    rest = markdown.split("## Main comparison", 1)[1]
+    assert not [line for line in rest.splitlines() if line.startswith("| hybrid |")]  # in no table
+    assert rest.count("flagged in Training health:** hybrid seed 0 (stalled), hybrid seed 1 (stalled)") == 4
+    assert "hybrid" not in rest.split("## Significance", 1)[1].split("**Left out", 1)[0]
+
+
+def test_equivalence_and_compute_matched_tables_carry_the_library_figures(flagged_study: Path) -> None:
+    markdown = (flagged_study / "report.md").read_text()
+    bound = math.log(1.1)  # the parent run's report.equivalence_margin
+    x1, x2 = np.log(list(CLOSE.values())), np.log(list(BASE.values()))
+    p = ttost_paired(x1, x2, -bound, bound)[0]
+    row = [line for line in markdown.splitlines() if line.startswith("| switch | paired TOST |")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == ("< 0.001" if p < 0.001 else f"{p:.3f}") and "±10%" in markdown
+    matched = markdown.split("## Compute-matched comparison", 1)[1]
+    # baseline reached 4,000 tokens in 4 s, switch in 8 s: at 4 s switch has seen 2,000 tokens (step 20).
+    switch = [line for line in matched.splitlines() if line.startswith("| switch |")][0]
+    expected = np.array(list(CLOSE.values())) * 40 / 20
+    assert f"{expected.mean():,.2f} ± {expected.std(ddof=1):,.2f}" in switch
+    assert (flagged_study / "grad_norms.png").stat().st_size > 5000
+
+
+def test_equivalence_margin_is_a_validated_spec_key(tmp_path: Path) -> None:
+    spec = yaml.safe_load(tiny_spec(tmp_path, "margin", ["baseline"], [0]).read_text())
+    assert load_spec(tiny_spec(tmp_path, "margin", ["baseline"], [0])).report.equivalence_margin == 0.05
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec | {"report": {"equivalence_margin": 1.5}}))
+    with pytest.raises(SpecError, match=r"report\.equivalence_margin.*1\.5"):
+        load_spec(path)
