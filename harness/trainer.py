@@ -218,7 +218,10 @@ def progress_bar(label: str, total: int, step: int, enabled: bool) -> tqdm:
     common = {"total": total, "initial": step, "desc": label, "disable": not enabled, "unit": "step"}
     if sys.stderr.isatty():
         return tqdm(**common, dynamic_ncols=True)
-    return tqdm(**common, file=_Lines(sys.stderr), mininterval=0, miniters=max(1, total // 10))
+    # maxinterval=inf: tqdm's monitor thread would otherwise force a line after 10 idle seconds (a slow step)
+    # and drop miniters to 1, printing every step from then on.
+    lines = {"mininterval": 0, "maxinterval": float("inf"), "miniters": max(1, total // 10)}
+    return tqdm(**common, file=_Lines(sys.stderr), **lines)
 
 
 def show(bar: tqdm, step: int, metrics: dict[str, float]) -> None:

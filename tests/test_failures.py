@@ -37,6 +37,9 @@ def test_failed_trials_are_contained_recorded_and_reported(
                 if step >= 8:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+            def sync(self) -> None:
+                sink.sync()
+
         return real_train(config, corpus, Exhausting(), **kwargs)
 
     monkeypatch.setattr(harness.study, "train", train_running_out_of_memory)
