@@ -19,6 +19,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from harness.config import VARIANTS, SpecError, load_spec
+from harness.metric_names import VAL_PPL, VAL_SUBSET_PPL
 from harness.tags import ROLE, ROLE_STUDY, ROLE_TRIAL, ROLE_TUNE, ROLE_TUNE_TRIAL
 
 BASELINE = "baseline"
@@ -145,8 +146,11 @@ def _download_csv(client: MlflowClient, run_id: str, name: str, folder: Path) ->
 
 
 def _curve(client: MlflowClient, run_id: str) -> pd.DataFrame:
-    """val_ppl per evaluation step, placed on the training-token axis via the ``tokens`` step metric."""
-    val = client.get_metric_history(run_id, "val_ppl")
+    """Validation PPL per mid-run evaluation, on the training-token axis via the ``tokens`` step metric.
+
+    One measure per curve: the ``eval_tokens`` subset estimate, or the full split where a run evaluated that.
+    """
+    val = client.get_metric_history(run_id, VAL_SUBSET_PPL) or client.get_metric_history(run_id, VAL_PPL)
     if not val:
         return pd.DataFrame(columns=["step", "tokens", "val_ppl"])
     seen = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "tokens"))
