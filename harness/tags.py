@@ -18,3 +18,10 @@ OPTUNA_STATE = "optuna.state"  # the Optuna state of the trial behind a tune-tri
 OPTUNA_TRIAL = "optuna.trial_number"
 OPTUNA_RETRIED_FROM = "optuna.retried_from"
 OPTUNA_PARAM = "optuna.param."  # prefix of one tag per tuned parameter
+
+# MLflow's standard system tags: the UI's Source, Version and User columns, and the description fields
+SOURCE_NAME = "mlflow.source.name"
+SOURCE_TYPE = "mlflow.source.type"
+SOURCE_COMMIT = "mlflow.source.git.commit"
+USER = "mlflow.user"
+NOTE = "mlflow.note.content"  # a run's or an experiment's description
