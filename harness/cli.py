@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.bench import moe as bench_moe
     from harness.bench import train as bench_train
     from harness.report import register as register_report
+    from harness.store import register as register_store
 
     register_report(commands)
+    register_store(commands)
 
     bench = commands.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_train.register(bench)

@@ -152,7 +152,11 @@ class RoutingTally:
 
 
 def utilisation_summary(fractions: Tensor, prefix: str) -> dict[str, float]:
-    """Per-layer load CV and normalised entropy of the token shares, plus each share."""
+    """Per-layer load CV and normalised entropy of the token shares.
+
+    Each expert's share is in the utilisation tables (CSV artifacts, the report), not a metric of its own:
+    as single-value metrics they were most of a trial's charts in the MLflow UI.
+    """
     out: dict[str, float] = {}
     n_experts = fractions.size(-1)
     for layer, row in enumerate(fractions.cpu()):
@@ -162,6 +166,4 @@ def utilisation_summary(fractions: Tensor, prefix: str) -> dict[str, float]:
         out[f"{prefix}_entropy_l{layer}"] = (
             float(-(row * p.log()).sum()) / math.log(n_experts) if n_experts > 1 else 1.0
         )
-        for expert, share in enumerate(row.tolist()):
-            out[f"{prefix}_l{layer}_e{expert}"] = share
     return out

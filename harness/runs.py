@@ -9,11 +9,14 @@
   and the study goes on; anything else (Ctrl-C, SIGTERM, a bug) interrupts the harness and kills
   the run, so a rerun resumes it.
 * Shared runs: a study's parent run is created by whichever worker comes first; when workers race,
-  :func:`oldest` wins (:func:`shared_run`).
+  :func:`oldest` wins (:func:`shared_run`). :func:`finish_study_run` ends it with study-level metrics.
+* Every run the harness creates carries MLflow's standard system tags (:func:`system_tags`), which
+  fill the UI's Source, Version and User columns.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import tempfile
 import time
@@ -29,7 +32,20 @@ from mlflow.tracking import MlflowClient
 
 from harness.data import Corpus, DataError
 from harness.matrix import Cell
-from harness.tags import CELL, ERROR, PARENT, PRUNED, ROLE, ROLE_TRIAL, STUDY
+from harness.metric_names import HEADLINE
+from harness.tags import (
+    CELL,
+    ERROR,
+    PARENT,
+    PRUNED,
+    ROLE,
+    ROLE_TRIAL,
+    SOURCE_COMMIT,
+    SOURCE_NAME,
+    SOURCE_TYPE,
+    STUDY,
+    USER,
+)
 from harness.tracking import MlflowSink, TrackingStore, device_description, git_commit
 from harness.trainer import NonFiniteLoss
 
@@ -58,6 +74,15 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None =
     client.set_terminated(run_id, status)
 
 
+def system_tags() -> dict[str, str]:
+    """MLflow's standard tags for a run the harness creates (what ``mlflow.start_run`` sets by itself)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry or $USER
+        user = "unknown"
+    return {SOURCE_NAME: "harness", SOURCE_TYPE: "LOCAL", SOURCE_COMMIT: git_commit(full=True), USER: user}
+
+
 def is_finished(run: Run) -> bool:
     return run.info.status == FINISHED
 
@@ -74,7 +99,7 @@ def shared_run(store: TrackingStore, experiment_id: str, query: str, run_name: s
     """
     existing = store.runs(experiment_id, query)
     if not existing:
-        store.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        store.client.create_run(experiment_id, run_name=run_name, tags=system_tags() | tags)
         existing = store.runs(experiment_id, query)
     keep = oldest(existing)
     assert keep is not None
@@ -82,9 +107,30 @@ def shared_run(store: TrackingStore, experiment_id: str, query: str, run_name: s
         extra_id = extra.info.run_id
         if extra_id != keep.info.run_id and not store.runs(experiment_id, f"tags.`{PARENT}` = '{extra_id}'"):
             store.client.delete_run(extra_id)
-    if keep.info.status != RUNNING:  # resumed, or extended with more trials
-        store.client.update_run(keep.info.run_id, RUNNING)
+    resume(store.client, keep.info.run_id)  # resumed, or extended with more trials
     return keep.info.run_id
+
+
+def resume(client: MlflowClient, run_id: str) -> None:
+    """A run that ended and is being worked on again: RUNNING (its old end time stays until it ends again)."""
+    if client.get_run(run_id).info.status != RUNNING:
+        client.update_run(run_id, RUNNING)
+
+
+def finish_study_run(store: TrackingStore, run_id: str, status: str) -> None:
+    """End a study's parent run with what its finished trials say: per variant, the mean test PPL over them."""
+    client = store.client
+    experiment_id = client.get_run(run_id).info.experiment_id
+    children = store.runs(experiment_id, f"tags.`{PARENT}` = '{run_id}' and attributes.status = '{FINISHED}'")
+    by_variant: dict[str, list[float]] = {}
+    for child in children:
+        if "test_ppl" in child.data.metrics:
+            by_variant.setdefault(child.data.tags.get("variant", "?"), []).append(child.data.metrics["test_ppl"])
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{HEADLINE}mean_test_ppl_{v}", sum(x) / len(x), now, 0) for v, x in by_variant.items()]
+    metrics.append(Metric("trials_finished", float(len(children)), now, 0))
+    client.log_batch(run_id, metrics=metrics)
+    end_run(client, run_id, status)
 
 
 def cell_run(store: TrackingStore, experiment_id: str, cell: Cell) -> Run | None:
@@ -109,7 +155,7 @@ def open_trial_run(
             store.client.delete_tag(existing.info.run_id, ERROR)
         return existing.info.run_id
     config = cell.config
-    tags = {
+    tags = system_tags() | {
         ROLE: ROLE_TRIAL,
         CELL: cell.key,
         STUDY: study,

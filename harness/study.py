@@ -10,18 +10,23 @@ written.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+from mlflow.entities import Param
+
+from harness import runs
 from harness.config import StudySpec
 from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
 from harness.data import Corpus, load_corpus
 from harness.matrix import Cell, expand
-from harness.runs import KILLED, TrialRun, cell_run, is_finished, open_trial_run, shared_run
-from harness.tags import EQUIVALENCE_MARGIN, ROLE, ROLE_STUDY, STUDY
+from harness.runs import KILLED, TrialRun, cell_run, finish_study_run, is_finished, open_trial_run, shared_run
+from harness.tags import EQUIVALENCE_MARGIN, NOTE, ROLE, ROLE_STUDY, STUDY
 from harness.tracking import MlflowSink, TrackingStore, device_description
 from harness.trainer import Checkpointer, resolve_device, train
 
@@ -66,6 +71,23 @@ def preflight(spec: StudySpec, trials: list[Cell], checkpoint_dir: Path) -> dict
             corpora[_corpus_key(trial)] = load_corpus(trial.config.data)
         checkpointer(checkpoint_dir, spec, trial).load()  # raises SpecError for another config's checkpoint
     return corpora
+
+
+def describe_study_run(store: TrackingStore, run_id: str, spec: StudySpec, trials: list[Cell]) -> str:
+    """Give a new parent run the resolved matrix as params and the spec as an artifact (a rerun keeps the first)."""
+    if store.client.get_run(run_id).data.params:
+        return run_id
+    matrix = spec.matrix
+    params = {
+        "matrix.variants": ",".join(matrix.variants),
+        "matrix.seeds": ",".join(str(seed) for seed in matrix.seeds),
+        "n_trials": str(len(trials)),
+        **{f"matrix.sweep.{key}": json.dumps(values) for key, values in matrix.sweep.items()},
+    }
+    store.client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
+    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    store.client.log_text(run_id, spec_yaml, "spec.yaml")
+    return run_id
 
 
 @dataclass
@@ -163,7 +185,7 @@ def run_study(
     coordinator.check()
     store = TrackingStore(tracking_uri)  # checks a tracking server is up; nothing written before here
     coordinator.setup()
-    experiment_id = store.experiment_id(spec.name)
+    experiment_id = store.experiment_id(spec.name, spec.description)
     experiment = store.client.get_experiment(experiment_id)
     study_key = f"{spec.name}@{experiment_id}:{experiment.creation_time}"  # one store's study, not a namesake's
     cells = [t.key for t in trials]
@@ -172,26 +194,35 @@ def run_study(
         coordinator.requeue_failed(study_key, cells)
     tags = {ROLE: ROLE_STUDY, STUDY: spec.name, "n_trials": str(len(trials))}
     tags["device"] = device_description(trials[0].config.train.device)
+    tags |= {NOTE: spec.description} if spec.description else {}
+    query = f"tags.`{ROLE}` = '{ROLE_STUDY}'"
     parent_id = coordinator.study_run(
-        study_key, lambda: shared_run(store, experiment_id, f"tags.`{ROLE}` = '{ROLE_STUDY}'", spec.name, tags)
+        study_key,
+        lambda: describe_study_run(store, shared_run(store, experiment_id, query, spec.name, tags), spec, trials),
     )
     # A tag, not a param: a rerun with another margin replaces it (MLflow params cannot change).
     store.client.set_tag(parent_id, EQUIVALENCE_MARGIN, str(spec.report.equivalence_margin))
+    runs.resume(store.client, parent_id)  # a rerun: RUNNING again until its cells are done
     outcome = StudyOutcome(experiment_id, parent_id)
     worker = StudyWorker(spec, store, coordinator, study_key, outcome, corpora, checkpoint_dir, progress)
     by_key = {t.key: t for t in trials}
-    while True:
-        claim = coordinator.claim(study_key, cells)
-        if claim is not None:
-            worker.run_claimed(by_key[claim.cell], claim, f"[{cells.index(claim.cell) + 1}/{len(cells)}]")
-        elif all(state in (FINISHED, FAILED) for state, _ in coordinator.states(study_key, cells).values()):
-            break
-        else:
-            time.sleep(min(2.0, heartbeat_timeout / 4))  # other workers hold the rest; take over stale ones
+    try:
+        while True:
+            claim = coordinator.claim(study_key, cells)
+            if claim is not None:
+                worker.run_claimed(by_key[claim.cell], claim, f"[{cells.index(claim.cell) + 1}/{len(cells)}]")
+            elif all(state in (FINISHED, FAILED) for state, _ in coordinator.states(study_key, cells).values()):
+                break
+            else:
+                time.sleep(min(2.0, heartbeat_timeout / 4))  # other workers hold the rest; take over stale ones
+    except BaseException:
+        finish_study_run(store, parent_id, KILLED)  # interrupted: a rerun resumes it
+        raise
     for cell, (state, error) in coordinator.states(study_key, cells).items():
         if state == FAILED:
             outcome.failed[cell] = error or "failed"
         elif cell not in outcome.finished:
             outcome.skipped.append(cell)
+    finish_study_run(store, parent_id, runs.FAILED if outcome.failed else runs.FINISHED)
     coordinator.dispose()
     return outcome

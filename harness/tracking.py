@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from harness.config import SpecError
 from harness.data import Corpus
 from harness.retry import retry_race
+from harness.tags import NOTE
 from harness.urls import sqlite_path
 
 DEFAULT_STORE_DIR = Path("mlruns")
@@ -43,9 +44,11 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
     return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def git_commit() -> str:
+def git_commit(full: bool = False) -> str:
+    """HEAD's commit hash (abbreviated unless ``full``: MLflow's ``mlflow.source.git.commit`` wants it whole)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        command = ["git", "rev-parse", *([] if full else ["--short"]), "HEAD"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -83,17 +86,20 @@ class TrackingStore:
         database = sqlite_path(self.uri)
         return None if database is None else (database.parent / "artifacts" / name).resolve().as_uri()
 
-    def experiment_id(self, name: str) -> str:
+    def experiment_id(self, name: str, description: str = "") -> str:
+        """The study's experiment, created if needed, with ``description`` as its note (the UI's description)."""
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=self.artifact_location(name))
-        except mlflow.exceptions.MlflowException:
-            experiment = self.client.get_experiment_by_name(name)  # another worker created it first
-            if experiment is None:
-                raise
-            return experiment.experiment_id
+        if experiment is None:
+            try:
+                tags = {NOTE: description} if description else None
+                return self.client.create_experiment(name, self.artifact_location(name), tags)
+            except mlflow.exceptions.MlflowException:
+                experiment = self.client.get_experiment_by_name(name)  # another worker created it first
+                if experiment is None:
+                    raise
+        if description and experiment.tags.get(NOTE) != description:  # the spec's description has changed
+            self.client.set_experiment_tag(experiment.experiment_id, NOTE, description)
+        return experiment.experiment_id
 
     def runs(self, experiment_id: str, filter_string: str) -> list[Run]:
         found, token = [], None

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from harness.checkpoint import Checkpointer, CheckpointPolicy, TrainState
 from harness.config import TrialConfig
 from harness.data import Corpus, batchify, get_batch
+from harness.metric_names import TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_SUBSET_LOSS, VAL_SUBSET_PPL
 from harness.metrics import ResourceMonitor, RoutingTally, perplexity, utilisation_summary
 from harness.step import autocast, build_train_state, resolve_device, seed_everything, set_threads, train_step
 from models import LanguageModel, LMOutput
@@ -119,8 +120,10 @@ class Validation:
 
     def __call__(self, state: TrainState, max_tokens: int | None = None, tally: RoutingTally | None = None) -> float:
         val_loss = evaluate(state.model, self.rows, self.config, state.device, max_tokens, tally)
-        state.best_val = min(state.best_val, val_loss)
-        self.sink.log_metrics({"val_loss": val_loss, "val_ppl": perplexity(val_loss)}, state.step)
+        if max_tokens == self.config.budget.eval_tokens:  # the best is over the mid-run measure only
+            state.best_val = min(state.best_val, val_loss)
+        loss_name, ppl_name = (VAL_LOSS, VAL_PPL) if max_tokens is None else (VAL_SUBSET_LOSS, VAL_SUBSET_PPL)
+        self.sink.log_metrics({loss_name: val_loss, ppl_name: perplexity(val_loss)}, state.step)
         if self.on_eval is not None:
             self.on_eval(state.step, state.tokens, val_loss)  # may raise (pruned)
         return val_loss
@@ -137,7 +140,8 @@ def _long_table(fractions: Tensor, **columns: Any) -> list[dict[str, Any]]:
 class LogWindow:
     """The steps since the last logging step: losses and routing accumulate on device, read once at close."""
 
-    def __init__(self, n_layers: int, n_experts: int, device: torch.device) -> None:
+    def __init__(self, n_layers: int, n_experts: int, device: torch.device, drops: bool = False) -> None:
+        self.drops = drops  # a capacity is set: the dropped fraction can be non-zero, so it is logged
         self.loss = torch.zeros((), device=device)
         self.aux = torch.zeros((), device=device)
         self.routing = RoutingTally(n_layers, n_experts, device)
@@ -157,7 +161,7 @@ class LogWindow:
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(f"non-finite training loss at step {state.step}")
         metrics = {
-            "train_loss": mean_loss,
+            TRAIN_LOSS: mean_loss,
             "train_ppl": perplexity(mean_loss),
             "aux_loss": float(self.aux) / self.steps,
             "lr": state.scheduler.get_last_lr()[0],
@@ -165,6 +169,8 @@ class LogWindow:
             "tokens": float(state.tokens),
             **self.routing.means(),
         }
+        if not self.drops:
+            metrics.pop("dropped_fraction", None)
         if self.routing.n_layers:
             state.train_counts += self.routing.counts
             state.history.extend(_long_table(self.routing.fractions(), step=state.step, tokens=state.tokens))
@@ -225,19 +231,24 @@ def progress_bar(label: str, total: int, step: int, enabled: bool) -> tqdm:
 
 
 def show(bar: tqdm, step: int, metrics: dict[str, float]) -> None:
-    loss, tokens_per_s = metrics["train_loss"], metrics["tokens_per_s"]
+    loss, tokens_per_s = metrics[TRAIN_LOSS], metrics["tokens_per_s"]
     bar.set_postfix_str(f"loss {loss:.3f} ppl {perplexity(loss):.1f} {tokens_per_s:,.0f} tok/s", refresh=False)
     bar.update(step - bar.n)
 
 
 def trial_result(
-    state: TrainState, val_loss: float, test_loss: float, val_tally: RoutingTally, resources: dict[str, float]
+    config: TrialConfig,
+    state: TrainState,
+    val_loss: float,
+    test_loss: float,
+    val_tally: RoutingTally,
+    resources: dict[str, float],
 ) -> TrialResult:
     """Summary figures and the utilisation tables of a finished run."""
+    drops = config.moe.capacity_factor is not None  # else the dropped fraction is 0 by construction
     summary: dict[str, float] = {
         "final_val_loss": val_loss,
         "final_val_ppl": perplexity(val_loss),
-        "best_val_ppl": perplexity(state.best_val),
         "test_loss": test_loss,
         "test_ppl": perplexity(test_loss),
         "train_tokens": float(state.tokens),
@@ -247,12 +258,15 @@ def trial_result(
         **{f"params_{k}": float(v) for k, v in state.model.param_counts().items()},
         **resources,
     }
+    if math.isfinite(state.best_val):  # named by the measure the mid-run evaluations use
+        subset = config.budget.eval_tokens is not None
+        summary["best_val_subset_ppl" if subset else "best_val_ppl"] = perplexity(state.best_val)
     utilisation = pd.DataFrame(columns=["split", "layer", "expert", "share"])
     if state.train_counts.numel():
         train_fractions = state.train_counts / state.train_counts.sum(-1, keepdim=True).clamp_min(1.0)
         summary |= utilisation_summary(train_fractions, "util_train")
         summary |= utilisation_summary(val_tally.fractions(), "util_val")
-        summary |= {f"val_{k}": v for k, v in val_tally.means().items()}
+        summary |= {f"val_{k}": v for k, v in val_tally.means().items() if k != "dropped_fraction" or drops}
         utilisation = pd.DataFrame(
             _long_table(train_fractions, split="train") + _long_table(val_tally.fractions(), split="validation")
         )
@@ -282,7 +296,7 @@ def train(
     if checkpoint is not None:
         checkpoint.restore(state)
     checkpoints = CheckpointPolicy(checkpoint, b.checkpoint_every_steps, state.step)
-    window = LogWindow(*state.train_counts.shape, device)
+    window = LogWindow(*state.train_counts.shape, device, drops=config.moe.capacity_factor is not None)
     state.model.train()
     with ResourceMonitor(device) as monitor:
         with progress_bar(label or f"{config.variant} seed={config.seed}", n_steps, state.step, progress) as bar:
@@ -306,4 +320,4 @@ def train(
         val_tally = RoutingTally(*state.train_counts.shape, device)
         val_loss = validate(state, tally=val_tally)
         test_loss = evaluate(state.model, test_rows, config, device)
-    return trial_result(state, val_loss, test_loss, val_tally, monitor.summary())
+    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary())

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +14,10 @@ import sqlalchemy as sa
 from mlflow.tracking import MlflowClient
 
 from harness.coordination import FINISHED, Coordinator, claims
+from harness.metric_names import TRAIN_LOSS
 from tests.conftest import free_port, fresh_database
-from tests.workers import harness_env, start_worker, study_spec, wait_for
+from tests.workers import mlflow_server as serve_mlflow
+from tests.workers import start_worker, study_spec, wait_for
 
 
 @pytest.fixture
@@ -27,48 +26,12 @@ def storage_db(postgres_server: str) -> str:
     return fresh_database(postgres_server, "claims")
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def mlflow_server(postgres_db: str, tmp_path: Path) -> Iterator[str]:
     """``mlflow server`` on loopback with the PostgreSQL backend and served artifacts."""
-    port = free_port()
-    log = tmp_path / "mlflow-server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        postgres_db,
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=harness_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _healthy(url) or server.poll() is not None, 180, "mlflow server /health", 0.5)
-        assert server.poll() is None, log.read_text()[-3000:]
+    artifacts = ["--artifacts-destination", str(tmp_path / "artifacts")]
+    with serve_mlflow(postgres_db, tmp_path / "mlflow-server.log", free_port(), *artifacts) as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def test_concurrent_claims_hand_out_every_cell_exactly_once(storage_db: str) -> None:
@@ -147,7 +110,7 @@ def test_three_workers_run_every_cell_once_even_when_one_is_killed(
     assert len(client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'study'")) == 1
     taken_over = next(run for run in runs if run.data.tags["harness.cell"] == cell)
     assert taken_over.info.run_id == rows[cell].run_id
-    steps = [m.step for m in client.get_metric_history(taken_over.info.run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(taken_over.info.run_id, TRAIN_LOSS)]
     assert steps == sorted(set(steps)) and len(steps) == 20  # resumed: no step logged twice, none lost
 
 

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 import harness.study
 from harness.cli import main
+from harness.metric_names import TRAIN_LOSS
 from tests.workers import study_spec
 
 
@@ -63,7 +64,7 @@ def test_failed_trials_are_contained_recorded_and_reported(
     assert errors["dense"].startswith("NonFiniteLoss: non-finite training loss at step")
     assert errors["lora"].startswith("DataError: ") and "too short for batch size 100000" in errors["lora"]
     assert errors["switch"].startswith("OutOfMemoryError: CUDA out of memory")
-    partial = client.get_metric_history(runs["switch"].info.run_id, "train_loss")
+    partial = client.get_metric_history(runs["switch"].info.run_id, TRAIN_LOSS)
     assert [m.step for m in partial] == [2, 4, 6, 8]  # what was logged before the failure is kept
     assert "final_val_loss" not in runs["switch"].data.metrics
 

@@ -17,6 +17,7 @@ from statsmodels.stats.power import TTestIndPower, TTestPower
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from harness.config import SpecError, TrialConfig, load_spec, resolve_trial
+from harness.metric_names import TRAIN_LOSS, VAL_SUBSET_PPL
 from harness.report.equivalence import holm, seeds_for_power, tost
 from harness.report.matched import matched_points, ppl_at
 from harness.report.pipeline import write_report
@@ -84,7 +85,7 @@ def _trial(client: MlflowClient, eid: str, parent: str, config: TrialConfig, tes
     metrics += [Metric("health_unigram_loss", 7.0, 0, 0), Metric("health_clip_fraction", 0.5, 0, 0)]
     for step in (10, 20, 30, 40):
         metrics += [Metric("tokens", step * 100.0, 0, step), Metric("tokens_per_s", speed, 0, step)]
-        metrics += [Metric("val_ppl", test_ppl * 40 / step, 0, step), Metric("train_loss", 6.0, 0, step)]
+        metrics += [Metric(VAL_SUBSET_PPL, test_ppl * 40 / step, 0, step), Metric(TRAIN_LOSS, 6.0, 0, step)]
         metrics += [Metric(f"grad_norm_{c}", 0.1 * step, 0, step) for c in ("backbone", "router", "head", "total")]
     client.log_batch(run_id, metrics=metrics)
     client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json")), "config.yaml")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from harness.metric_names import TRAIN_LOSS, VAL_LOSS, VAL_SUBSET_LOSS
 from tests.workers import start_worker, study_spec, wait_for
 
 
@@ -57,8 +58,8 @@ def test_sigkilled_study_resumes_from_its_checkpoint_to_identical_results(tmp_pa
     (resumed,) = trial_runs(killed_uri, "resume")  # the same run, not a second one
     (whole,) = trial_runs(whole_uri, "resume")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
-    for key in ["final_val_loss", "test_loss", "best_val_ppl", "train_tokens"]:
+    for key in ["final_val_loss", "test_loss", "best_val_subset_ppl", "train_tokens"]:
         assert resumed.data.metrics[key] == whole.data.metrics[key], key
-    for key in ["train_loss", "val_loss", "aux_loss", "lr"]:  # every step once, equal values
+    for key in [TRAIN_LOSS, VAL_SUBSET_LOSS, VAL_LOSS, "aux_loss", "lr"]:  # every step once, equal values
         assert history(killed_uri, resumed.info.run_id, key) == history(whole_uri, whole.info.run_id, key), key
-    assert len(history(killed_uri, resumed.info.run_id, "train_loss")) == 80 // 2
+    assert len(history(killed_uri, resumed.info.run_id, TRAIN_LOSS)) == 80 // 2

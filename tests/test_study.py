@@ -1,6 +1,7 @@
 """A real tiny study through the CLI into a real MLflow store, and what lands there."""
 
 import math
+import re
 from pathlib import Path
 
 import mlflow
@@ -9,6 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from harness.metric_names import TRAIN_LOSS, VAL_PPL, VAL_SUBSET_PPL
 from tests.studies import run_study, tiny_spec, trial_runs
 
 
@@ -49,7 +51,7 @@ def test_summary_metrics_are_present_and_finite(lstm_study: tuple[str, Path]) ->
     required = [
         "final_val_loss",
         "final_val_ppl",
-        "best_val_ppl",
+        "best_val_subset_ppl",
         "test_loss",
         "test_ppl",
         "time_per_mtok_s",
@@ -70,24 +72,30 @@ def test_summary_metrics_are_present_and_finite(lstm_study: tuple[str, Path]) ->
     # No GPU here: GPU memory is recorded as no value, never 0.
     assert "metrics.gpu_mem_peak_nvml_mb" not in runs or runs["metrics.gpu_mem_peak_nvml_mb"].isna().all()
     moe = runs[runs["tags.variant"] != "dense"]
-    shares = moe[[f"metrics.util_train_l0_e{e}" for e in range(4)]].sum(axis=1)
-    assert shares.sub(1.0).abs().max() < 1e-5
     assert moe["metrics.util_val_cv_l0"].notna().all()
+    # Per-expert shares are in utilisation.csv, not single-value metrics; no capacity, so no dropped fraction.
+    assert not [c for c in runs.columns if re.fullmatch(r"metrics\.util_\w+_e\d+", c) or "dropped" in c]
+    assert "metrics.best_val_ppl" not in runs  # the best is over the eval_tokens subset only, and named so
 
 
 def test_step_metrics_artifacts_and_dataset_input(lstm_study: tuple[str, Path]) -> None:
     uri, _ = lstm_study
     client = MlflowClient(uri)
     run_id = trial_runs(uri, "e2e").query("`tags.variant` == 'baseline'")["run_id"].iloc[0]
-    history = client.get_metric_history(run_id, "train_loss")
+    history = client.get_metric_history(run_id, TRAIN_LOSS)
     assert len(history) >= 3 and all(math.isfinite(m.value) for m in history)
     assert [m.step for m in history] == sorted(m.step for m in history)
-    for name in ["val_ppl", "aux_loss", "lr", "tokens_per_s", "balance_cv2", "balance_switch", "z"]:
+    val_full = client.get_metric_history(run_id, VAL_PPL)
+    val_subset = client.get_metric_history(run_id, VAL_SUBSET_PPL)
+    assert [m.step for m in val_full] == [history[-1].step]  # the full split: once, at the end
+    assert val_subset and max(m.step for m in val_subset) < history[-1].step  # the eval_tokens estimate: mid-run
+    for name in ["aux_loss", "lr", "tokens_per_s", "balance_cv2", "balance_switch", "z"]:
         assert client.get_metric_history(run_id, name), name
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "utilisation.csv", "utilisation_history.csv"} <= artifacts
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="utilisation.csv"))
     assert set(table["split"]) == {"train", "validation"} and set(table["expert"]) == {0, 1, 2, 3}
+    assert (table.groupby(["split", "layer"])["share"].sum() - 1.0).abs().max() < 1e-5
     config = yaml.safe_load(
         Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml")).read_text()
     )

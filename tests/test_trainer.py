@@ -65,7 +65,7 @@ def test_a_trial_resumed_from_its_checkpoint_ends_exactly_as_an_uninterrupted_on
     resumed_sink = Recorder()
     resumed = train(config, corpus, resumed_sink, checkpoint=checkpoint, progress=False)
 
-    for key in ["final_val_loss", "test_loss", "best_val_ppl", "train_tokens", "util_train_cv_l0"]:
+    for key in ["final_val_loss", "test_loss", "best_val_subset_ppl", "train_tokens", "util_train_cv_l0"]:
         assert resumed.summary[key] == whole.summary[key], key
     pd.testing.assert_frame_equal(resumed.utilisation_history, whole.utilisation_history)
     pd.testing.assert_frame_equal(resumed.utilisation, whole.utilisation)

@@ -21,6 +21,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from harness.config import VARIANTS, ReportConfig, SpecError, TrialConfig, load_spec
+from harness.metric_names import VAL_PPL, VAL_SUBSET_PPL
 from harness.tags import (
     EQUIVALENCE_MARGIN,
     HEALTH,
@@ -205,12 +206,16 @@ def _history(client: MlflowClient, run_id: str, name: str) -> pd.Series:
 
 
 def _curve(client: MlflowClient, run_id: str) -> pd.DataFrame:
-    """val_ppl per evaluation step on the training-token and training-time axes.
+    """Validation PPL per mid-run evaluation, on the training-token and training-time axes.
+
+    One measure per curve: the ``eval_tokens`` subset estimate, or the full split where a run evaluated that.
 
     Tokens come from the ``tokens`` step metric; training time at a logging step is the sum over the logging
     windows so far of window tokens / ``tokens_per_s`` (evaluation excluded, as the trainer times it).
     """
-    val = _history(client, run_id, "val_ppl")
+    val = _history(client, run_id, VAL_SUBSET_PPL)
+    if val.empty:
+        val = _history(client, run_id, VAL_PPL)
     if val.empty:
         return pd.DataFrame(columns=["step", "tokens", "train_time_s", "val_ppl"])
     tokens, speed = _history(client, run_id, "tokens"), _history(client, run_id, "tokens_per_s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from harness.metric_names import TRAIN_LOSS
 from harness.report.blocks import Block, Figure, Heading, Image, Para, Table
 from harness.report.formatting import MISSING, fmt
 from harness.report.gather import HEALTH_UNKNOWN, StudyData
@@ -41,7 +42,7 @@ def health_table(data: StudyData) -> Table:
         [
             _trial(run, several),
             verdict(run),
-            _number(run, "train_loss", 3),
+            _number(run, TRAIN_LOSS, 3),
             _number(run, "health_unigram_loss", 3),
             _number(run, "health_clip_fraction", 2),
             _number(run, "grad_norm_total", 3),

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import SpecError, StudySpec, TuneConfig, resolve_trial
 from harness.data import load_corpus
 from harness.runs import FINISHED, RUNNING, TRIAL_ERRORS, shared_run
-from harness.tags import OPTUNA_STORAGE, OPTUNA_STUDY, ROLE, ROLE_TUNE, STUDY
+from harness.tags import NOTE, OPTUNA_STORAGE, OPTUNA_STUDY, ROLE, ROLE_TUNE, STUDY
 from harness.tracking import TrackingStore, device_description
 from harness.tune.attrs import PARENT_ATTR
 from harness.tune.budget import Budget, SurplusTrial, counted
@@ -76,7 +76,7 @@ def tune_parent_run(store: TrackingStore, spec: StudySpec, study: optuna.Study, 
     """The tuning study's parent run, shared by every worker (:func:`harness.runs.shared_run`)."""
     tune = spec.tune
     assert tune is not None
-    experiment_id = store.experiment_id(spec.name)
+    experiment_id = store.experiment_id(spec.name, spec.description)
     known = study.user_attrs.get(PARENT_ATTR)
     try:
         if known and store.client.get_run(known).info.lifecycle_stage == "active":
@@ -95,6 +95,7 @@ def tune_parent_run(store: TrackingStore, spec: StudySpec, study: optuna.Study, 
         "optuna.pruner": make_pruner(tune).__class__.__name__,
         "variant": tune.variant,
         "device": device_description(resolve_trial(spec, tune.variant, tune.seeds[0]).train.device),
+        **({NOTE: spec.description} if spec.description else {}),
     }
     query = f"tags.`{ROLE}` = '{ROLE_TUNE}' and tags.`{OPTUNA_STUDY}` = '{study.study_name}'"
     quoteless = storage.replace("'", "")  # a quote would end the filter's string

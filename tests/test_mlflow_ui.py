@@ -1,0 +1,109 @@
+"""What the MLflow UI shows of a finished study, read through a real ``mlflow server``'s REST API.
+
+The UI is a client of that API: a parent run ``FINISHED`` with an end time, the standard tags behind
+the Source / Version / User columns, the experiment's description, and artifacts that list and
+download, also after the store folder has been moved (and relocated by ``harness store relocate``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.store import recorded_store, relocate
+from tests.conftest import free_port
+from tests.studies import run_study, tiny_spec
+from tests.workers import mlflow_server
+
+DESCRIPTION = "Two variants for the UI test."
+
+
+def rest(url: str, endpoint: str, body: dict[str, Any] | None = None, **query: str) -> Any:
+    """A REST call as the UI makes it: GET with a query, or POST with a JSON body."""
+    address = f"{url}/{endpoint}?{urllib.parse.urlencode(query)}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(address, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        payload = response.read()
+    return json.loads(payload) if endpoint.startswith("api/") else payload
+
+
+def study_view(url: str) -> dict[str, Any]:
+    """The experiment, its runs by role, and the artifacts of the parent and of one trial."""
+    experiment = rest(url, "api/2.0/mlflow/experiments/get-by-name", experiment_name="ui")["experiment"]
+    runs = rest(url, "api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    by_role: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        run["tags"] = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+        by_role.setdefault(run["tags"]["harness.role"], []).append(run)
+
+    def artifacts(run: dict[str, Any]) -> set[str]:
+        listing = rest(url, "api/2.0/mlflow/artifacts/list", run_id=run["info"]["run_id"])
+        return {f["path"] for f in listing.get("files", [])}
+
+    (parent,), trial = by_role["study"], by_role["trial"][0]
+    return {"experiment": experiment, "parent": parent, "trials": by_role["trial"], "trial": trial} | {
+        "parent_files": artifacts(parent),
+        "trial_files": artifacts(trial),
+    }
+
+
+def check_view(url: str) -> None:
+    view = study_view(url)
+    tags = {t["key"]: t["value"] for t in view["experiment"].get("tags", [])}
+    assert tags["mlflow.note.content"] == DESCRIPTION
+    parent = view["parent"]
+    assert parent["info"]["status"] == "FINISHED" and int(parent["info"]["end_time"]) > 0
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert set(metrics) == {"0_mean_test_ppl_baseline", "0_mean_test_ppl_dense", "trials_finished"}
+    assert metrics["trials_finished"] == 2
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params == {"matrix.variants": "baseline,dense", "matrix.seeds": "0", "n_trials": "2"}
+    assert parent["tags"]["mlflow.note.content"] == DESCRIPTION
+    for run in [parent, *view["trials"]]:
+        assert run["tags"]["mlflow.source.name"] == "harness" and run["tags"]["mlflow.source.type"] == "LOCAL"
+        assert len(run["tags"]["mlflow.source.git.commit"]) == 40 and run["tags"]["mlflow.user"]
+    assert "spec.yaml" in view["parent_files"]
+    assert {"config.yaml", "utilisation.csv", "utilisation_history.csv"} <= view["trial_files"]
+    spec = rest(url, "get-artifact", path="spec.yaml", run_uuid=parent["info"]["run_id"])
+    assert yaml.safe_load(spec)["description"] == DESCRIPTION
+    table = rest(url, "get-artifact", path="utilisation.csv", run_uuid=view["trial"]["info"]["run_id"])
+    assert table.decode().startswith("split,layer,expert,share")
+
+
+@pytest.mark.slow
+def test_a_finished_study_as_the_ui_reads_it_before_and_after_its_store_moved(tmp_path: Path) -> None:
+    spec_path = tiny_spec(tmp_path, "ui", ["baseline", "dense"], [0])
+    spec = yaml.safe_load(spec_path.read_text())
+    spec_path.write_text(yaml.safe_dump(spec | {"description": DESCRIPTION}))
+    store = tmp_path / "here" / "mlruns"
+    assert run_study(tmp_path, spec_path, f"sqlite:///{store / 'mlflow.db'}") == 0
+    log = tmp_path / "server.log"
+
+    with mlflow_server(f"sqlite:///{store / 'mlflow.db'}", log, free_port()) as url:
+        check_view(url)
+
+    moved = tmp_path / "there" / "mlruns"
+    shutil.move(store, moved)
+    backend = f"sqlite:///{moved / 'mlflow.db'}"
+    with mlflow_server(backend, log, free_port()) as url:  # as MLflow recorded it: the old, absolute place
+        assert not study_view(url)["trial_files"]
+    assert main(["store", "relocate", str(moved)]) == 0
+    assert relocate(moved) == 0  # a second time: nothing left to change
+    with mlflow_server(backend, log, free_port()) as url:
+        check_view(url)
+
+
+def test_relocate_reads_the_store_a_location_was_recorded_under(tmp_path: Path) -> None:
+    assert recorded_store((tmp_path / "mlruns" / "artifacts" / "quick").as_uri()) == tmp_path / "mlruns"
+    assert recorded_store("mlflow-artifacts:/quick") is None
+    assert recorded_store((tmp_path / "mlruns" / "0").as_uri()) is None  # not the embedded layout: left alone
+    assert main(["store", "relocate", str(tmp_path)]) == 2  # no store there: one line, exit 2
