@@ -19,6 +19,7 @@ from pathlib import Path
 from harness.config import StudySpec
 from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
 from harness.data import Corpus, load_corpus
+from harness.health import HealthVerdict, assess
 from harness.matrix import Cell, expand
 from harness.runs import KILLED, TrialRun, cell_run, is_finished, open_trial_run, shared_run
 from harness.tags import ROLE, ROLE_STUDY, STUDY
@@ -35,6 +36,7 @@ class StudyOutcome:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    flagged: dict[str, HealthVerdict] = field(default_factory=dict)  # cells this worker finished, judged unhealthy
 
 
 def _corpus_key(trial: Cell) -> str:
@@ -115,7 +117,11 @@ class StudyWorker:
         if config.train.save_checkpoint and result.model is not None:
             self.store.log_weights(run_id, result.model.state_dict())
         tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
-        run.finish(result.summary, tables)
+        run.sink.flush()  # the verdict reads the run's whole metric history, a resumed run's earlier steps too
+        health_metrics, verdict = assess(run.client, run_id, result.summary)
+        if verdict.flags:
+            self.outcome.flagged[trial.key] = verdict
+        run.finish(result.summary | health_metrics, tables, verdict.tags())
         checkpoint.path.unlink(missing_ok=True)
         return None
 
