@@ -69,6 +69,8 @@ def cmd_run_study(args: argparse.Namespace) -> int:
         from harness.report import write_report
 
         print(f"report: {write_report(spec.name, uri) / 'report.pdf'}")
+    for key, verdict in outcome.flagged.items():
+        print(f"WARNING {key}: {verdict.label}: {verdict.evidence}")
     return EXIT_TRIALS_FAILED if outcome.failed else 0
 
 

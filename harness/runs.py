@@ -182,9 +182,13 @@ class TrialRun:
     def __init__(self, sink: MlflowSink) -> None:
         self.sink, self.client, self.run_id = sink, sink.client, sink.run_id
 
-    def finish(self, summary: dict[str, float], tables: dict[str, pd.DataFrame]) -> None:
-        """Log the summary metrics and tables (as CSV artifacts), then end FINISHED."""
+    def finish(
+        self, summary: dict[str, float], tables: dict[str, pd.DataFrame], tags: dict[str, str] | None = None
+    ) -> None:
+        """Log the summary metrics, tables (as CSV artifacts) and ``tags``, then end FINISHED."""
         self.sink.flush()
+        for key, value in (tags or {}).items():
+            self.client.set_tag(self.run_id, key, value)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0) for k, v in summary.items()]
         for start in range(0, len(metrics), 1000):

@@ -8,7 +8,7 @@ import contextlib
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,6 +74,22 @@ class StepContext:
     precision: str  # fp32 | bf16 (autocast)
     grad_clip: float  # max gradient norm; 0 = no clipping
     moe_layers: list[MoELayer]  # whose routers update their biases once per step
+    parameter_groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)  # component -> parameters
+
+
+@dataclass
+class GradStats:
+    """One step's gradient bookkeeping, all device tensors (reading them is the caller's host sync)."""
+
+    clipped: Tensor | None  # () bool: the total norm exceeded grad_clip; None without clipping
+    norms: dict[str, Tensor]  # grad_norm_<component> and grad_norm_total before clipping; only on measured steps
+
+
+def gradient_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, Tensor]:
+    """L2 norm of each component's gradient and of all of them (``grad_norm_<component>``, ``grad_norm_total``)."""
+    grads = {name: [p.grad for p in params if p.grad is not None] for name, params in groups.items()}
+    norms = {f"grad_norm_{name}": nn.utils.get_total_norm(g) for name, g in grads.items()}
+    return norms | {"grad_norm_total": nn.utils.get_total_norm([g for group in grads.values() for g in group])}
 
 
 def build_train_state(
@@ -86,20 +102,28 @@ def build_train_state(
     moe_layers = model.moe_layers()
     counts = torch.zeros(len(moe_layers), config.moe.routed_experts if moe_layers else 0, device=device)
     forward = torch.compile(model) if config.train.compile else model
-    context = StepContext(forward, device, config.train.precision, config.optim.grad_clip, moe_layers)
+    groups = {name: [p for p in params if p.requires_grad] for name, params in model.parameter_groups().items()}
+    context = StepContext(forward, device, config.train.precision, config.optim.grad_clip, moe_layers, groups)
     return TrainState(model, optimizer, scheduler, device, counts), context
 
 
-def train_step(state: TrainState, context: StepContext, x: Tensor, y: Tensor) -> LMOutput:
+def train_step(
+    state: TrainState, context: StepContext, x: Tensor, y: Tensor, measure: bool = False
+) -> tuple[LMOutput, GradStats]:
     """Forward (under autocast) from the carried recurrent state, backward on LM + router losses, clip,
-    update, learning-rate schedule, router biases; returns the forward's output."""
+    update, learning-rate schedule, router biases; returns the forward's output and the gradient's stats:
+    whether it was clipped (every step, a device tensor, no host sync) and, when ``measure`` (a logging
+    step), the pre-clipping norm per component, so steps that do not log pay nothing for them."""
     with autocast(context.device, context.precision):
         out = context.forward(x, y, state.recurrent)  # x, y: (B, T)
         loss = out.loss + out.aux_loss
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    norms = gradient_norms(context.parameter_groups) if measure else {}
+    clipped = None
     if context.grad_clip:
-        nn.utils.clip_grad_norm_(state.model.parameters(), context.grad_clip)
+        total = nn.utils.clip_grad_norm_(state.model.parameters(), context.grad_clip)  # () before clipping
+        clipped = total > context.grad_clip
     state.optimizer.step()
     state.scheduler.step()
     for layer in context.moe_layers:
@@ -107,4 +131,4 @@ def train_step(state: TrainState, context: StepContext, x: Tensor, y: Tensor) ->
     state.recurrent = state.model.detach_state(out.state)
     state.step += 1
     state.tokens += y.numel()
-    return out
+    return out, GradStats(clipped, norms)

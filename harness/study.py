@@ -24,6 +24,7 @@ from harness import runs
 from harness.config import StudySpec
 from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
 from harness.data import Corpus, load_corpus
+from harness.health import HealthVerdict, assess, validation_shares
 from harness.matrix import Cell, expand
 from harness.runs import KILLED, TrialRun, cell_run, finish_study_run, is_finished, open_trial_run, shared_run
 from harness.tags import EQUIVALENCE_MARGIN, NOTE, ROLE, ROLE_STUDY, STUDY
@@ -40,6 +41,7 @@ class StudyOutcome:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    flagged: dict[str, HealthVerdict] = field(default_factory=dict)  # cells this worker finished, judged unhealthy
 
 
 def _corpus_key(trial: Cell) -> str:
@@ -137,7 +139,11 @@ class StudyWorker:
         if config.train.save_checkpoint and result.model is not None:
             self.store.log_weights(run_id, result.model.state_dict())
         tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
-        run.finish(result.summary, tables)
+        run.sink.flush()  # the verdict reads the run's whole metric history, a resumed run's earlier steps too
+        health_metrics, verdict = assess(run.client, run_id, result.summary | validation_shares(result.utilisation))
+        if verdict.flags:
+            self.outcome.flagged[trial.key] = verdict
+        run.finish(result.summary | health_metrics, tables, verdict.tags())
         checkpoint.path.unlink(missing_ok=True)
         return None
 

@@ -25,9 +25,18 @@ from tqdm import tqdm
 from harness.checkpoint import Checkpointer, CheckpointPolicy, TrainState
 from harness.config import TrialConfig
 from harness.data import Corpus, batchify, get_batch
+from harness.health import data_summary
 from harness.metric_names import TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_SUBSET_LOSS, VAL_SUBSET_PPL
 from harness.metrics import ResourceMonitor, RoutingTally, perplexity, utilisation_summary
-from harness.step import autocast, build_train_state, resolve_device, seed_everything, set_threads, train_step
+from harness.step import (
+    GradStats,
+    autocast,
+    build_train_state,
+    resolve_device,
+    seed_everything,
+    set_threads,
+    train_step,
+)
 from models import LanguageModel, LMOutput
 
 __all__ = ["Checkpointer", "MetricSink", "NonFiniteLoss", "NullSink", "TrialResult", "resolve_device", "train"]
@@ -138,21 +147,34 @@ def _long_table(fractions: Tensor, **columns: Any) -> list[dict[str, Any]]:
 
 
 class LogWindow:
-    """The steps since the last logging step: losses and routing accumulate on device, read once at close."""
+    """The steps since the last logging step: losses, routing and clipped steps accumulate on device, read
+    once at close. ``clip_fraction`` is the share of the window's steps whose gradient was clipped; the
+    ``grad_norm_*`` figures are the values at the logging step (before clipping), not window means."""
 
     def __init__(self, n_layers: int, n_experts: int, device: torch.device, drops: bool = False) -> None:
         self.drops = drops  # a capacity is set: the dropped fraction can be non-zero, so it is logged
         self.loss = torch.zeros((), device=device)
         self.aux = torch.zeros((), device=device)
+        self.clipped = torch.zeros((), device=device)
+        self.grad_norms: dict[str, Tensor] = {}
         self.routing = RoutingTally(n_layers, n_experts, device)
         self.steps, self.tokens = 0, 0
 
-    def add(self, out: LMOutput, tokens: int) -> None:
+    def add(self, out: LMOutput, grads: GradStats, tokens: int) -> None:
         self.loss += out.loss.detach()
         self.aux += out.aux_loss.detach()
+        if grads.clipped is not None:
+            self.clipped += grads.clipped
+        self.grad_norms = grads.norms or self.grad_norms
         self.routing.add(out.moe_stats)
         self.steps += 1
         self.tokens += tokens
+
+    def gradient_metrics(self) -> dict[str, float]:
+        """``clip_fraction`` and the ``grad_norm_*`` of the logging step, read in one host sync."""
+        names = ["clip_fraction", *self.grad_norms]
+        values = torch.stack([self.clipped / self.steps, *self.grad_norms.values()]).tolist()
+        return dict(zip(names, values, strict=True))
 
     def close(self, state: TrainState, elapsed: float) -> dict[str, float]:
         """The window's metrics (one host sync); its time and routing join the run's totals; then it is empty."""
@@ -168,6 +190,7 @@ class LogWindow:
             "tokens_per_s": self.tokens / elapsed,
             "tokens": float(state.tokens),
             **self.routing.means(),
+            **self.gradient_metrics(),
         }
         if not self.drops:
             metrics.pop("dropped_fraction", None)
@@ -177,6 +200,8 @@ class LogWindow:
         self.routing.reset()
         self.loss.zero_()
         self.aux.zero_()
+        self.clipped.zero_()
+        self.grad_norms = {}
         self.steps, self.tokens = 0, 0
         return metrics
 
@@ -306,9 +331,10 @@ def train(
                 if position == 0 or state.recurrent is None:  # each epoch starts from a fresh recurrent state
                     state.recurrent = state.model.initial_state(t.batch_size)
                 x, y = get_batch(train_rows, position * t.seq_len, t.seq_len)  # (B, T) each
-                window.add(train_step(state, context, x, y), y.numel())
+                logged = (state.step + 1) % b.log_every_steps == 0 or state.step + 1 == n_steps
+                out, grads = train_step(state, context, x, y, measure=logged)
+                window.add(out, grads, y.numel())
                 last = state.step == n_steps
-                logged = state.step % b.log_every_steps == 0 or last
                 if logged:
                     metrics = window.close(state, clock.lap())  # the logging work counts in the next window
                     sink.log_metrics(metrics, state.step)
@@ -320,4 +346,4 @@ def train(
         val_tally = RoutingTally(*state.train_counts.shape, device)
         val_loss = validate(state, tally=val_tally)
         test_loss = evaluate(state.model, test_rows, config, device)
-    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary())
+    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary() | data_summary(corpus))

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelError
+from models.experts import FeedForward
 from models.moe import MoELayer, MoEStats
+
+COMPONENTS = ("embedding", "backbone", "router", "experts", "head")
 
 
 @dataclass
@@ -68,3 +71,24 @@ class LanguageModel(nn.Module):
         for layer in self.moe_layers():
             active += layer.active_params() - sum(p.numel() for p in layer.parameters())
         return {"total": total, "trainable": trainable, "active": active}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter once, by component (``COMPONENTS``): embedding tables (a tied softmax weight
+        counts here), the output head, MoE routers, experts (routed, shared, and any dense FFN block),
+        and the backbone (everything else: LSTM, attention, norms)."""
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in COMPONENTS}
+        owner: dict[int, str] = {}
+        claims = [
+            ("embedding", [m for m in self.modules() if isinstance(m, nn.Embedding)]),
+            ("head", [m for m in self.modules() if isinstance(m, OutputHead)]),
+            ("router", [layer.router for layer in self.moe_layers()]),
+            ("experts", [m for m in self.modules() if isinstance(m, MoELayer | FeedForward)]),
+            ("backbone", [self]),
+        ]
+        for name, modules in claims:  # first claim wins: the tied weight is the embedding's
+            for module in modules:
+                for param in module.parameters():
+                    if id(param) not in owner:
+                        owner[id(param)] = name
+                        groups[name].append(param)
+        return groups

@@ -20,6 +20,7 @@ import optuna
 
 from harness.config import StudySpec, TrialConfig, TuneConfig, TuneParam, resolve_trial
 from harness.data import Corpus
+from harness.health import assess, validation_shares
 from harness.matrix import Cell
 from harness.metrics import perplexity
 from harness.runs import KILLED, TrialRun, open_trial_run
@@ -136,7 +137,10 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
         if run.fail(error).status == KILLED:  # Ctrl-C or a bug: not the trial's fault, so not counted
             trial.set_user_attr(INTERRUPTED_ATTR, True)
         raise
-    run.finish(result.summary, {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history})
+    run.sink.flush()  # the verdict reads the run's whole metric history
+    health_metrics, verdict = assess(run.client, run.run_id, result.summary | validation_shares(result.utilisation))
+    tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
+    run.finish(result.summary | health_metrics, tables, verdict.tags())
     run.client.set_tag(run.run_id, OPTUNA_STATE, "COMPLETE")
     values = tuple(result.summary[OBJECTIVE_METRICS[name]] for name in tune.objectives)
     scores = ", ".join(f"{n}={v:.4g}" for n, v in zip(tune.objectives, values, strict=True))

@@ -1,0 +1,197 @@
+"""Training health: is a trial's result a measurement of its design, or an artefact of a broken run?
+
+A trial is judged from what MLflow holds (its step metrics and summary), by :func:`judge`, a pure
+function, so the report can re-judge any stored run and tests can feed constructed histories. Three
+detectors, each with its evidence:
+
+* **stalled**: the train loss never leaves the unigram plateau (a model that learned only word
+  frequencies sits at the unigram entropy of the training split).
+* **collapsed**: validation routing has dead experts, or one expert takes most of the traffic.
+* **unstable**: the train loss is above the uniform loss ln V after warm-up, a gradient norm is not
+  finite, or nearly every step is clipped while the loss does not improve.
+
+A trial gets the tags :data:`HEALTH` (``ok`` or the comma-joined sorted flags) and :data:`HEALTH_EVIDENCE`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from harness.metric_names import TRAIN_LOSS
+from harness.tags import HEALTH, HEALTH_EVIDENCE
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from harness.data import Corpus
+
+
+STALL_AFTER_SHARE = 0.5
+"""Share of the budget after which a trial must have left the unigram plateau (the quick study's healthy
+trials are 10-20% below it by then; hybrid in the issue sat above it from 10% to 100%)."""
+STALL_MARGIN = 0.05
+"""Stalled while the best train loss from ``STALL_AFTER_SHARE`` on is above (1 - margin) x unigram entropy."""
+DEAD_EXPERT_FACTOR = 0.1
+"""An expert is dead below a tenth of the uniform share 1/E (the issue's rule; ST-MoE reports balanced
+routers within a few x of uniform, so a tenth is far outside normal imbalance)."""
+DOMINANT_SHARE = 0.5
+"""Collapse onto one expert: more than half of all routed slots, and more than twice uniform (so E = 2 needs
+the dead-expert rule instead). With top-2 routing a share cannot exceed 0.5: only dead experts flag it."""
+WARMUP_SHARE = 0.1
+"""After this share of the budget the train loss must stay below ln V (the loss of a uniform guess)."""
+UNIFORM_MARGIN = 0.02
+"""A random init's loss sits at about ln V, slightly above it; only a loss this far above counts as divergence."""
+CLIP_SATURATED = 0.95
+"""Clip rate that means the gradient is always at the clipping bound. The classic LSTM recipe (clip 0.25)
+clips most steps on a healthy, falling loss, so a high clip rate alone is not instability."""
+MIN_IMPROVEMENT = 0.01
+"""A saturated clip rate is unstable only when the mean train loss of the last quarter of the budget is less
+than 1% below that of the third quarter."""
+
+
+def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
+    """Entropy (nats) of the token frequencies: the loss of a model that predicts every word by its frequency."""
+    p = torch.bincount(tokens.reshape(-1), minlength=vocab_size).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+def data_summary(corpus: Corpus) -> dict[str, float]:
+    """The two reference losses a trial is judged against: unigram entropy of the train split, and ln V."""
+    return {
+        "health_unigram_loss": unigram_entropy(corpus.train, corpus.vocab_size),
+        "health_uniform_loss": math.log(corpus.vocab_size),
+    }
+
+
+@dataclass(frozen=True)
+class HealthVerdict:
+    flags: tuple[str, ...]  # sorted subset of collapsed, stalled, unstable; empty when healthy
+    evidence: str
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.flags) or "ok"
+
+    def tags(self) -> dict[str, str]:
+        return {HEALTH: self.label, HEALTH_EVIDENCE: self.evidence}
+
+
+Points = Sequence[tuple[int, float]]  # (step, value) at each logging step, in step order
+
+
+def clip_fraction_over(points: Points, after: float = 0) -> float:
+    """Share of clipped steps in the logging windows that end after step ``after`` (0: the whole run), from
+    each window's ``clip_fraction`` (a window runs from the previous logging step to its own)."""
+    clipped, steps, previous = 0.0, 0, 0
+    for step, fraction in points:
+        if step > after:
+            clipped, steps = clipped + fraction * (step - previous), steps + step - previous
+        previous = step
+    return clipped / steps if steps else 0.0
+
+
+def stalled(losses: Points, unigram: float) -> str | None:
+    last = losses[-1][0]
+    late = [loss for step, loss in losses if step >= STALL_AFTER_SHARE * last]
+    best = min(late)
+    if best <= unigram * (1 - STALL_MARGIN):
+        return None
+    gap = abs(best - unigram) / unigram
+    where = f"{gap:.1%} above" if best > unigram else f"within {gap:.1%} of"
+    return f"train loss {best:.2f} {where} unigram {unigram:.2f} from {STALL_AFTER_SHARE:.0%} of budget"
+
+
+def collapsed(summary: Mapping[str, float]) -> str | None:
+    """Dead or dominant experts in any MoE layer's validation shares (``util_val_l<layer>_e<expert>``)."""
+    layers: dict[str, list[float]] = {}
+    for key, share in summary.items():
+        if key.startswith("util_val_l") and "_e" in key:
+            layers.setdefault(key.removeprefix("util_val_").split("_e")[0], []).append(share)
+    found = []
+    for layer, shares in sorted(layers.items()):
+        n = len(shares)
+        dead = [s for s in shares if s < DEAD_EXPERT_FACTOR / n]
+        if dead:
+            found.append(f"{layer}: {len(dead)} of {n} experts dead (share < {DEAD_EXPERT_FACTOR / n:.3g})")
+        if max(shares) > max(DOMINANT_SHARE, 2 / n):
+            found.append(f"{layer}: one expert takes {max(shares):.2f} of the traffic")
+    if not found:
+        return None
+    top = sorted((s for shares in layers.values() for s in shares), reverse=True)[:2]
+    return "; ".join(found) + f" (top shares {' / '.join(f'{s:.2f}' for s in top)})"
+
+
+def unstable(history: Mapping[str, Points], uniform: float) -> str | None:
+    losses = history[TRAIN_LOSS]
+    last = losses[-1][0]
+    for name in (TRAIN_LOSS, "grad_norm_total"):
+        bad = [step for step, value in history.get(name, []) if not math.isfinite(value)]
+        if bad:
+            return f"non-finite {name} at step {bad[0]}"
+    high = [
+        (step, loss) for step, loss in losses if step > WARMUP_SHARE * last and loss > uniform * (1 + UNIFORM_MARGIN)
+    ]
+    if high:
+        step, loss = max(high, key=lambda point: point[1])
+        return f"train loss {loss:.2f} above ln V = {uniform:.2f} at step {step} (after warm-up)"
+    rate = clip_fraction_over(history.get("clip_fraction", []), after=last / 2)
+    third = [loss for step, loss in losses if last / 2 <= step < 3 * last / 4] or [losses[-1][1]]
+    fourth = [loss for step, loss in losses if step >= 3 * last / 4]
+    before, after = sum(third) / len(third), sum(fourth) / len(fourth)  # quarter means: one window is noisy
+    if rate >= CLIP_SATURATED and after > before * (1 - MIN_IMPROVEMENT):
+        return f"{rate:.0%} of second-half steps clipped while mean train loss went {before:.2f} -> {after:.2f}"
+    return None
+
+
+def judge(history: Mapping[str, Points], summary: Mapping[str, float]) -> HealthVerdict:
+    """The verdict on a finished trial from its step metrics (``TRAIN_LOSS``, ``grad_norm_total``,
+    ``clip_fraction``: (step, value) in step order) and summary (the ``health_*`` reference losses and the
+    validation shares ``util_val_l<layer>_e<expert>``, see :func:`validation_shares`)."""
+    losses = history[TRAIN_LOSS]
+    if not losses:
+        return HealthVerdict((), "no training loss logged")
+    unigram, uniform = summary["health_unigram_loss"], summary["health_uniform_loss"]
+    findings = {
+        "collapsed": collapsed(summary),
+        "stalled": stalled(losses, unigram),
+        "unstable": unstable(history, uniform),
+    }
+    flags = tuple(name for name, found in findings.items() if found)
+    if flags:
+        return HealthVerdict(flags, "; ".join(f"{name}: {findings[name]}" for name in flags))
+    final = losses[-1][1]
+    rate = clip_fraction_over(history.get("clip_fraction", []))
+    evidence = (
+        f"ok: train loss {final:.2f} is {(unigram - final) / unigram:.0%} below unigram {unigram:.2f}, "
+        f"{rate:.0%} of steps clipped"
+    )
+    return HealthVerdict((), evidence)
+
+
+JUDGED_METRICS = (TRAIN_LOSS, "grad_norm_total", "clip_fraction")
+
+
+def validation_shares(utilisation: pd.DataFrame) -> dict[str, float]:
+    """The validation routing shares of a trial's utilisation table, keyed as :func:`judge` reads them
+    (they are not logged as metrics: the table is the trial's ``utilisation.csv``)."""
+    rows = utilisation[utilisation["split"] == "validation"]
+    return {f"util_val_l{r.layer}_e{r.expert}": float(r.share) for r in rows.itertuples()}
+
+
+def history_from_mlflow(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """The step metrics :func:`judge` reads, from a run's full metric history in MLflow."""
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in JUDGED_METRICS}
+
+
+def assess(client: MlflowClient, run_id: str, summary: Mapping[str, float]) -> tuple[dict[str, float], HealthVerdict]:
+    """Judge a trial whose step metrics are all in MLflow (its sink flushed): the summary metric
+    ``health_clip_fraction`` (whole run) and the verdict."""
+    history = history_from_mlflow(client, run_id)
+    return {"health_clip_fraction": clip_fraction_over(history["clip_fraction"])}, judge(history, summary)
