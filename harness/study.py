@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import interrupt
 from harness.config import StudySpec
 from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
 from harness.data import Corpus, load_corpus
 from harness.matrix import Cell, expand
-from harness.runs import KILLED, TrialRun, cell_run, is_finished, open_trial_run, shared_run
+from harness.runs import KILLED, TrialRun, cell_run, end_run, ending, is_finished, open_trial_run, shared_run
 from harness.tags import ROLE, ROLE_STUDY, STUDY
 from harness.tracking import MlflowSink, TrackingStore, device_description
 from harness.trainer import Checkpointer, resolve_device, train
@@ -101,21 +102,21 @@ class StudyWorker:
         checkpoint = checkpointer(self.checkpoint_dir, self.spec, trial)
         run = TrialRun(ClaimedSink(self.store.client, run_id, self.store.logged_steps(run_id), lost=lost))
         config, corpus = trial.config, self.corpora[_corpus_key(trial)]
-        try:
+        try:  # training and the final save: whatever stops either ends the run, none is left RUNNING
             result = train(config, corpus, run.sink, checkpoint=checkpoint, progress=self.progress, label=trial.key)
+            if config.train.save_checkpoint and result.model is not None:
+                self.store.log_weights(run_id, result.model.state_dict())
+            tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
+            run.finish(result.summary, tables)
         except ClaimLost:
             run.sink.flush()  # the cell's run is the new holder's now: leave it as it is
             raise
-        except BaseException as error:
+        except BaseException as error:  # any Exception is the trial's failure; an interruption kills the run
             how = run.fail(error)
             if how.status == KILLED:
-                raise  # an interruption: the checkpoint stays, so a rerun resumes
+                raise  # the checkpoint stays, so a rerun resumes
             checkpoint.path.unlink(missing_ok=True)
             return how.reason
-        if config.train.save_checkpoint and result.model is not None:
-            self.store.log_weights(run_id, result.model.state_dict())
-        tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
-        run.finish(result.summary, tables)
         checkpoint.path.unlink(missing_ok=True)
         return None
 
@@ -178,14 +179,19 @@ def run_study(
     outcome = StudyOutcome(experiment_id, parent_id)
     worker = StudyWorker(spec, store, coordinator, study_key, outcome, corpora, checkpoint_dir, progress)
     by_key = {t.key: t for t in trials}
-    while True:
-        claim = coordinator.claim(study_key, cells)
-        if claim is not None:
-            worker.run_claimed(by_key[claim.cell], claim, f"[{cells.index(claim.cell) + 1}/{len(cells)}]")
-        elif all(state in (FINISHED, FAILED) for state, _ in coordinator.states(study_key, cells).values()):
-            break
-        else:
-            time.sleep(min(2.0, heartbeat_timeout / 4))  # other workers hold the rest; take over stale ones
+    try:
+        while True:
+            interrupt.check()  # a safe point: between cells, nothing half-written
+            claim = coordinator.claim(study_key, cells)
+            if claim is not None:
+                worker.run_claimed(by_key[claim.cell], claim, f"[{cells.index(claim.cell) + 1}/{len(cells)}]")
+            elif all(state in (FINISHED, FAILED) for state, _ in coordinator.states(study_key, cells).values()):
+                break
+            else:
+                time.sleep(min(2.0, heartbeat_timeout / 4))  # other workers hold the rest; take over stale ones
+    except KeyboardInterrupt as stop:  # Ctrl-C/SIGTERM: the parent run ends KILLED, as its trial run did
+        end_run(store.client, parent_id, KILLED, ending(stop).reason)
+        raise
     for cell, (state, error) in coordinator.states(study_key, cells).items():
         if state == FAILED:
             outcome.failed[cell] = error or "failed"

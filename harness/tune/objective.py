@@ -133,8 +133,9 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
         raise
     except BaseException as error:
         run.client.set_tag(run.run_id, OPTUNA_STATE, "FAIL")
-        if run.fail(error).status == KILLED:  # Ctrl-C or a bug: not the trial's fault, so not counted
+        if run.fail(error).status == KILLED:  # Ctrl-C/SIGTERM: not the trial's fault, so not counted...
             trial.set_user_attr(INTERRUPTED_ATTR, True)
+            trial.study.enqueue_trial(trial.params)  # ...and its parameters are tried again, first thing
         raise
     run.finish(result.summary, {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history})
     run.client.set_tag(run.run_id, OPTUNA_STATE, "COMPLETE")
