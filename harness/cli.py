@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
 
+from harness import interrupt
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
 from harness.tune import command as tune
 from models.config import ModelError
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
+MESSAGE_CHARS = 400  # one line for the user, however long the offending value
 
 
 def _quiet_libraries() -> None:
@@ -25,10 +26,6 @@ def _quiet_libraries() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def cmd_run_study(args: argparse.Namespace) -> int:
@@ -46,10 +43,14 @@ def cmd_run_study(args: argparse.Namespace) -> int:
         return 0
 
     from harness.study import run_study
-    from harness.tracking import resolve_tracking_uri
+    from harness.tracking import check_tracking_uri, check_writable, resolve_tracking_uri
+    from harness.urls import sqlite_path
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    signal.signal(signal.SIGTERM, _interrupt)  # docker stop: release the claim, mark the run killed
+    check_tracking_uri(uri)  # everything that can refuse the command does so before anything is written
+    check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
+    if args.storage and (database := sqlite_path(args.storage)) is not None:
+        check_writable(database.parent, "--storage folder")
     outcome = run_study(
         spec,
         uri,
@@ -161,14 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    interrupt.install()  # Ctrl-C and SIGTERM (docker stop) set a flag the trainer and the loops check
     try:
         return args.func(args)
     except (SpecError, ModelError) as error:
-        print(f"harness: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+        return _bad_input(str(error))
+    except KeyboardInterrupt as stop:
         print("harness: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return stop.exit_code if isinstance(stop, interrupt.Interrupted) else 130
+    except Exception as error:
+        if not _environment_error(error):
+            raise  # a bug: its traceback is what a report needs
+        return _bad_input(f"{type(error).__name__}: {error}")
+
+
+def _bad_input(message: str) -> int:
+    line = " ".join(message.split())
+    cut = f"{line[:MESSAGE_CHARS]}... ({len(line):,} characters)" if len(line) > MESSAGE_CHARS else line
+    print(f"harness: error: {cut}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _environment_error(error: Exception) -> bool:
+    """A full disk, an unwritable or vanished file, a database that refuses: the user's machine, not a bug."""
+    library = type(error).__module__.split(".")[0]
+    return isinstance(error, OSError) or library in ("sqlite3", "sqlalchemy", "mlflow", "optuna", "alembic")
 
 
 if __name__ == "__main__":

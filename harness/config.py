@@ -12,7 +12,7 @@ import difflib
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -51,6 +51,9 @@ __all__ = [
 Variant = Literal["baseline", "switch", "lora", "hybrid", "dense"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 DATA_ENV = "MOE_HARNESS_DATA"
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer; numpy gets it modulo 2**32
+MAX_THREADS = 1024  # far above any CPU here; torch aborts the process trying to start a million
+VALUE_CHARS = 200  # an offending value is echoed up to this many characters
 DEFAULT_DATA_PATH = "../shared/data/wikitext"
 
 
@@ -73,7 +76,7 @@ class OptimConfig(StrictConfig):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(0.25, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
@@ -108,7 +111,7 @@ class TrainConfig(StrictConfig):
     eval_batch_size: int = Field(20, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     compile: bool = False
     save_checkpoint: bool = False
     """Log the final model weights as an MLflow artifact."""
@@ -118,7 +121,7 @@ class TrialConfig(StrictConfig):
     """Everything one training run needs; the matrix expands a study into these."""
 
     variant: Variant = "baseline"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     moe: MoEConfig = MoEConfig()
@@ -144,10 +147,17 @@ class TrialConfig(StrictConfig):
         return _flatten(self.model_dump(mode="json"))
 
 
+SECTIONS = tuple(
+    name
+    for name, f in TrialConfig.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+)  # data, model, moe, optim, budget, train: keys whose value must be a mapping
+
+
 class MatrixConfig(StrictConfig):
     variants: list[Variant] = Field(min_length=1)
-    seeds: list[int] = Field(min_length=1)
-    sweep: dict[str, list[Any]] = {}
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     """Extra axes: dotted key (e.g. ``moe.n_experts``) -> values."""
 
     @field_validator("variants", "seeds")
@@ -250,6 +260,16 @@ class StudySpec(StrictConfig):
     tune: TuneConfig | None = None
     report: ReportConfig = ReportConfig()
 
+    @model_validator(mode="after")
+    def _sections_are_mappings(self) -> StudySpec:
+        # ``base.moe: 5`` would otherwise vanish under the variant preset's ``moe`` mapping.
+        trees = {"base": self.base, **{f"overrides.{v}": tree for v, tree in self.overrides.items()}}
+        for where, tree in trees.items():
+            for key, value in tree.items():
+                if key in SECTIONS and not isinstance(value, dict):
+                    raise ValueError(f"{where}.{key} = {shorten(value)}: a section must be a mapping of keys")
+        return self
+
 
 # What each variant name means, applied on top of ``base`` and below ``overrides``.
 VARIANT_PRESETS: dict[Variant, dict[str, Any]] = {
@@ -321,8 +341,16 @@ def resolve_matrix(spec: StudySpec, where: str = "spec") -> list[ResolvedTrial]:
                     config = resolve_trial(spec, variant, seed, assignment)
                 except ValidationError as error:
                     raise SpecError(f"{describe_error(error, TrialConfig, where)} (variant {variant})") from None
+                except (TypeError, AttributeError):  # set_dotted into a value that is no mapping
+                    raise SpecError(f"{where}: matrix.sweep key in {sweep_keys} is not a config value") from None
                 trials.append(ResolvedTrial(variant, seed, assignment, config))
     return trials
+
+
+def shorten(value: Any) -> str:
+    """``repr(value)``, cut to :data:`VALUE_CHARS` characters (a 15 MB string is not one line)."""
+    text = repr(value)
+    return text if len(text) <= VALUE_CHARS else f"{text[:VALUE_CHARS]}... ({len(text):,} characters)"
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -352,22 +380,48 @@ def describe_error(error: ValidationError, model: type[BaseModel], where: str) -
     if first["type"] == "missing":
         return f"{where}: missing key '{key}'"
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    shown = "" if isinstance(value, dict) else f" = {shorten(value)}"
     return f"{where}: {key}{shown}: {message}"
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Parse and fully validate a study spec, including every trial it expands to."""
-    path = Path(path)
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not "the last wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shorten(key)}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; SpecError (one line) for a missing, unreadable or malformed file."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise SpecError(f"{path}: no such study spec") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a study spec") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (a study spec is YAML)") from None
+    except OSError as error:
+        raise SpecError(f"{path}: unreadable ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise SpecError(f"{path}: malformed YAML{at}: {problem}") from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Parse and fully validate a study spec, including every trial it expands to."""
+    path = Path(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a study spec must be a YAML mapping, got {type(raw).__name__}")
     try:
@@ -403,6 +457,11 @@ def check_tune(spec: StudySpec, where: str) -> None:
 def check_spec(spec: StudySpec, where: str) -> None:
     """Validate the trial configs a spec expands to and that its data exists."""
     trials = resolve_matrix(spec, where=where)
+    if any(t.config.train.device == "cuda" for t in trials):
+        import torch  # here: the CLI's parser starts without torch
+
+        if not torch.cuda.is_available():
+            raise SpecError(f"{where}: train.device = 'cuda' but this machine has no CUDA device (use auto or cpu)")
     data = trials[0].config.data
     folder = data.root() / data.name
     if not folder.is_dir():

@@ -92,8 +92,9 @@ def read_lines(path: Path) -> list[str]:
     try:
         table = pq.read_table(path, columns=["text"])
     except Exception as error:  # pyarrow raises several types for truncated or foreign files
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]  # pyarrow lists the whole schema
         raise DataError(
-            f"{path}: not a readable parquet file with a 'text' column ({type(error).__name__}: {error})"
+            f"{path}: not a readable parquet file with a 'text' column ({type(error).__name__}: {first_line})"
         ) from None
     return table.column("text").to_pylist()
 
@@ -145,8 +146,8 @@ def load_corpus(config: DataConfig) -> Corpus:
                 arrays = {s: torch.from_numpy(saved[s].astype(np.int64)) for s in SPLITS}
                 vocab = saved["vocab"].tolist()
             return Corpus(config.name, vocab, arrays["train"], arrays["validation"], arrays["test"], digest)
-        except (OSError, ValueError, KeyError):
-            cached.unlink(missing_ok=True)  # a torn cache file is rebuilt, never trusted
+        except Exception:  # torn or foreign (BadZipFile, EOFError, ...): a miss, rebuilt below, never trusted
+            cached.unlink(missing_ok=True)
     words = {split: tokenize(read_lines(path)) for split, path in files.items()}
     vocab = build_vocab(words["train"], config.min_freq, config.max_vocab)
     index = {w: i for i, w in enumerate(vocab)}

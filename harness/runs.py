@@ -4,10 +4,14 @@
   (tag ``harness.cell``), so an interrupted or retried trial goes on in the same run.
 * End: every terminal status goes through :func:`end_run`; :class:`TrialRun` finishes, fails or
   prunes a run after flushing its metric sink, so what was logged before the end is kept.
-* Why it ended: :func:`ending` is the one table from an exception to a status. The trial's own
-  error (divergence, out of memory, bad data; :data:`TRIAL_ERRORS`) fails the trial with its reason
-  and the study goes on; anything else (Ctrl-C, SIGTERM, a bug) interrupts the harness and kills
+* Why it ended: :func:`ending` is the one table from an exception to a status. Any ``Exception``
+  raised inside a trial is the trial's own error (divergence, out of memory, which CPU torch reports
+  as a plain ``RuntimeError``, bad data, a failing store) and fails it with its reason while the study
+  goes on; only an interruption of the harness (Ctrl-C, SIGTERM: :mod:`harness.interrupt`) kills
   the run, so a rerun resumes it.
+* Ending is idempotent: the summary metrics go in one batch with the :data:`~harness.tags.SUMMARY`
+  tag, so a rerun after an interrupted save never logs them twice, and a run is marked ended even
+  when flushing its metrics failed.
 * Shared runs: a study's parent run is created by whichever worker comes first; when workers race,
   :func:`oldest` wins (:func:`shared_run`). :func:`finish_study_run` ends it with study-level metrics.
 * Every run the harness creates carries MLflow's standard system tags (:func:`system_tags`), which
@@ -16,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import tempfile
@@ -25,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 import yaml
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
-from harness.data import Corpus, DataError
+from harness.data import Corpus
 from harness.matrix import Cell
 from harness.metric_names import HEADLINE
 from harness.tags import (
@@ -44,13 +48,14 @@ from harness.tags import (
     SOURCE_NAME,
     SOURCE_TYPE,
     STUDY,
+    SUMMARY,
     USER,
 )
 from harness.tracking import MlflowSink, TrackingStore, device_description, git_commit
-from harness.trainer import NonFiniteLoss
 
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"  # MLflow run statuses
-TRIAL_ERRORS = (NonFiniteLoss, DataError, torch.OutOfMemoryError)  # the trial's own fault: the study goes on
+TRIAL_ERRORS = (Exception,)  # the trial's own fault: the study goes on (interruptions are BaseExceptions)
+REASON_CHARS = 500  # a reason is shown on one line of the CLI and in the report's table
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,11 @@ class Ending:
 
 def ending(error: BaseException) -> Ending:
     """How a run ends on ``error``: the trial's own error fails it, anything else is an interruption."""
+    last_line = ("".join(traceback.format_exception_only(error)).strip().splitlines() or [type(error).__name__])[-1]
     if isinstance(error, TRIAL_ERRORS):
-        return Ending(FAILED, f"{type(error).__name__}: {error}")
-    last_line = "".join(traceback.format_exception_only(error)).strip().splitlines()[-1]
-    return Ending(KILLED, f"interrupted: {last_line}")
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return Ending(FAILED, f"{type(error).__name__}: {first_line}"[:REASON_CHARS])
+    return Ending(KILLED, f"interrupted: {last_line}"[:REASON_CHARS])
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
@@ -185,30 +191,33 @@ class TrialRun:
     def finish(
         self, summary: dict[str, float], tables: dict[str, pd.DataFrame], tags: dict[str, str] | None = None
     ) -> None:
-        """Log the summary metrics, tables (as CSV artifacts) and ``tags``, then end FINISHED."""
+        """Log the summary metrics and ``tags`` (once, whatever interrupted an earlier save) and the tables
+        (as CSV artifacts), then end FINISHED."""
         self.sink.flush()
-        for key, value in (tags or {}).items():
-            self.client.set_tag(self.run_id, key, value)
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items()]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        if SUMMARY not in self.client.get_run(self.run_id).data.tags:
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, 0) for k, v in summary.items()]
+            run_tags = [RunTag(k, v) for k, v in (tags or {}).items()] + [RunTag(SUMMARY, "true")]
+            self.client.log_batch(self.run_id, metrics=metrics, tags=run_tags)  # one transaction
         with tempfile.TemporaryDirectory() as folder:
             for name, table in tables.items():
                 path = Path(folder) / f"{name}.csv"
                 table.to_csv(path, index=False)
-                self.client.log_artifact(self.run_id, str(path))
+                self.client.log_artifact(self.run_id, str(path))  # overwrites the file of an interrupted save
         end_run(self.client, self.run_id, FINISHED)
 
     def fail(self, error: BaseException) -> Ending:
         """End the run as :func:`ending` says for ``error``; the caller decides whether to re-raise."""
-        self.sink.flush()
         how = ending(error)
+        with contextlib.suppress(Exception):  # the sink's own logging error (a full disk): the run ends all the same
+            self.sink.flush()
         end_run(self.client, self.run_id, how.status, how.reason)
         return how
 
     def prune(self, reason: str) -> None:
         """The tuner's pruner stopped the trial: KILLED, with the reason in ``harness.pruned``."""
-        self.sink.flush()
-        self.client.set_tag(self.run_id, PRUNED, reason)
-        end_run(self.client, self.run_id, KILLED)
+        try:
+            self.sink.flush()
+        finally:
+            self.client.set_tag(self.run_id, PRUNED, reason)
+            end_run(self.client, self.run_id, KILLED)

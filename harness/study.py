@@ -20,13 +20,23 @@ from pathlib import Path
 import yaml
 from mlflow.entities import Param
 
-from harness import runs
+from harness import interrupt, runs
 from harness.config import StudySpec
 from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
 from harness.data import Corpus, load_corpus
 from harness.health import HealthVerdict, assess, validation_shares
 from harness.matrix import Cell, expand
-from harness.runs import KILLED, TrialRun, cell_run, finish_study_run, is_finished, open_trial_run, shared_run
+from harness.runs import (
+    KILLED,
+    TrialRun,
+    cell_run,
+    end_run,
+    ending,
+    finish_study_run,
+    is_finished,
+    open_trial_run,
+    shared_run,
+)
 from harness.tags import EQUIVALENCE_MARGIN, NOTE, ROLE, ROLE_STUDY, STUDY
 from harness.tracking import MlflowSink, TrackingStore, device_description
 from harness.trainer import Checkpointer, resolve_device, train
@@ -125,25 +135,26 @@ class StudyWorker:
         checkpoint = checkpointer(self.checkpoint_dir, self.spec, trial)
         run = TrialRun(ClaimedSink(self.store.client, run_id, self.store.logged_steps(run_id), lost=lost))
         config, corpus = trial.config, self.corpora[_corpus_key(trial)]
-        try:
+        try:  # training and the final save: whatever stops either ends the run, none is left RUNNING
             result = train(config, corpus, run.sink, checkpoint=checkpoint, progress=self.progress, label=trial.key)
+            if config.train.save_checkpoint and result.model is not None:
+                self.store.log_weights(run_id, result.model.state_dict())
+            tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
+            run.sink.flush()  # the verdict reads the run's whole metric history, a resumed run's earlier steps too
+            shares = validation_shares(result.utilisation)
+            health_metrics, verdict = assess(run.client, run_id, result.summary | shares)
+            if verdict.flags:
+                self.outcome.flagged[trial.key] = verdict
+            run.finish(result.summary | health_metrics, tables, verdict.tags())
         except ClaimLost:
             run.sink.flush()  # the cell's run is the new holder's now: leave it as it is
             raise
-        except BaseException as error:
+        except BaseException as error:  # any Exception is the trial's failure; an interruption kills the run
             how = run.fail(error)
             if how.status == KILLED:
-                raise  # an interruption: the checkpoint stays, so a rerun resumes
+                raise  # the checkpoint stays, so a rerun resumes
             checkpoint.path.unlink(missing_ok=True)
             return how.reason
-        if config.train.save_checkpoint and result.model is not None:
-            self.store.log_weights(run_id, result.model.state_dict())
-        tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
-        run.sink.flush()  # the verdict reads the run's whole metric history, a resumed run's earlier steps too
-        health_metrics, verdict = assess(run.client, run_id, result.summary | validation_shares(result.utilisation))
-        if verdict.flags:
-            self.outcome.flagged[trial.key] = verdict
-        run.finish(result.summary | health_metrics, tables, verdict.tags())
         checkpoint.path.unlink(missing_ok=True)
         return None
 
@@ -214,6 +225,7 @@ def run_study(
     by_key = {t.key: t for t in trials}
     try:
         while True:
+            interrupt.check()  # a safe point: between cells, nothing half-written
             claim = coordinator.claim(study_key, cells)
             if claim is not None:
                 worker.run_claimed(by_key[claim.cell], claim, f"[{cells.index(claim.cell) + 1}/{len(cells)}]")
@@ -221,8 +233,8 @@ def run_study(
                 break
             else:
                 time.sleep(min(2.0, heartbeat_timeout / 4))  # other workers hold the rest; take over stale ones
-    except BaseException:
-        finish_study_run(store, parent_id, KILLED)  # interrupted: a rerun resumes it
+    except BaseException as stop:  # Ctrl-C/SIGTERM (or a bug): the parent run ends KILLED, as its trial run did
+        end_run(store.client, parent_id, KILLED, ending(stop).reason)
         raise
     for cell, (state, error) in coordinator.states(study_key, cells).items():
         if state == FAILED:

@@ -6,6 +6,7 @@ ROLE_TUNE, ROLE_TUNE_TRIAL = "tune", "tune-trial"  # ``harness tune``: the tunin
 CELL = "harness.cell"  # the matrix cell's key: how an interrupted trial finds its run again
 STUDY = "harness.study"
 ERROR = "harness.error"  # why a run ended FAILED or KILLED
+SUMMARY = "harness.summary_logged"  # set with the summary metrics, in one batch: a rerun does not log them again
 PRUNED = "harness.pruned"  # why the tuner's pruner stopped a trial
 WORKER = "harness.worker"
 

@@ -17,9 +17,11 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import filelock
 import mlflow
 import pandas as pd
 import torch
@@ -60,27 +62,106 @@ def device_description(device: str) -> str:
     return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow's database/server stores
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """SpecError unless files can be created in ``folder`` (or, before it exists, in its nearest ancestor).
+
+    Checked up front by creating a throwaway file, since permission bits say nothing for root and
+    nothing about a read-only mount; nothing is left behind.
+    """
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise SpecError(f"{what} {folder}: not writable ({error.strerror or error})") from None
+
+
+def check_sqlite_file(database: Path, what: str) -> None:
+    """SpecError when ``database`` exists but is not an SQLite database (a directory, a text file, ...)."""
+    if not database.exists():
+        return
+    try:
+        with database.open("rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as error:
+        raise SpecError(f"{what} {database}: unreadable ({error.strerror or error})") from None
+    if header != SQLITE_HEADER and database.stat().st_size > 0:
+        raise SpecError(f"{what} {database}: not an SQLite database")
+
+
+def check_tracking_uri(uri: str, create: bool = True) -> None:
+    """Reject a URI MLflow could only fail on later: unknown scheme, a non-database file, an unwritable
+    folder (``create``), a missing store when reading (not ``create``), an unreachable server."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in SCHEMES:
+        raise SpecError(f"tracking URI {uri[:200]!r}: expected one of {', '.join(f'{s}://' for s in SCHEMES)}")
+    if (database := sqlite_path(uri)) is not None:
+        check_sqlite_file(database, "tracking store")
+        if create:
+            check_writable(database.parent, "tracking store folder")
+        elif not database.is_file():
+            raise SpecError(f"tracking store {database}: no such database (nothing has been tracked there yet)")
+    elif scheme in ("http", "https"):
+        check_server(uri)
+
+
+def check_server(uri: str) -> None:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+            if response.status != 200:
+                raise SpecError(f"tracking server {uri} answered /health with HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise SpecError(f"tracking server {uri} is unreachable ({reason})") from None
+
+
+def create_atomically(database: Path, build: Callable[[str], None]) -> None:
+    """Create the SQLite file ``database`` whole or not at all, once, however many processes start together.
+
+    Creating MLflow's (or Optuna's) tables is many statements; an interruption halfway left a file every
+    later run rejected ("table ... already exists"), and two processes on a fresh file raced in the
+    migration. So under a lock beside it, ``build`` gets the URL of a file aside in the same folder and
+    fills it completely; ``os.replace`` then moves it into place in one step.
+    """
+    if database.is_file() and database.stat().st_size > 0:
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(database.with_name(f"{database.name}.lock")):
+        if database.is_file() and database.stat().st_size > 0:
+            return  # another process built it while this one waited
+        for leftover in database.parent.glob(f".{database.name}.*.partial"):  # an interrupted build's
+            leftover.unlink(missing_ok=True)
+        partial = database.with_name(f".{database.name}.{os.getpid()}.partial")
+        build(f"sqlite:///{partial}")
+        os.replace(partial, database)
+
+
+def build_mlflow_store(url: str) -> None:
+    """Every MLflow table and the default experiment, as MLflow itself creates them on first use."""
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(url, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH).engine.dispose()  # closed before the move
+
+
 class TrackingStore:
-    """A tracking URI made ready for a study: reachable, migrated, experiment created."""
+    """A tracking URI made ready for a study: checked, created whole (SQLite), migrated, reachable."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        check_tracking_uri(uri)
         if (database := sqlite_path(uri)) is not None:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        elif uri.startswith(("http://", "https://")):
-            self._check_server(uri)
+            create_atomically(database, build_mlflow_store)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
-
-    @staticmethod
-    def _check_server(uri: str) -> None:
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
-                if response.status != 200:
-                    raise SpecError(f"tracking server {uri} answered /health with HTTP {response.status}")
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise SpecError(f"tracking server {uri} is unreachable ({reason})") from None
 
     def artifact_location(self, name: str) -> str | None:
         database = sqlite_path(self.uri)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from harness import interrupt
 from harness.checkpoint import Checkpointer, CheckpointPolicy, TrainState
 from harness.config import TrialConfig
 from harness.data import Corpus, batchify, get_batch
@@ -327,6 +328,7 @@ def train(
         with progress_bar(label or f"{config.variant} seed={config.seed}", n_steps, state.step, progress) as bar:
             clock = TrainClock(device)
             while state.step < n_steps:
+                interrupt.check()  # Ctrl-C/SIGTERM: stop here, between steps (the last checkpoint stays)
                 position = state.step % per_epoch
                 if position == 0 or state.recurrent is None:  # each epoch starts from a fresh recurrent state
                     state.recurrent = state.model.initial_state(t.batch_size)

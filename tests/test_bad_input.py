@@ -1,10 +1,13 @@
-"""Bad input: one line on stderr, exit code 2, and nothing written (no store, no claims, no checkpoints)."""
+"""Bad input: one line on stderr, exit code 2, and nothing written (no store, no claims, no checkpoints);
+against an existing store, the store is byte for byte what it was."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,140 @@ def test_unreachable_servers_from_the_real_command_line_print_one_line(tmp_path:
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and not result.stdout
         assert not (tmp_path / "ck").exists() and not (tmp_path / "mlruns").exists()
+
+
+# ------------------------------------------------------ issue 13: every class, against an existing store
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow store with one experiment, made once; each test gets a copy under ``out/mlruns``."""
+    from harness.tracking import TrackingStore
+
+    folder = tmp_path_factory.mktemp("store") / "mlruns"
+    TrackingStore(f"sqlite:///{folder / 'mlflow.db'}").experiment_id("bad")
+    return folder
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def rejected_once(capsys: pytest.CaptureFixture[str], code: int, message: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and len(err) < 1000, err[:2000]
+    assert err.startswith("harness: error: ") and message in err, err
+    return err
+
+
+def spec_text(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "raw.yaml"
+    path.write_text(text)
+    return path
+
+
+def binary_file(path: Path) -> Path:
+    path.write_bytes(bytes(range(256)) * 4)
+    return path
+
+
+BASE_SPEC = "name: bad\nmatrix: {variants: [baseline], seeds: [0]}\n"
+BAD_SPECS = {  # id -> (how to make the spec, what the one line says)
+    "binary-file": (lambda t: binary_file(t / "raw.yaml"), "not a text file"),
+    "directory": (lambda t: t, "is a directory"),
+    "duplicate-key": (lambda t: spec_text(t, BASE_SPEC + "name: again\n"), "duplicate key 'name'"),
+    "scalar-section": (lambda t: edited(t, {"base.moe": 5}), "base.moe = 5: a section must be a mapping"),
+    "override-scalar": (lambda t: edited(t, {"overrides.baseline.optim": "fast"}), "overrides.baseline.optim = 'fast'"),
+    "sweep-into-int": (lambda t: edited(t, {"matrix.sweep": {"moe.n_experts.width": [1]}}), "is not a config value"),
+    "empty-sweep": (lambda t: edited(t, {"matrix.sweep": {"moe.n_experts": []}}), "matrix.sweep.moe.n_experts"),
+    "huge-seed": (lambda t: edited(t, {"matrix.seeds": [1e20]}), "matrix.seeds.0"),
+    "negative-seed": (lambda t: edited(t, {"matrix.seeds": [-1]}), "greater than or equal to 0"),
+    "betas": (lambda t: edited(t, {"base.optim.betas": [2, -1]}), "optim.betas.0 = 2"),
+    "threads": (lambda t: edited(t, {"base.train.threads": 1e6}), "train.threads = 1000000"),
+    "huge-value": (lambda t: edited(t, {"base.optim.lr": "x" * 100_000}), "characters)"),
+}
+
+
+@pytest.mark.parametrize(("make", "message"), BAD_SPECS.values(), ids=BAD_SPECS.keys())
+def test_bad_spec_is_one_line_exit_2_and_leaves_the_store_unchanged(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    store_template: Path,
+    make,
+    message: str,  # noqa: ANN001
+) -> None:
+    shutil.copytree(store_template, tmp_path / "out" / "mlruns")
+    before = digest(tmp_path / "out")
+    rejected_once(capsys, run_cli(tmp_path, make(tmp_path)), message)
+    assert digest(tmp_path / "out") == before
+
+
+UNWRITABLE = "/proc/harness-nowhere"  # read-only for root too, unlike a chmod'ed folder
+BAD_PLACES = {  # id -> (extra arguments, what the one line says)
+    "uri-unknown-scheme": (["--tracking-uri", "ftp://example.org/store"], "expected one of sqlite://"),
+    "uri-bare-path": (["--tracking-uri", "mlruns"], "expected one of"),
+    "uri-not-a-database": (["--tracking-uri", "sqlite:///{spec}"], "not an SQLite database"),
+    "uri-read-only": (["--tracking-uri", f"sqlite:///{UNWRITABLE}/mlflow.db"], "tracking store folder"),
+    "storage-read-only": (["--storage", f"sqlite:///{UNWRITABLE}/c.db"], "--storage folder"),
+    "checkpoint-read-only": (["--checkpoint-dir", f"{UNWRITABLE}/ck"], "--checkpoint-dir"),
+    "checkpoint-is-a-file": (["--checkpoint-dir", "{spec}"], "--checkpoint-dir"),
+}
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_PLACES.values(), ids=BAD_PLACES.keys())
+def test_bad_places_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], store_template: Path, extra: list[str], message: str
+) -> None:
+    shutil.copytree(store_template, tmp_path / "out" / "mlruns")
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    before = digest(tmp_path / "out")
+    rejected_once(capsys, run_cli(tmp_path, spec, *(e.format(spec=spec) for e in extra)), message)
+    assert digest(tmp_path / "out") == before
+
+
+def test_cuda_without_cuda_is_refused_before_the_store_is_touched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_rejected(tmp_path, capsys, run_cli(tmp_path, edited(tmp_path, {"base.train.device": "cuda"})), "no CUDA")
+
+
+def test_parquet_without_text_column(tmp_path: Path, tiny_data: Path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    pq.write_table(pa.table({"words": ["a b"] * 10}), data / "wikitext-2-v1" / "test-00000-of-00001.parquet")
+    monkeypatch.setenv("MOE_HARNESS_DATA", str(data))
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    assert_rejected(tmp_path, capsys, run_cli(tmp_path, spec), "with a 'text' column")
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import harness.study
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(harness.study, "run_study", full)
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    rejected_once(capsys, run_cli(tmp_path, spec), "No space left on device")
+
+
+def test_report_fails_fast_on_a_dead_server_and_creates_no_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    rejected_once(capsys, main(["report", "nosuch", "--tracking-uri", "http://127.0.0.1:1"]), "is unreachable")
+    assert time.monotonic() - started < 15
+    database = tmp_path / "none" / "mlflow.db"
+    rejected_once(capsys, main(["report", "nosuch", "--tracking-uri", f"sqlite:///{database}"]), "no such database")
+    assert not (tmp_path / "none").exists()

@@ -9,9 +9,10 @@ from pathlib import Path
 def cmd_report(args: argparse.Namespace) -> int:
     # Here, not at the top: the CLI registers this command on every start (see harness/report/__init__.py).
     from harness.report.pipeline import write_report
-    from harness.tracking import resolve_tracking_uri
+    from harness.tracking import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_uri(uri, create=False)  # fails fast on a dead server; never creates a store to report on
     out = write_report(
         args.study, uri, Path(args.out) if args.out else None, not args.no_log, optuna_storage=args.optuna_storage
     )

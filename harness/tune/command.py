@@ -16,7 +16,7 @@ from harness.config import SpecError, load_spec
 def cmd_tune(args: argparse.Namespace) -> int:
     import optuna  # heavy (torch, MLflow, Optuna): only when the command runs
 
-    from harness.tracking import resolve_tracking_uri
+    from harness.tracking import check_tracking_uri, resolve_tracking_uri
     from harness.tune.engine import run_tune
     from harness.tune.results import summary_lines
     from harness.tune.storage import default_storage
@@ -28,6 +28,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials must be at least 1, got {args.n_trials}")
     uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_uri(uri)
     storage = args.storage or os.environ.get("OPTUNA_STORAGE") or default_storage(spec, uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, best, exported = run_tune(

@@ -20,9 +20,10 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from harness import interrupt
 from harness.config import SpecError, StudySpec, TuneConfig, resolve_trial
 from harness.data import load_corpus
-from harness.runs import FINISHED, RUNNING, TRIAL_ERRORS, shared_run
+from harness.runs import FINISHED, KILLED, RUNNING, TRIAL_ERRORS, end_run, ending, shared_run
 from harness.tags import NOTE, OPTUNA_STORAGE, OPTUNA_STUDY, ROLE, ROLE_TUNE, STUDY
 from harness.tracking import TrackingStore, device_description
 from harness.tune.attrs import PARENT_ATTR
@@ -114,7 +115,14 @@ def wait_for_others(study: optuna.Study, poll_s: float) -> bool:
             return True
         if TrialState.RUNNING not in states:
             return False
+        interrupt.check()  # a safe point: this worker holds no trial while it waits
         time.sleep(poll_s)
+
+
+def stop_when_interrupted(study: optuna.Study, _trial: FrozenTrial) -> None:
+    """Callback after each trial: on Ctrl-C/SIGTERM start no new trial."""
+    if interrupt.requested() is not None:
+        study.stop()
 
 
 def optimise(ctx: Context, study: optuna.Study, n_trials: int | None) -> None:
@@ -134,10 +142,11 @@ def optimise(ctx: Context, study: optuna.Study, n_trials: int | None) -> None:
                 lambda trial: objective(ctx, trial),
                 n_trials=n_trials,
                 timeout=remaining,
-                callbacks=[ctx.budget],
+                callbacks=[ctx.budget, stop_when_interrupted],
                 catch=(SurplusTrial, *TRIAL_ERRORS),
                 gc_after_trial=True,
             )
+            interrupt.check()  # the study stopped between trials for a signal: leave as an interruption
         timed_out = tune.timeout_s is not None and time.monotonic() - started >= tune.timeout_s
         if timed_out or n_trials is None or not wait_for_others(study, poll_s):
             return
@@ -183,8 +192,14 @@ def run_tune(
     ctx = Context(spec, store, store.experiment_id(spec.name), parent_id, corpus, Budget(n_trials), progress)
     if n_trials is not None and counted(study.get_trials(deepcopy=False)) >= n_trials:
         print(f"study '{spec.name}' already has {n_trials} trials", file=sys.stderr)
-    optimise(ctx, study, n_trials)
-    best, exported = record_best(ctx, study, out or export_folder(storage_url) / f"{spec.name}-best.yaml")
+    path = out or export_folder(storage_url) / f"{spec.name}-best.yaml"
+    try:
+        optimise(ctx, study, n_trials)
+    except KeyboardInterrupt as stop:  # the best config so far is exported all the same; the parent ends KILLED
+        record_best(ctx, study, path)
+        end_run(store.client, parent_id, KILLED, ending(stop).reason)
+        raise
+    best, exported = record_best(ctx, study, path)
     if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         store.client.set_terminated(parent_id, FINISHED)
     return study, best, exported

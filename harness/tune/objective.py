@@ -134,8 +134,9 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
         raise
     except BaseException as error:
         run.client.set_tag(run.run_id, OPTUNA_STATE, "FAIL")
-        if run.fail(error).status == KILLED:  # Ctrl-C or a bug: not the trial's fault, so not counted
+        if run.fail(error).status == KILLED:  # Ctrl-C/SIGTERM: not the trial's fault, so not counted...
             trial.set_user_attr(INTERRUPTED_ATTR, True)
+            trial.study.enqueue_trial(trial.params)  # ...and its parameters are tried again, first thing
         raise
     run.sink.flush()  # the verdict reads the run's whole metric history
     health_metrics, verdict = assess(run.client, run.run_id, result.summary | validation_shares(result.utilisation))

@@ -23,7 +23,7 @@ from harness.config import SpecError, StudySpec, TuneConfig
 from harness.retry import created_tables_concurrently, retry_race
 from harness.runs import FAILED, end_run
 from harness.tags import OPTUNA_STATE
-from harness.tracking import TrackingStore
+from harness.tracking import TrackingStore, check_sqlite_file, check_writable, create_atomically
 from harness.tune.attrs import RUN_ID_ATTR
 from harness.urls import redact, sqlite_path
 
@@ -71,12 +71,19 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any], tune: TuneConfig) -> R
         )
 
 
+def build_optuna_storage(url: str) -> None:
+    """Optuna's tables in a fresh SQLite file (see :func:`harness.tracking.create_atomically`)."""
+    RDBStorage(url).engine.dispose()
+
+
 def open_storage(url: str, tune: TuneConfig) -> RDBStorage:
     """The RDB storage with heartbeats and retries; tables are created here, before any trial."""
     engine_kwargs: dict[str, Any] = {}
     if (database := sqlite_path(url)) is not None:
-        database.parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_file(database, "--storage")
+        check_writable(database.parent, "--storage folder")
         engine_kwargs = {"connect_args": {"timeout": 60}}
+        create_atomically(database, build_optuna_storage)  # an interrupted first run leaves none or a whole one
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs = {"pool_pre_ping": True}
     elif "://" not in url:
