@@ -11,13 +11,15 @@ import copy
 import difflib
 import itertools
 import os
+import re
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from models.config import ModelConfig, MoEConfig, StrictConfig
+from models.config import ModelConfig, MoEConfig, StrictConfig, upcycle_mismatch
 
 __all__ = [
     "DATA_ENV",
@@ -25,7 +27,9 @@ __all__ = [
     "VARIANTS",
     "VARIANT_PRESETS",
     "BudgetConfig",
+    "CustomVariant",
     "DataConfig",
+    "InitConfig",
     "MatrixConfig",
     "ModelConfig",  # re-exported: the models' own config, part of every trial config
     "MoEConfig",  # re-exported, as ModelConfig
@@ -46,8 +50,9 @@ __all__ = [
     "resolve_matrix",
     "resolve_trial",
     "set_dotted",
+    "source_order",
 ]
-Variant = Literal["baseline", "switch", "lora", "hybrid", "dense"]
+Variant = Literal["baseline", "switch", "lora", "hybrid", "dense", "plain"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 DATA_ENV = "MOE_HARNESS_DATA"
 DEFAULT_DATA_PATH = "../shared/data/wikitext"
@@ -113,11 +118,24 @@ class TrainConfig(StrictConfig):
     """Log the final model weights as an MLflow artifact."""
 
 
+class InitConfig(StrictConfig):
+    source: str | None = None
+    """A variant of the same study, with a dense FFN: this cell starts from that variant's finished cell of the
+    same seed and sweep point (sparse upcycling, ``models/upcycle.py``); unset starts from scratch."""
+
+
+VARIANT_NAME = r"^[A-Za-z][A-Za-z0-9_]*$"
+PRESET_FFN: dict[str, str] = {"dense": "dense", "plain": "none"}  # every other preset has the MoE layer
+
+
 class TrialConfig(StrictConfig):
     """Everything one training run needs; the matrix expands a study into these."""
 
-    variant: Variant = "baseline"
+    variant: str = Field("baseline", pattern=VARIANT_NAME)
+    preset: Variant | None = None
+    """The preset the variant is built on; unset for a preset's own name (and then filled in)."""
     seed: int = 0
+    init: InitConfig = InitConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     moe: MoEConfig = MoEConfig()
@@ -129,8 +147,15 @@ class TrialConfig(StrictConfig):
     def _check(self) -> TrialConfig:
         if self.model.tie_weights and self.model.output == "adaptive":
             raise ValueError("model.tie_weights=true cannot be combined with model.output=adaptive")
-        if (self.variant == "dense") != (self.model.ffn == "dense"):
-            raise ValueError(f"model.ffn={self.model.ffn} contradicts variant={self.variant}")
+        if self.preset is None:
+            if self.variant not in VARIANTS:
+                raise ValueError(f"variant={self.variant!r} is no preset {list(VARIANTS)}; it needs a preset")
+            self.preset = self.variant  # re-runs this validator once (validate_assignment), now with preset set
+            return self
+        if self.variant in VARIANTS and self.preset != self.variant:
+            raise ValueError(f"preset={self.preset} contradicts variant={self.variant}")
+        if self.model.ffn != PRESET_FFN.get(self.preset, "moe"):
+            raise ValueError(f"model.ffn={self.model.ffn} contradicts variant={self.variant} (preset {self.preset})")
         if self.model.backbone == "gpt" and self.model.max_len is None:
             # Re-runs this validator once (validate_assignment), now with max_len set.
             self.model = self.model.model_copy(update={"max_len": self.train.seq_len})
@@ -144,7 +169,8 @@ class TrialConfig(StrictConfig):
 
 
 class MatrixConfig(StrictConfig):
-    variants: list[Variant] = Field(min_length=1)
+    variants: list[str] = Field(min_length=1)
+    """Preset names (``VARIANT_PRESETS``) or the spec's own ``variants``."""
     seeds: list[int] = Field(min_length=1)
     sweep: dict[str, list[Any]] = {}
     """Extra axes: dotted key (e.g. ``moe.n_experts``) -> values."""
@@ -232,13 +258,40 @@ class TuneConfig(StrictConfig):
         return self
 
 
+class CustomVariant(StrictConfig):
+    """A variant name of the spec's own, built on a preset (e.g. ``dense_long: {preset: dense}``): the same
+    preset twice in one matrix, with different ``overrides``."""
+
+    preset: Variant
+
+
 class StudySpec(StrictConfig):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     base: dict[str, Any] = {}
+    variants: dict[str, CustomVariant] = {}
     matrix: MatrixConfig
-    overrides: dict[Variant, dict[str, Any]] = {}
+    overrides: dict[str, dict[str, Any]] = {}
     tune: TuneConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_names(self) -> StudySpec:
+        for name in self.variants:
+            if name in VARIANTS or not re.match(VARIANT_NAME, name):
+                raise ValueError(f"variants.{name}: a custom variant needs a new name of letters, digits and '_'")
+        known = [*VARIANTS, *self.variants]
+        for i, name in enumerate(self.matrix.variants):
+            if name not in known:
+                raise ValueError(f"matrix.variants.{i} = {name!r}: unknown variant; choose from {known}")
+        for name in self.overrides:
+            if name not in known:
+                raise ValueError(f"overrides.{name}: unknown variant; choose from {known}")
+        return self
+
+    def preset(self, variant: str) -> Variant:
+        """The preset a variant name stands for."""
+        custom = self.variants.get(variant)
+        return custom.preset if custom is not None else variant  # type: ignore[return-value]  # a preset's name
 
 
 # What each variant name means, applied on top of ``base`` and below ``overrides``.
@@ -248,6 +301,7 @@ VARIANT_PRESETS: dict[Variant, dict[str, Any]] = {
     "lora": {"moe": {"router": "noisy_topk", "top_k": 2, "expert": "lora", "balance_losses": ["cv2"]}},
     "hybrid": {"moe": {"router": "switch", "top_k": 1, "expert": "lora", "balance_losses": ["switch"]}},
     "dense": {"model": {"ffn": "dense"}},
+    "plain": {"model": {"ffn": "none"}},  # the backbone alone: no FFN or MoE block
 }
 
 
@@ -280,17 +334,18 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 
 def resolve_trial(spec: StudySpec, variant: str, seed: int, assignment: dict[str, Any] | None = None) -> TrialConfig:
-    """base -> variant preset -> per-variant overrides -> sweep assignment -> variant/seed."""
-    tree = deep_merge(spec.base, VARIANT_PRESETS[variant])
+    """base -> variant preset -> per-variant overrides -> sweep assignment -> variant/preset/seed."""
+    preset = spec.preset(variant)
+    tree = deep_merge(spec.base, VARIANT_PRESETS[preset])
     tree = deep_merge(tree, spec.overrides.get(variant, {}))
     for key, value in (assignment or {}).items():
         tree = set_dotted(tree, key, value)
-    tree.update(variant=variant, seed=seed)
+    tree.update(variant=variant, preset=preset, seed=seed)
     return TrialConfig.model_validate(tree)
 
 
 class ResolvedTrial(NamedTuple):
-    variant: Variant
+    variant: str
     seed: int
     assignment: dict[str, Any]
     config: TrialConfig
@@ -313,6 +368,32 @@ def resolve_matrix(spec: StudySpec, where: str = "spec") -> list[ResolvedTrial]:
                     raise SpecError(f"{describe_error(error, TrialConfig, where)} (variant {variant})") from None
                 trials.append(ResolvedTrial(variant, seed, assignment, config))
     return trials
+
+
+def source_order(trials: list[ResolvedTrial], where: str) -> list[str]:
+    """The trials' variants, each after the variant it starts from (``init.source``).
+
+    A source that is not a variant of the matrix, a cycle, or a source whose model cannot be upcycled into the
+    dependent's is a one-line ``SpecError``."""
+    variants = list(dict.fromkeys(t.variant for t in trials))
+    by_cell = {(t.variant, t.seed, str(t.assignment)): t.config for t in trials}
+    graph: dict[str, set[str]] = {v: set() for v in variants}
+    for trial in trials:
+        source = trial.config.init.source
+        if source is None:
+            continue
+        if source not in variants:
+            raise SpecError(f"{where}: {trial.variant}: init.source = {source!r} is not a variant of the matrix")
+        graph[trial.variant].add(source)
+        origin = by_cell[(source, trial.seed, str(trial.assignment))]
+        problem = upcycle_mismatch(origin.model, origin.moe, trial.config.model, trial.config.moe)
+        if problem and source != trial.variant:  # a variant starting from itself is reported as a cycle below
+            raise SpecError(f"{where}: {trial.variant} cannot start from {source}: {problem}")
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as error:
+        raise SpecError(f"{where}: init.source forms a cycle: {' -> '.join(reversed(error.args[1]))}") from None
+    return sorted(variants, key=order.index)  # sources first, the matrix's order otherwise
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -341,6 +422,8 @@ def describe_error(error: ValidationError, model: type[BaseModel], where: str) -
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         return f"{where}: missing key '{key}'"
+    if not loc:  # a check across keys: its message names them
+        return f"{where}: {message}"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     return f"{where}: {key}{shown}: {message}"
@@ -374,8 +457,8 @@ def check_tune(spec: StudySpec, where: str) -> None:
     """Every edge of the search space must give a valid trial config for the tuned variant."""
     tune = spec.tune
     assert tune is not None
-    if tune.variant == "dense":
-        raise SpecError(f"{where}: tune.variant = 'dense' has no MoE layer to tune")
+    if tune.variant in PRESET_FFN:
+        raise SpecError(f"{where}: tune.variant = {tune.variant!r} has no MoE layer to tune")
     edges = {key: param.extremes() for key, param in tune.space.items()}
     candidates = [{key: value} for key, values in edges.items() for value in values]
     candidates.append({key: values[0] for key, values in edges.items()})
@@ -393,6 +476,7 @@ def check_tune(spec: StudySpec, where: str) -> None:
 def check_spec(spec: StudySpec, where: str) -> None:
     """Validate the trial configs a spec expands to and that its data exists."""
     trials = resolve_matrix(spec, where=where)
+    source_order(trials, where)
     data = trials[0].config.data
     folder = data.root() / data.name
     if not folder.is_dir():

@@ -8,6 +8,7 @@ STUDY = "harness.study"
 ERROR = "harness.error"  # why a run ended FAILED or KILLED
 PRUNED = "harness.pruned"  # why the tuner's pruner stopped a trial
 WORKER = "harness.worker"
+INIT_SOURCE_RUN = "harness.init.source_run"  # an upcycled cell's source: the run whose final weights it started from
 
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"

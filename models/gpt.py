@@ -84,9 +84,7 @@ class GPTLanguageModel(LanguageModel):
         nn.init.normal_(self.embed.weight, std=0.02)
         self.pos = nn.Embedding(max_len, model.d_model) if model.position == "learned" else None
         self.drop = nn.Dropout(model.dropout)
-        self.blocks = nn.ModuleList(
-            Block(model, moe, _block_ffn(model, i), max_len) for i in range(model.n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(model, moe, _block_ffn(model, i), max_len) for i in range(model.n_layers))
         self.norm = nn.RMSNorm(model.d_model) if model.norm == "rmsnorm" else nn.LayerNorm(model.d_model)
         self.head = OutputHead(
             model.d_model, vocab_size, model.output, model.adaptive_cutoffs, self.embed if model.tie_weights else None
