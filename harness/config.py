@@ -376,23 +376,22 @@ def source_order(trials: list[ResolvedTrial], where: str) -> list[str]:
     A source that is not a variant of the matrix, a cycle, or a source whose model cannot be upcycled into the
     dependent's is a one-line ``SpecError``."""
     variants = list(dict.fromkeys(t.variant for t in trials))
-    by_cell = {(t.variant, t.seed, str(t.assignment)): t.config for t in trials}
     graph: dict[str, set[str]] = {v: set() for v in variants}
     for trial in trials:
         source = trial.config.init.source
-        if source is None:
-            continue
-        if source not in variants:
+        if source is not None and source not in variants:
             raise SpecError(f"{where}: {trial.variant}: init.source = {source!r} is not a variant of the matrix")
-        graph[trial.variant].add(source)
-        origin = by_cell[(source, trial.seed, str(trial.assignment))]
-        problem = upcycle_mismatch(origin.model, origin.moe, trial.config.model, trial.config.moe)
-        if problem and source != trial.variant:  # a variant starting from itself is reported as a cycle below
-            raise SpecError(f"{where}: {trial.variant} cannot start from {source}: {problem}")
+        graph[trial.variant] |= {source} if source is not None else set()
     try:
         order = list(TopologicalSorter(graph).static_order())
     except CycleError as error:
         raise SpecError(f"{where}: init.source forms a cycle: {' -> '.join(reversed(error.args[1]))}") from None
+    by_cell = {(t.variant, t.seed, str(t.assignment)): t.config for t in trials}
+    for trial in (t for t in trials if t.config.init.source is not None):
+        source = by_cell[(trial.config.init.source, trial.seed, str(trial.assignment))]
+        problem = upcycle_mismatch(source.model, source.moe, trial.config.model, trial.config.moe)
+        if problem:
+            raise SpecError(f"{where}: {trial.variant} cannot start from {trial.config.init.source}: {problem}")
     return sorted(variants, key=order.index)  # sources first, the matrix's order otherwise
 
 
