@@ -6,6 +6,7 @@ uniform loss ln V after step 10; under PyTorch's Linear init the dense FFN rose 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,10 @@ def classic_losses(config: TrialConfig, corpus: Corpus, steps: int) -> list[floa
 
 
 @pytest.mark.slow
-def test_no_variant_rises_above_the_uniform_loss_under_the_classic_recipe() -> None:
+def test_no_variant_rises_above_the_uniform_loss_under_the_classic_recipe(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOE_HARNESS_DATA", str(shared_data))  # the whole training split: ln V = 10.41
     corpus = load_corpus(classic_config("dense").data)
     uniform = math.log(corpus.vocab_size)
     for variant in VARIANTS:
