@@ -8,9 +8,10 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
-## The quick study: the four MoE variants x 2 seeds on WikiText-2, into mlruns/ (about 8 min on 2 CPU cores).
+## The quick study: the four MoE variants and the dense/plain references x 2 seeds on WikiText-2, into mlruns/
+## (about 10 min on 2 CPU cores), then its report: reports/quick/report.md and report.pdf.
 quick: $(VENV)/.installed
-	$(BIN)/harness run-study studies/quick.yaml
+	$(BIN)/harness run-study studies/quick.yaml --report
 
 ## Every test, the slow end-to-end ones included (what CI runs).
 test: $(VENV)/.installed

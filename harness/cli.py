@@ -37,8 +37,10 @@ def cmd_run_study(args: argparse.Namespace) -> int:
         for trial in trials:
             c = trial.config
             budget = f"{c.budget.tokens:,} tokens" if c.budget.tokens else f"{c.budget.epochs:g} epochs"
-            moe = "dense FFN" if trial.variant == "dense" else f"router={c.moe.router} expert={c.moe.expert}"
-            print(f"{trial.key:40s} backbone={c.model.backbone} {moe} budget={budget}")
+            moe = f"router={c.moe.router} expert={c.moe.expert}"
+            block = {"dense": "dense FFN", "none": "no block"}.get(c.model.ffn, moe)
+            after = f" after {trial.depends_on}" if trial.depends_on else ""
+            print(f"{trial.key:40s} backbone={c.model.backbone} {block} budget={budget}{after}")
         print(f"{len(trials)} trials in study '{spec.name}'")
         return 0
 

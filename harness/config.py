@@ -11,13 +11,15 @@ import copy
 import difflib
 import itertools
 import os
+import re
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from models.config import ModelConfig, MoEConfig, StrictConfig
+from models.config import ModelConfig, MoEConfig, StrictConfig, upcycle_mismatch
 
 __all__ = [
     "DATA_ENV",
@@ -25,7 +27,9 @@ __all__ = [
     "VARIANTS",
     "VARIANT_PRESETS",
     "BudgetConfig",
+    "CustomVariant",
     "DataConfig",
+    "InitConfig",
     "MatrixConfig",
     "ModelConfig",  # re-exported: the models' own config, part of every trial config
     "MoEConfig",  # re-exported, as ModelConfig
@@ -47,8 +51,9 @@ __all__ = [
     "resolve_matrix",
     "resolve_trial",
     "set_dotted",
+    "source_order",
 ]
-Variant = Literal["baseline", "switch", "lora", "hybrid", "dense"]
+Variant = Literal["baseline", "switch", "lora", "hybrid", "dense", "plain"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 DATA_ENV = "MOE_HARNESS_DATA"
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer; numpy gets it modulo 2**32
@@ -117,11 +122,24 @@ class TrainConfig(StrictConfig):
     """Log the final model weights as an MLflow artifact."""
 
 
+class InitConfig(StrictConfig):
+    source: str | None = None
+    """A variant of the same study, with a dense FFN: this cell starts from that variant's finished cell of the
+    same seed and sweep point (sparse upcycling, ``models/upcycle.py``); unset starts from scratch."""
+
+
+VARIANT_NAME = r"^[A-Za-z][A-Za-z0-9_]*$"
+PRESET_FFN: dict[str, str] = {"dense": "dense", "plain": "none"}  # every other preset has the MoE layer
+
+
 class TrialConfig(StrictConfig):
     """Everything one training run needs; the matrix expands a study into these."""
 
-    variant: Variant = "baseline"
+    variant: str = Field("baseline", pattern=VARIANT_NAME)
+    preset: Variant | None = None
+    """The preset the variant is built on; unset for a preset's own name (and then filled in)."""
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    init: InitConfig = InitConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     moe: MoEConfig = MoEConfig()
@@ -133,8 +151,15 @@ class TrialConfig(StrictConfig):
     def _check(self) -> TrialConfig:
         if self.model.tie_weights and self.model.output == "adaptive":
             raise ValueError("model.tie_weights=true cannot be combined with model.output=adaptive")
-        if (self.variant == "dense") != (self.model.ffn == "dense"):
-            raise ValueError(f"model.ffn={self.model.ffn} contradicts variant={self.variant}")
+        if self.preset is None:
+            if self.variant not in VARIANTS:
+                raise ValueError(f"variant={self.variant!r} is no preset {list(VARIANTS)}; it needs a preset")
+            self.preset = self.variant  # re-runs this validator once (validate_assignment), now with preset set
+            return self
+        if self.variant in VARIANTS and self.preset != self.variant:
+            raise ValueError(f"preset={self.preset} contradicts variant={self.variant}")
+        if self.model.ffn != PRESET_FFN.get(self.preset, "moe"):
+            raise ValueError(f"model.ffn={self.model.ffn} contradicts variant={self.variant} (preset {self.preset})")
         if self.model.backbone == "gpt" and self.model.max_len is None:
             # Re-runs this validator once (validate_assignment), now with max_len set.
             self.model = self.model.model_copy(update={"max_len": self.train.seq_len})
@@ -155,7 +180,8 @@ SECTIONS = tuple(
 
 
 class MatrixConfig(StrictConfig):
-    variants: list[Variant] = Field(min_length=1)
+    variants: list[str] = Field(min_length=1)
+    """Preset names (``VARIANT_PRESETS``) or the spec's own ``variants``."""
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     """Extra axes: dotted key (e.g. ``moe.n_experts``) -> values."""
@@ -251,12 +277,20 @@ class ReportConfig(StrictConfig):
     i.e. ±log(1.05) on the loss."""
 
 
+class CustomVariant(StrictConfig):
+    """A variant name of the spec's own, built on a preset (e.g. ``dense_long: {preset: dense}``): the same
+    preset twice in one matrix, with different ``overrides``."""
+
+    preset: Variant
+
+
 class StudySpec(StrictConfig):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     base: dict[str, Any] = {}
+    variants: dict[str, CustomVariant] = {}
     matrix: MatrixConfig
-    overrides: dict[Variant, dict[str, Any]] = {}
+    overrides: dict[str, dict[str, Any]] = {}
     tune: TuneConfig | None = None
     report: ReportConfig = ReportConfig()
 
@@ -270,6 +304,25 @@ class StudySpec(StrictConfig):
                     raise ValueError(f"{where}.{key} = {shorten(value)}: a section must be a mapping of keys")
         return self
 
+    @model_validator(mode="after")
+    def _check_names(self) -> StudySpec:
+        for name in self.variants:
+            if name in VARIANTS or not re.match(VARIANT_NAME, name):
+                raise ValueError(f"variants.{name}: a custom variant needs a new name of letters, digits and '_'")
+        known = [*VARIANTS, *self.variants]
+        for i, name in enumerate(self.matrix.variants):
+            if name not in known:
+                raise ValueError(f"matrix.variants.{i} = {name!r}: unknown variant; choose from {known}")
+        for name in self.overrides:
+            if name not in known:
+                raise ValueError(f"overrides.{name}: unknown variant; choose from {known}")
+        return self
+
+    def preset(self, variant: str) -> Variant:
+        """The preset a variant name stands for."""
+        custom = self.variants.get(variant)
+        return custom.preset if custom is not None else variant  # type: ignore[return-value]  # a preset's name
+
 
 # What each variant name means, applied on top of ``base`` and below ``overrides``.
 VARIANT_PRESETS: dict[Variant, dict[str, Any]] = {
@@ -278,6 +331,7 @@ VARIANT_PRESETS: dict[Variant, dict[str, Any]] = {
     "lora": {"moe": {"router": "noisy_topk", "top_k": 2, "expert": "lora", "balance_losses": ["cv2"]}},
     "hybrid": {"moe": {"router": "switch", "top_k": 1, "expert": "lora", "balance_losses": ["switch"]}},
     "dense": {"model": {"ffn": "dense"}},
+    "plain": {"model": {"ffn": "none"}},  # the backbone alone: no FFN or MoE block
 }
 
 
@@ -310,17 +364,18 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 
 def resolve_trial(spec: StudySpec, variant: str, seed: int, assignment: dict[str, Any] | None = None) -> TrialConfig:
-    """base -> variant preset -> per-variant overrides -> sweep assignment -> variant/seed."""
-    tree = deep_merge(spec.base, VARIANT_PRESETS[variant])
+    """base -> variant preset -> per-variant overrides -> sweep assignment -> variant/preset/seed."""
+    preset = spec.preset(variant)
+    tree = deep_merge(spec.base, VARIANT_PRESETS[preset])
     tree = deep_merge(tree, spec.overrides.get(variant, {}))
     for key, value in (assignment or {}).items():
         tree = set_dotted(tree, key, value)
-    tree.update(variant=variant, seed=seed)
+    tree.update(variant=variant, preset=preset, seed=seed)
     return TrialConfig.model_validate(tree)
 
 
 class ResolvedTrial(NamedTuple):
-    variant: Variant
+    variant: str
     seed: int
     assignment: dict[str, Any]
     config: TrialConfig
@@ -353,6 +408,31 @@ def shorten(value: Any) -> str:
     return text if len(text) <= VALUE_CHARS else f"{text[:VALUE_CHARS]}... ({len(text):,} characters)"
 
 
+def source_order(trials: list[ResolvedTrial], where: str) -> list[str]:
+    """The trials' variants, each after the variant it starts from (``init.source``).
+
+    A source that is not a variant of the matrix, a cycle, or a source whose model cannot be upcycled into the
+    dependent's is a one-line ``SpecError``."""
+    variants = list(dict.fromkeys(t.variant for t in trials))
+    graph: dict[str, set[str]] = {v: set() for v in variants}
+    for trial in trials:
+        source = trial.config.init.source
+        if source is not None and source not in variants:
+            raise SpecError(f"{where}: {trial.variant}: init.source = {source!r} is not a variant of the matrix")
+        graph[trial.variant] |= {source} if source is not None else set()
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as error:
+        raise SpecError(f"{where}: init.source forms a cycle: {' -> '.join(reversed(error.args[1]))}") from None
+    by_cell = {(t.variant, t.seed, str(t.assignment)): t.config for t in trials}
+    for trial in (t for t in trials if t.config.init.source is not None):
+        source = by_cell[(trial.config.init.source, trial.seed, str(trial.assignment))]
+        problem = upcycle_mismatch(source.model, source.moe, trial.config.model, trial.config.moe)
+        if problem:
+            raise SpecError(f"{where}: {trial.variant} cannot start from {trial.config.init.source}: {problem}")
+    return sorted(variants, key=order.index)  # sources first, the matrix's order otherwise
+
+
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Valid keys at ``loc`` (for 'did you mean')."""
     current: Any = model
@@ -379,6 +459,8 @@ def describe_error(error: ValidationError, model: type[BaseModel], where: str) -
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         return f"{where}: missing key '{key}'"
+    if not loc:  # a check across keys: its message names them
+        return f"{where}: {message}"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" = {shorten(value)}"
     return f"{where}: {key}{shown}: {message}"
@@ -438,8 +520,8 @@ def check_tune(spec: StudySpec, where: str) -> None:
     """Every edge of the search space must give a valid trial config for the tuned variant."""
     tune = spec.tune
     assert tune is not None
-    if tune.variant == "dense":
-        raise SpecError(f"{where}: tune.variant = 'dense' has no MoE layer to tune")
+    if tune.variant in PRESET_FFN:
+        raise SpecError(f"{where}: tune.variant = {tune.variant!r} has no MoE layer to tune")
     edges = {key: param.extremes() for key, param in tune.space.items()}
     candidates = [{key: value} for key, values in edges.items() for value in values]
     candidates.append({key: values[0] for key, values in edges.items()})
@@ -457,6 +539,7 @@ def check_tune(spec: StudySpec, where: str) -> None:
 def check_spec(spec: StudySpec, where: str) -> None:
     """Validate the trial configs a spec expands to and that its data exists."""
     trials = resolve_matrix(spec, where=where)
+    source_order(trials, where)
     if any(t.config.train.device == "cuda" for t in trials):
         import torch  # here: the CLI's parser starts without torch
 

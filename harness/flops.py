@@ -39,12 +39,12 @@ def train_flops_per_token(config: TrialConfig, vocab_size: int, unigram: torch.T
         trainable += 2.0 * d * vocab_size
     if m.backbone == "lstm":
         trainable += m.n_layers * 2.0 * 4 * d * (d + d)
-        n_blocks_with_ffn, n_moe = 1, (0 if config.variant == "dense" else 1)
+        n_blocks_with_ffn, n_moe = (0 if m.ffn == "none" else 1), (1 if m.ffn == "moe" else 0)
     else:
         seq = config.train.seq_len
         trainable += m.n_layers * (2.0 * d * 3 * d + 2.0 * d * d + 2.0 * 2 * seq * d)  # qkv, proj, scores+values
-        n_moe = 0 if config.variant == "dense" else sum((i + 1) % m.moe_every == 0 for i in range(m.n_layers))
-        n_blocks_with_ffn = m.n_layers
+        n_moe = 0 if m.ffn != "moe" else sum((i + 1) % m.moe_every == 0 for i in range(m.n_layers))
+        n_blocks_with_ffn = 0 if m.ffn == "none" else m.n_layers
     trainable += (n_blocks_with_ffn - n_moe) * _ffn_flops(d, moe.d_hidden, moe.activation)
     if n_moe:
         per_layer_trainable = 2.0 * d * moe.routed_experts  # router

@@ -1,11 +1,12 @@
-"""Give each resolved trial of a study spec its matrix cell: a stable key (exactly-once, resume) and its config."""
+"""Give each resolved trial of a study spec its matrix cell: a stable key (exactly-once, resume), its config, and
+the cell it starts from (``init.source``: upcycling)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.config import StudySpec, TrialConfig, resolve_matrix
+from harness.config import StudySpec, TrialConfig, resolve_matrix, source_order
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class Cell:
     seed: int
     assignment: dict[str, Any] = field(default_factory=dict)
     config: TrialConfig = field(default_factory=TrialConfig)
+    depends_on: str | None = None
+    """The key of the cell whose final weights this one starts from (``init.source``); it runs first."""
 
     @property
     def name(self) -> str:
@@ -29,8 +32,22 @@ def cell_key(variant: str, seed: int, assignment: dict[str, Any]) -> str:
 
 
 def expand(spec: StudySpec, where: str = "spec") -> list[Cell]:
-    """Every cell of the matrix, in a deterministic order (variant, sweep point, seed)."""
-    return [
-        Cell(cell_key(t.variant, t.seed, t.assignment), t.variant, t.seed, t.assignment, t.config)
-        for t in resolve_matrix(spec, where)
-    ]
+    """Every cell of the matrix in a deterministic order (variant, sweep point, seed), sources before the cells
+    that start from them. A source cell logs its final weights (``train.save_checkpoint``) for its dependents."""
+    trials = resolve_matrix(spec, where)
+    order = source_order(trials, where)
+    trials.sort(key=lambda t: order.index(t.variant))  # stable: keeps (sweep point, seed) order per variant
+    depends_on = {
+        cell_key(t.variant, t.seed, t.assignment): (
+            None if t.config.init.source is None else cell_key(t.config.init.source, t.seed, t.assignment)
+        )
+        for t in trials
+    }
+    sources = set(depends_on.values())
+    cells = []
+    for t in trials:
+        key, config = cell_key(t.variant, t.seed, t.assignment), t.config
+        if key in sources and not config.train.save_checkpoint:
+            config = config.model_copy(update={"train": config.train.model_copy(update={"save_checkpoint": True})})
+        cells.append(Cell(key, t.variant, t.seed, t.assignment, config, depends_on[key]))
+    return cells

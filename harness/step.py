@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from harness.checkpoint import TrainState
 from harness.config import SpecError, TrialConfig
 from models import LMOutput, MoELayer, build_model
+from models.upcycle import upcycle_state_dict
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,10 +94,18 @@ def gradient_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, Tensor]:
 
 
 def build_train_state(
-    config: TrialConfig, vocab_size: int, device: torch.device, n_steps: int
+    config: TrialConfig,
+    vocab_size: int,
+    device: torch.device,
+    n_steps: int,
+    initial_weights: dict[str, Tensor] | None = None,
 ) -> tuple[TrainState, StepContext]:
-    """A fresh model, optimiser and ``n_steps`` learning-rate schedule (seed the RNGs first)."""
-    model = build_model(config.model, config.moe, vocab_size).to(device)
+    """A fresh model, optimiser and ``n_steps`` learning-rate schedule (seed the RNGs first); the model starts
+    from ``initial_weights`` (a dense model's, upcycled: ``models/upcycle.py``) when given."""
+    model = build_model(config.model, config.moe, vocab_size)
+    if initial_weights is not None:
+        model.load_state_dict(upcycle_state_dict(initial_weights, model))
+    model = model.to(device)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, n_steps, config))
     moe_layers = model.moe_layers()

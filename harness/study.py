@@ -26,6 +26,7 @@ from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
 from harness.data import Corpus, load_corpus
 from harness.health import HealthVerdict, assess, validation_shares
 from harness.matrix import Cell, expand
+from harness.runs import FAILED as RUN_FAILED
 from harness.runs import (
     KILLED,
     TrialRun,
@@ -34,10 +35,11 @@ from harness.runs import (
     ending,
     finish_study_run,
     is_finished,
+    oldest,
     open_trial_run,
     shared_run,
 )
-from harness.tags import EQUIVALENCE_MARGIN, NOTE, ROLE, ROLE_STUDY, STUDY
+from harness.tags import CELL, EQUIVALENCE_MARGIN, INIT_SOURCE_RUN, NOTE, ROLE, ROLE_STUDY, STUDY
 from harness.tracking import MlflowSink, TrackingStore, device_description
 from harness.trainer import Checkpointer, resolve_device, train
 
@@ -127,16 +129,42 @@ class StudyWorker:
             store, experiment_id, self.outcome.parent_run_id, trial, self.spec.name, corpus, device
         ), False
 
+    def source_weights(self, trial: Cell, run_id: str) -> dict | None:
+        """The final weights of the cell ``trial`` starts from (``depends_on``), once that cell has ended, fetched
+        from its run's artifacts; the source run's id goes on ``trial``'s run. None when the source failed."""
+        key, states = trial.depends_on, self.coordinator.states
+        assert key is not None
+        while (state := states(self.study_key, [key])[key][0]) not in (FINISHED, FAILED):
+            time.sleep(2.0)  # another worker still trains the source
+        source = oldest(self.store.runs(self.outcome.experiment_id, f"tags.`{CELL}` = '{key}'"))
+        if state == FAILED or source is None or not is_finished(source):
+            return None
+        self.store.client.set_tag(run_id, INIT_SOURCE_RUN, source.info.run_id)
+        return self.store.load_weights(source.info.run_id)
+
     def train_cell(self, trial: Cell, run_id: str, lost: threading.Event) -> str | None:
         """Train one cell into its open MLflow run; the failure reason, or None once it finished.
 
         Steps the run already holds (a resumed, taken-over or retried cell) are not logged again.
         """
+        initial = None
+        if trial.depends_on is not None and (initial := self.source_weights(trial, run_id)) is None:
+            reason = f"source cell {trial.depends_on} failed"
+            end_run(self.store.client, run_id, RUN_FAILED, reason)
+            return reason
         checkpoint = checkpointer(self.checkpoint_dir, self.spec, trial)
         run = TrialRun(ClaimedSink(self.store.client, run_id, self.store.logged_steps(run_id), lost=lost))
         config, corpus = trial.config, self.corpora[_corpus_key(trial)]
         try:  # training and the final save: whatever stops either ends the run, none is left RUNNING
-            result = train(config, corpus, run.sink, checkpoint=checkpoint, progress=self.progress, label=trial.key)
+            result = train(
+                config,
+                corpus,
+                run.sink,
+                checkpoint=checkpoint,
+                progress=self.progress,
+                label=trial.key,
+                initial_weights=initial,
+            )
             if config.train.save_checkpoint and result.model is not None:
                 self.store.log_weights(run_id, result.model.state_dict())
             tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}

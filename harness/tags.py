@@ -9,6 +9,7 @@ ERROR = "harness.error"  # why a run ended FAILED or KILLED
 SUMMARY = "harness.summary_logged"  # set with the summary metrics, in one batch: a rerun does not log them again
 PRUNED = "harness.pruned"  # why the tuner's pruner stopped a trial
 WORKER = "harness.worker"
+INIT_SOURCE_RUN = "harness.init.source_run"  # an upcycled cell's source: the run whose final weights it started from
 
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"

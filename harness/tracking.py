@@ -211,6 +211,12 @@ class TrackingStore:
             torch.save(state_dict, path)
             self.client.log_artifact(run_id, str(path))
 
+    def load_weights(self, run_id: str) -> dict[str, Any]:
+        """The final weights a run logged with :meth:`log_weights` (on the CPU), fetched from any artifact store."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = self.client.download_artifacts(run_id, "model.pt", folder)
+            return torch.load(path, map_location="cpu", weights_only=True)
+
 
 def _dataset_inserted_concurrently(error: BaseException) -> bool:
     # Workers logging the same dataset at once race on MLflow's insert of the dataset row; the

@@ -308,8 +308,10 @@ def train(
     checkpoint: Checkpointer | None = None,
     progress: bool = True,
     label: str = "",
+    initial_weights: dict[str, Tensor] | None = None,
 ) -> TrialResult:
-    """Train one trial to its budget and return its summary figures and utilisation tables."""
+    """Train one trial to its budget and return its summary figures and utilisation tables; the model starts
+    from ``initial_weights`` (upcycled from a dense model's) when given."""
     sink, t, b = sink or NullSink(), config.train, config.budget
     set_threads(config)
     device = resolve_device(t.device)
@@ -318,7 +320,7 @@ def train(
     test_rows = batchify(corpus.test, t.eval_batch_size).to(device)
     validate = Validation(batchify(corpus.validation, t.eval_batch_size).to(device), config, sink, on_eval)
     per_epoch, n_steps = steps_per_epoch(train_rows.size(1), t.seq_len), total_steps(config, train_rows.size(1))
-    state, context = build_train_state(config, corpus.vocab_size, device, n_steps)
+    state, context = build_train_state(config, corpus.vocab_size, device, n_steps, initial_weights)
     if checkpoint is not None:
         checkpoint.restore(state)
     checkpoints = CheckpointPolicy(checkpoint, b.checkpoint_every_steps, state.step)

@@ -23,8 +23,15 @@ class StrictConfig(BaseModel):
 
 class ModelConfig(StrictConfig):
     backbone: Literal["lstm", "gpt"] = "lstm"
-    ffn: Literal["moe", "dense"] = "moe"
-    """``dense``: one plain feed-forward block (``moe.d_hidden`` wide) wherever an MoE layer would sit."""
+    ffn: Literal["moe", "dense", "none"] = "moe"
+    """``dense``: one plain feed-forward block (``moe.d_hidden`` wide) wherever an MoE layer would sit;
+    ``none``: no block at all (the backbone alone)."""
+    block_init: Literal["default", "scaled", "zero"] = "scaled"
+    """How the residual block's output projection starts (dense FFN, every expert bank, shared experts):
+    ``scaled``: normal with std 0.02 / sqrt(2 * n_layers), as GPT-2's residual projections, bias zero;
+    ``zero``: zero weight and bias (the block starts as the identity); ``default``: PyTorch's Linear init.
+    Near-identity keeps a fresh block from destabilising the residual stream (the classic LSTM recipe's
+    dense FFN rose above ln V at step 25 under ``default``)."""
     d_model: int = Field(200, ge=1)
     n_layers: int = Field(2, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
@@ -50,6 +57,13 @@ class ModelConfig(StrictConfig):
         if self.output == "adaptive" and sorted(set(self.adaptive_cutoffs)) != self.adaptive_cutoffs:
             raise ValueError(f"model.adaptive_cutoffs={self.adaptive_cutoffs} must be strictly increasing")
         return self
+
+    @property
+    def residual_std(self) -> float | None:
+        """The std of the block's output projection (``block_init``); None keeps PyTorch's init."""
+        if self.block_init == "default":
+            return None
+        return 0.0 if self.block_init == "zero" else 0.02 / (2 * self.n_layers) ** 0.5
 
 
 class MoEConfig(StrictConfig):
@@ -103,3 +117,26 @@ class MoEConfig(StrictConfig):
     @property
     def expert_hidden(self) -> int:
         return self.d_hidden // self.granularity
+
+
+def upcycle_mismatch(source: ModelConfig, source_moe: MoEConfig, target: ModelConfig, target_moe: MoEConfig) -> str:
+    """Why a model of ``target`` cannot start from a trained dense model of ``source`` ('' when it can).
+
+    Everything but the block must be the same architecture; MLP experts and the LoRA base copy the dense FFN,
+    so their width and activation must match it."""
+    if source.ffn != "dense":
+        return f"the source has model.ffn={source.ffn}; only a dense FFN can be upcycled"
+    if target.ffn == "none":
+        return "model.ffn=none has no block to take the source's dense FFN"
+    same = ModelConfig.model_fields.keys() - {"ffn", "block_init", "dropout"}
+    for key in sorted(same):
+        if getattr(source, key) != getattr(target, key):
+            return f"model.{key}={getattr(target, key)!r} differs from the source's {getattr(source, key)!r}"
+    if source_moe.activation != target_moe.activation:
+        return f"moe.activation={target_moe.activation} differs from the source's {source_moe.activation}"
+    width = target_moe.expert_hidden if target_moe.expert == "mlp" else target_moe.d_hidden
+    if target.ffn == "moe" and width != source_moe.d_hidden:
+        return f"the experts' width {width} differs from the source FFN's moe.d_hidden={source_moe.d_hidden}"
+    if target.ffn == "dense" and target_moe.d_hidden != source_moe.d_hidden:
+        return f"moe.d_hidden={target_moe.d_hidden} differs from the source's {source_moe.d_hidden}"
+    return ""

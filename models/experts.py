@@ -38,6 +38,18 @@ def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
+def init_residual_output(weight: Tensor, bias: Tensor, std: float | None) -> None:
+    """Start a residual block's output projection near identity (``ModelConfig.residual_std``): normal with
+    ``std`` (zero when 0), bias zero; ``None`` leaves the layer's own init."""
+    if std is None:
+        return
+    nn.init.zeros_(bias)
+    if std == 0.0:
+        nn.init.zeros_(weight)
+    else:
+        nn.init.normal_(weight, std=std)
+
+
 def _in_width(d_hidden: int, activation: str) -> int:
     return 2 * d_hidden if activation == "swiglu" else d_hidden
 
@@ -45,11 +57,12 @@ def _in_width(d_hidden: int, activation: str) -> int:
 class FeedForward(nn.Module):
     """d -> hidden -> d with the chosen activation (SwiGLU doubles the input projection)."""
 
-    def __init__(self, d_model: int, d_hidden: int, activation: str) -> None:
+    def __init__(self, d_model: int, d_hidden: int, activation: str, residual_std: float | None = None) -> None:
         super().__init__()
         self.activation = activation
         self.w_in = nn.Linear(d_model, _in_width(d_hidden, activation))
         self.w_out = nn.Linear(d_hidden, d_model)
+        init_residual_output(self.w_out.weight, self.w_out.bias, residual_std)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_out(activate(self.w_in(x), self.activation))
@@ -63,7 +76,7 @@ def _uniform_(weight: Tensor, fan_in: int) -> None:
 class MLPExperts(nn.Module):
     """E independent FFNs stored as stacked weights ``[E, in, out]``."""
 
-    def __init__(self, d_model: int, config: MoEConfig) -> None:
+    def __init__(self, d_model: int, config: MoEConfig, residual_std: float | None = None) -> None:
         super().__init__()
         n, hidden = config.routed_experts, config.expert_hidden
         self.activation, self.kernel = config.activation, config.kernel
@@ -75,6 +88,7 @@ class MLPExperts(nn.Module):
             _uniform_(weight, d_model)
         for weight in (self.w_out, self.b_out):
             _uniform_(weight, hidden)
+        init_residual_output(self.w_out, self.b_out, residual_std)
 
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in (self.w_in, self.b_in, self.w_out, self.b_out))
@@ -98,10 +112,10 @@ class LoRAExperts(nn.Module):
     B starts at zero, so every expert equals the base at initialisation.
     """
 
-    def __init__(self, d_model: int, config: MoEConfig) -> None:
+    def __init__(self, d_model: int, config: MoEConfig, residual_std: float | None = None) -> None:
         super().__init__()
         n, rank = config.routed_experts, config.lora_rank
-        self.base = FeedForward(d_model, config.d_hidden, config.activation)
+        self.base = FeedForward(d_model, config.d_hidden, config.activation, residual_std)
         self.base.requires_grad_(config.lora_base_trainable)
         self.scale, self.kernel = config.lora_alpha / rank, config.kernel
         self.dropout = nn.Dropout(config.lora_dropout)
@@ -126,5 +140,6 @@ class LoRAExperts(nn.Module):
         return self.base(x).unsqueeze(1) + delta
 
 
-def build_experts(d_model: int, config: MoEConfig) -> MLPExperts | LoRAExperts:
-    return LoRAExperts(d_model, config) if config.expert == "lora" else MLPExperts(d_model, config)
+def build_experts(d_model: int, config: MoEConfig, residual_std: float | None = None) -> MLPExperts | LoRAExperts:
+    experts = LoRAExperts if config.expert == "lora" else MLPExperts
+    return experts(d_model, config, residual_std)

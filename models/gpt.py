@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from models.base import LanguageModel, LMOutput, OutputHead
 from models.config import ModelConfig, ModelError, MoEConfig
-from models.experts import FeedForward
-from models.moe import MoELayer
+from models.moe import build_block, run_block
 
 
 def rope_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -50,23 +49,29 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, model: ModelConfig, moe: MoEConfig, use_moe: bool, max_len: int) -> None:
+    def __init__(self, model: ModelConfig, moe: MoEConfig, ffn: str, max_len: int) -> None:
+        """``ffn``: this block's feed-forward sublayer, ``moe`` | ``dense`` | ``none`` (attention only)."""
         super().__init__()
         norm = nn.RMSNorm if model.norm == "rmsnorm" else nn.LayerNorm
-        self.norm_attn, self.norm_ffn = norm(model.d_model), norm(model.d_model)
+        self.norm_attn = norm(model.d_model)
         self.attn = CausalSelfAttention(model.d_model, model.n_heads, model.dropout, model.position == "rope", max_len)
-        self.ffn: nn.Module = (
-            MoELayer(model.d_model, moe) if use_moe else FeedForward(model.d_model, moe.d_hidden, moe.activation)
-        )
+        self.ffn = build_block(model.d_model, ffn, moe, model.residual_std)
+        self.norm_ffn = norm(model.d_model) if self.ffn is not None else None
         self.drop = nn.Dropout(model.dropout)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Any]:
-        x = x + self.drop(self.attn(self.norm_attn(x)))
-        if isinstance(self.ffn, MoELayer):
-            update, aux, stats = self.ffn(self.norm_ffn(x))
-        else:
-            update, aux, stats = self.ffn(self.norm_ffn(x)), None, None
+        x = x + self.drop(self.attn(self.norm_attn(x)))  # (B, S, C)
+        if self.ffn is None or self.norm_ffn is None:
+            return x, None, None
+        update, aux, stats = run_block(self.ffn, self.norm_ffn(x))
         return x + self.drop(update), aux, stats
+
+
+def _block_ffn(model: ModelConfig, index: int) -> str:
+    """Block ``index``'s sublayer: the MoE layer sits in every ``moe_every``-th block, dense FFNs between."""
+    if model.ffn == "moe" and (index + 1) % model.moe_every:
+        return "dense"
+    return model.ffn
 
 
 class GPTLanguageModel(LanguageModel):
@@ -79,10 +84,7 @@ class GPTLanguageModel(LanguageModel):
         nn.init.normal_(self.embed.weight, std=0.02)
         self.pos = nn.Embedding(max_len, model.d_model) if model.position == "learned" else None
         self.drop = nn.Dropout(model.dropout)
-        self.blocks = nn.ModuleList(
-            Block(model, moe, model.ffn == "moe" and (i + 1) % model.moe_every == 0, max_len)
-            for i in range(model.n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(model, moe, _block_ffn(model, i), max_len) for i in range(model.n_layers))
         self.norm = nn.RMSNorm(model.d_model) if model.norm == "rmsnorm" else nn.LayerNorm(model.d_model)
         self.head = OutputHead(
             model.d_model, vocab_size, model.output, model.adaptive_cutoffs, self.embed if model.tie_weights else None

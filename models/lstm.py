@@ -9,8 +9,7 @@ from torch import Tensor, nn
 
 from models.base import LanguageModel, LMOutput, OutputHead
 from models.config import ModelConfig, MoEConfig
-from models.experts import FeedForward
-from models.moe import MoELayer
+from models.moe import build_block, run_block
 
 
 class LSTMLanguageModel(LanguageModel):
@@ -26,10 +25,7 @@ class LSTMLanguageModel(LanguageModel):
             dropout=model.dropout if model.n_layers > 1 else 0.0,
             batch_first=True,
         )
-        if model.ffn == "dense":
-            self.block: nn.Module = FeedForward(model.d_model, moe.d_hidden, moe.activation)
-        else:
-            self.block = MoELayer(model.d_model, moe)
+        self.block = build_block(model.d_model, model.ffn, moe, model.residual_std)  # None: the backbone alone
         self.head = OutputHead(
             model.d_model, vocab_size, model.output, model.adaptive_cutoffs, self.embed if model.tie_weights else None
         )
@@ -44,11 +40,11 @@ class LSTMLanguageModel(LanguageModel):
 
     def forward(self, inputs: Tensor, targets: Tensor, state: Any = None) -> LMOutput:
         hidden, state = self.lstm(self.drop(self.embed(inputs)), state)
-        hidden = self.drop(hidden)
-        if isinstance(self.block, MoELayer):
-            update, aux, stats = self.block(hidden)
-            moe_stats = [stats]
-        else:
-            update, aux, moe_stats = self.block(hidden), hidden.new_zeros((), dtype=torch.float32), []
-        hidden = hidden + self.drop(update)  # residual: tokens an expert drops pass through unchanged
+        hidden = self.drop(hidden)  # (B, T, C)
+        aux, moe_stats = hidden.new_zeros((), dtype=torch.float32), []
+        if self.block is not None:
+            update, block_aux, stats = run_block(self.block, hidden)
+            if stats is not None:
+                aux, moe_stats = block_aux, [stats]
+            hidden = hidden + self.drop(update)  # residual: tokens an expert drops pass through unchanged
         return LMOutput(self.head(hidden, targets), aux, state, moe_stats)

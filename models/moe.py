@@ -25,15 +25,15 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, config: MoEConfig) -> None:
+    def __init__(self, d_model: int, config: MoEConfig, residual_std: float | None = None) -> None:
         super().__init__()
         self.config = config
         self.n_experts = config.routed_experts
         self.top_k = config.routed_top_k
         self.router = build_router(d_model, config)
-        self.experts = build_experts(d_model, config)
+        self.experts = build_experts(d_model, config, residual_std)
         self.shared_experts = (
-            FeedForward(d_model, config.n_shared_experts * config.expert_hidden, config.activation)
+            FeedForward(d_model, config.n_shared_experts * config.expert_hidden, config.activation, residual_std)
             if config.n_shared_experts
             else None
         )
@@ -91,3 +91,19 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             total += sum(p.numel() for p in self.shared_experts.parameters())
         return total + self.top_k * self.experts.params_per_expert()
+
+
+def build_block(d_model: int, kind: str, config: MoEConfig, residual_std: float | None) -> nn.Module | None:
+    """The residual block a backbone hosts (``ModelConfig.ffn``): an MoE layer, a dense FFN, or none."""
+    if kind == "none":
+        return None
+    if kind == "dense":
+        return FeedForward(d_model, config.d_hidden, config.activation, residual_std)
+    return MoELayer(d_model, config, residual_std)
+
+
+def run_block(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None, MoEStats | None]:
+    """The block's update of ``x`` (same shape), its router loss and routing statistics (None for a dense FFN)."""
+    if isinstance(block, MoELayer):
+        return block(x)
+    return block(x), None, None

@@ -121,9 +121,10 @@ def bench_configs(spec_path: str, variants: list[str] | None, settings: list[str
     """One config per variant (the spec's first seed, dense added), with ``key=value`` overrides applied."""
     spec = load_spec(spec_path)
     chosen = variants or [*spec.matrix.variants, *([] if "dense" in spec.matrix.variants else ["dense"])]
-    unknown = [v for v in chosen if v not in VARIANTS]
+    known = [*VARIANTS, *spec.variants]
+    unknown = [v for v in chosen if v not in known]
     if unknown:
-        raise SpecError(f"--variants: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        raise SpecError(f"--variants: unknown variant(s) {unknown}; choose from {known}")
     assignment = {}
     for setting in settings:
         key, sep, raw = setting.partition("=")
