@@ -273,8 +273,11 @@ class ReportConfig(StrictConfig):
     """How ``harness report`` judges the study's claims."""
 
     equivalence_margin: float = Field(0.05, gt=0, lt=1)
-    """Relative perplexity margin of the equivalence test (TOST): 0.05 = within ±5% of the baseline's PPL,
+    """Relative perplexity margin of the equivalence test (TOST): 0.05 = within ±5% of the reference's PPL,
     i.e. ±log(1.05) on the loss."""
+    reference: str | None = None
+    """The variant every other is tested against; unset: ``baseline`` when the matrix has it, else its first
+    variant. (An upcycling study compares against dense trained for the same total tokens.)"""
 
 
 class CustomVariant(StrictConfig):
@@ -316,6 +319,11 @@ class StudySpec(StrictConfig):
         for name in self.overrides:
             if name not in known:
                 raise ValueError(f"overrides.{name}: unknown variant; choose from {known}")
+        if self.report.reference is not None and self.report.reference not in self.matrix.variants:
+            raise ValueError(
+                f"report.reference = {shorten(self.report.reference)}: not a variant of the matrix "
+                f"{self.matrix.variants}"
+            )
         return self
 
     def preset(self, variant: str) -> Variant:

@@ -39,7 +39,7 @@ from harness.runs import (
     open_trial_run,
     shared_run,
 )
-from harness.tags import CELL, EQUIVALENCE_MARGIN, INIT_SOURCE_RUN, NOTE, ROLE, ROLE_STUDY, STUDY
+from harness.tags import CELL, EQUIVALENCE_MARGIN, INIT_SOURCE_RUN, NOTE, REPORT_REFERENCE, ROLE, ROLE_STUDY, STUDY
 from harness.tracking import MlflowSink, TrackingStore, device_description
 from harness.trainer import Checkpointer, resolve_device, train
 
@@ -247,6 +247,8 @@ def run_study(
     )
     # A tag, not a param: a rerun with another margin replaces it (MLflow params cannot change).
     store.client.set_tag(parent_id, EQUIVALENCE_MARGIN, str(spec.report.equivalence_margin))
+    if spec.report.reference is not None:
+        store.client.set_tag(parent_id, REPORT_REFERENCE, spec.report.reference)
     runs.resume(store.client, parent_id)  # a rerun: RUNNING again until its cells are done
     outcome = StudyOutcome(experiment_id, parent_id)
     worker = StudyWorker(spec, store, coordinator, study_key, outcome, corpora, checkpoint_dir, progress)

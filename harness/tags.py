@@ -24,6 +24,7 @@ OPTUNA_PARAM = "optuna.param."  # prefix of one tag per tuned parameter
 HEALTH = "harness.health"  # "ok" or comma-joined stalled,collapsed,unstable (harness/health.py)
 HEALTH_EVIDENCE = "harness.health.evidence"  # one sentence with the numbers behind the verdict
 EQUIVALENCE_MARGIN = "report.equivalence_margin"  # on the study parent run: the spec's report.equivalence_margin
+REPORT_REFERENCE = "report.reference"  # on the study parent run: the spec's report.reference, when set
 # MLflow's standard system tags: the UI's Source, Version and User columns, and the description fields
 SOURCE_NAME = "mlflow.source.name"
 SOURCE_TYPE = "mlflow.source.type"

@@ -18,6 +18,7 @@ from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from harness.config import SpecError, TrialConfig, load_spec, resolve_trial
 from harness.metric_names import TRAIN_LOSS, VAL_SUBSET_PPL
+from harness.report.comparison import reference_variant
 from harness.report.equivalence import holm, seeds_for_power, tost
 from harness.report.matched import matched_points, ppl_at
 from harness.report.pipeline import write_report
@@ -142,3 +143,16 @@ def test_equivalence_margin_is_a_validated_spec_key(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(spec | {"report": {"equivalence_margin": 1.5}}))
     with pytest.raises(SpecError, match=r"report\.equivalence_margin.*1\.5"):
         load_spec(path)
+
+
+def test_reference_is_a_validated_spec_key_and_chosen_over_baseline(tmp_path: Path) -> None:
+    spec = yaml.safe_load(tiny_spec(tmp_path, "ref", ["baseline", "dense"], [0]).read_text())
+    path = tmp_path / "ref.yaml"
+    path.write_text(yaml.safe_dump(spec | {"report": {"reference": "dense"}}))
+    assert load_spec(path).report.reference == "dense"
+    path.write_text(yaml.safe_dump(spec | {"report": {"reference": "switch"}}))
+    with pytest.raises(SpecError, match=r"report\.reference = 'switch': not a variant of the matrix"):
+        load_spec(path)
+    assert reference_variant(["baseline", "dense"], "dense") == "dense"
+    assert reference_variant(["baseline", "dense"], None) == "baseline"
+    assert reference_variant(["switch", "dense"], None) == "switch"

@@ -36,7 +36,7 @@ def matched_section(data: StudyData) -> list[Block]:
 
 def equivalence(data: StudyData, backbone: str, several: bool) -> list[Block]:
     groups = dict(data.per_variant(backbone))
-    reference = reference_variant(list(groups))
+    reference = reference_variant(list(groups), data.reference)
     where = f" ({backbone} backbone)" if several else ""
     if reference is None or len(groups) < 2:
         return [Para(f"Fewer than two variants to compare{where}."), *flag_note(data, backbone, "this test")]

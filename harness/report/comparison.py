@@ -112,7 +112,7 @@ def cost_table(data: StudyData, backbone: str) -> Table:
         for _, metric, _, _ in columns:
             values = load_cv(runs) if metric is None else _metric(runs, metric)
             means.append(describe(values).mean if values else math.nan)
-        if variant == "dense":  # no router: no aux loss and no load to balance
+        if not _routed(runs):  # dense or plain: no router, so no aux loss and no load to balance
             means[-2:] = [math.nan, math.nan]
         rows.append([variant] + [f(m) for (_, _, f, _), m in zip(columns, means, strict=True)])
         raw.append([None, *means])
@@ -127,9 +127,18 @@ def cost_table(data: StudyData, backbone: str) -> Table:
     )
 
 
-def reference_variant(variants: list[str]) -> str | None:
-    if BASELINE in variants:
-        return BASELINE
+def _routed(runs: pd.DataFrame) -> bool:
+    """Whether the variant's model has an MoE layer (its ``model.ffn`` param; older stores: not dense)."""
+    if "params.model.ffn" in runs and runs["params.model.ffn"].notna().any():
+        return bool((runs["params.model.ffn"] == "moe").any())
+    return runs["tags.variant"].iloc[0] != "dense"
+
+
+def reference_variant(variants: list[str], preferred: str | None = None) -> str | None:
+    """The spec's ``report.reference`` when it ran, else ``baseline``, else the first variant."""
+    for name in (preferred, BASELINE):
+        if name is not None and name in variants:
+            return name
     return variants[0] if variants else None
 
 
@@ -140,7 +149,7 @@ def test_ppl_by_seed(runs: pd.DataFrame) -> dict[str, float]:
 def significance(data: StudyData, backbone: str, several: bool) -> list[Block]:
     """The significance table and its statement for one backbone, or why no test can be made."""
     groups = dict(data.per_variant(backbone))
-    reference = reference_variant(list(groups))
+    reference = reference_variant(list(groups), data.reference)
     where = f" ({backbone} backbone)" if several else ""
     planned = data.runs[data.runs["tags.backbone"] == backbone]["tags.seed"].nunique()
     max_seeds = max((len(runs) for runs in groups.values()), default=0)

@@ -31,8 +31,9 @@ VARIANT_COLOURS = {
     "lora": "#009E73",
     "hybrid": "#CC79A7",
     "dense": "#000000",
+    "plain": "#999999",
 }
-MARKERS = {"baseline": "o", "switch": "s", "lora": "^", "hybrid": "D", "dense": "X"}
+MARKERS = {"baseline": "o", "switch": "s", "lora": "^", "hybrid": "D", "dense": "X", "plain": "P"}
 DPI = 150
 
 

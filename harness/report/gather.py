@@ -26,6 +26,7 @@ from harness.tags import (
     EQUIVALENCE_MARGIN,
     HEALTH,
     HEALTH_EVIDENCE,
+    REPORT_REFERENCE,
     ROLE,
     ROLE_STUDY,
     ROLE_TRIAL,
@@ -55,6 +56,7 @@ class StudyData:
     grad_norms: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, ...: step, component, grad_norm
     configs: dict[str, TrialConfig] = field(default_factory=dict)  # run_id -> its config.yaml (finished runs)
     equivalence_margin: float = ReportConfig().equivalence_margin
+    reference: str | None = None  # the spec's report.reference (None: baseline, else the first variant)
     utilisation: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, backbone, seed: split, layer, ...
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, backbone, seed: step, tokens, layer, ...
 
@@ -138,6 +140,7 @@ def load_study(name: str, tracking_uri: str) -> StudyData:
     if parent is not None:  # the spec's report.equivalence_margin, as run-study recorded it
         margin = parent.data.params.get(EQUIVALENCE_MARGIN) or parent.data.tags.get(EQUIVALENCE_MARGIN)
         data.equivalence_margin = float(margin) if margin else data.equivalence_margin
+        data.reference = parent.data.tags.get(REPORT_REFERENCE)
     return data
 
 

@@ -26,7 +26,8 @@ def write_report(
     name = study_name(target)
     data = load_study(name, tracking_uri)
     if target.endswith((".yaml", ".yml")):  # the spec at hand states the margin, whatever the study run recorded
-        data.equivalence_margin = load_spec(target).report.equivalence_margin
+        report = load_spec(target).report
+        data.equivalence_margin, data.reference = report.equivalence_margin, report.reference
     out = Path(out) if out is not None else Path("reports") / name
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
