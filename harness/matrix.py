@@ -17,6 +17,7 @@ class Cell:
     seed: int
     assignment: dict[str, Any] = field(default_factory=dict)
     config: TrialConfig = field(default_factory=TrialConfig)
+    depends_on: str | None = None  # key of the cell whose finished weights this one starts from
 
     @property
     def name(self) -> str:

@@ -8,6 +8,7 @@ STUDY = "harness.study"
 ERROR = "harness.error"  # why a run ended FAILED or KILLED
 PRUNED = "harness.pruned"  # why the tuner's pruner stopped a trial
 WORKER = "harness.worker"
+ATTEMPT = "harness.attempt"  # the attempt now allowed to write a trial run; an older one stops
 
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
