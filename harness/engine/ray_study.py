@@ -26,7 +26,7 @@ from harness.engine.ray_cluster import connect, trial_resources
 from harness.matrix import Cell
 from harness.study import StudyOutcome, StudyWorker, end_unfinished, preflight, prepare_study, select_cells
 from harness.tracking import TrackingStore
-from harness.urls import SQLITE, sqlite_path
+from harness.urls import absolute
 
 NAMESPACE = "moe-harness"
 
@@ -108,8 +108,7 @@ def run_study_on_ray(
 ) -> StudyOutcome:
     trials = select_cells(spec, None, where)
     corpora = preflight(spec, trials, checkpoint_dir)
-    database = sqlite_path(tracking_uri)
-    tracking_uri = tracking_uri if database is None else f"{SQLITE}{database.resolve()}"  # tasks run elsewhere
+    tracking_uri = absolute(tracking_uri)  # tasks run in other processes, with another working directory
     started = connect(address)
     try:
         options = {**trial_resources(spec.resources, address, where), "max_retries": spec.resources.max_retries}
