@@ -22,7 +22,6 @@ from harness.config import SpecError, load_spec
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.engine.order import in_dependency_order
 from harness.matrix import Cell
-from harness.study import run_study
 from tests.conftest import free_port
 from tests.workers import REPO, harness_env, study_spec, wait_for
 
@@ -67,7 +66,7 @@ def cluster() -> Iterator:
 def trial_runs(uri: str, study: str) -> list:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(study)
-    return client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
+    return [] if experiment is None else client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
 
 
 def most_at_once(uri: str, runs: list) -> int:
@@ -130,8 +129,8 @@ def test_a_lost_node_s_cell_resumes_on_another_node_into_the_same_run(cluster, t
     driver.join(timeout=600)
     assert result["outcome"].finished == ["switch/seed=0"], result
     (run,) = trial_runs(uri, "lost")
-    whole = f"sqlite:///{tmp_path / 'whole' / 'mlflow.db'}"
-    run_study(spec, whole, progress=False, checkpoint_dir=tmp_path / "ck-whole")
+    whole = f"sqlite:///{tmp_path / 'whole' / 'mlflow.db'}"  # uninterrupted, also as a Ray task (same threads)
+    run_study_on_ray(spec, whole, cluster.address, progress=False, checkpoint_dir=tmp_path / "ck-whole")
     (reference,) = trial_runs(whole, "lost")
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss")]
     assert steps == sorted(set(steps)) and len(steps) == 150  # resumed: no step twice, none lost

@@ -25,7 +25,8 @@ def connect(address: str) -> bool:
         except (OSError, ValueError) as error:
             raise SpecError(f"--ray {address}: no Ray cluster answers there ({error})") from None
     try:
-        ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR")
+        # "local" is a new cluster here: address=None would join a cluster found on this machine, even a dead one
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise SpecError(f"--ray {address}: cannot join the Ray cluster ({str(error).splitlines()[0]})") from None
     return True
