@@ -150,15 +150,19 @@ def test_a_sigkilled_driver_s_rerun_skips_finished_cells_and_resumes_the_rest(cl
     cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
     spec = study_spec(
-        tmp_path, "rerun", ["dense", "switch", "baseline"], [0], tokens=200 * 128, checkpoint_every_steps=5
+        tmp_path, "rerun", ["dense", "switch", "baseline"], [0], tokens=80 * 128, checkpoint_every_steps=5
     )
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     args = ["--ray", cluster.address, "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck")]
     first = harness(spec, *args, env=harness_env())
     finished = lambda: [r for r in trial_runs(uri, "rerun") if r.info.status == "FINISHED"]  # noqa: E731
-    wait_for(lambda: (tmp_path / "mlruns").exists() and finished(), 300, "a finished cell", 0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    try:
+        checkpoint = lambda: first.poll() is not None or any((tmp_path / "ck" / "rerun").glob("*.pt"))  # noqa: E731
+        wait_for(checkpoint, 300, "a checkpoint (the store exists: reading it earlier races its migration)", 0.2)
+        wait_for(lambda: first.poll() is not None or finished(), 600, "a finished cell", 0.2)
+    finally:
+        first.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL, first.stdout.read()  # killed mid-study, not ended on its own
     done_before = {r.info.run_id for r in finished()}
     wait_for(lambda: not ray.util.list_named_actors(all_namespaces=True), 60, "the dead driver's guard to go", 0.5)
     second = harness(spec, *args, env=harness_env())
