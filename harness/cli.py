@@ -33,35 +33,37 @@ def cmd_run_study(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     trials = expand(spec, where=args.spec)
-    if args.dry_run:
-        for trial in trials:
+    if args.dry_run or args.list_cells:
+        for index, trial in enumerate(trials):
             c = trial.config
             budget = f"{c.budget.tokens:,} tokens" if c.budget.tokens else f"{c.budget.epochs:g} epochs"
             moe = f"router={c.moe.router} expert={c.moe.expert}"
             block = {"dense": "dense FFN", "none": "no block"}.get(c.model.ffn, moe)
             after = f" after {trial.depends_on}" if trial.depends_on else ""
-            print(f"{trial.key:40s} backbone={c.model.backbone} {block} budget={budget}{after}")
+            print(
+                f"{index:3d} {trial.key}"
+                if args.list_cells
+                else f"{trial.key:40s} backbone={c.model.backbone} {block} budget={budget}{after}"
+            )
         print(f"{len(trials)} trials in study '{spec.name}'")
         return 0
+    if args.ray and args.cell is not None:
+        raise SpecError("--cell runs one cell in this process (a Slurm array task); it does not take --ray")
 
-    from harness.study import run_study
     from harness.tracking import check_tracking_uri, check_writable, resolve_tracking_uri
-    from harness.urls import sqlite_path
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)  # everything that can refuse the command does so before anything is written
     check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
-    if args.storage and (database := sqlite_path(args.storage)) is not None:
-        check_writable(database.parent, "--storage folder")
-    outcome = run_study(
-        spec,
-        uri,
-        progress=not args.no_progress,
-        checkpoint_dir=Path(args.checkpoint_dir),
-        storage=args.storage,
-        heartbeat_timeout=args.heartbeat_timeout,
-        retry_failed=args.retry_failed,
-    )
+    common = {"progress": not args.no_progress, "checkpoint_dir": Path(args.checkpoint_dir)}
+    if args.ray:
+        from harness.engine.ray_study import run_study_on_ray
+
+        outcome = run_study_on_ray(spec, uri, args.ray, retry_failed=args.retry_failed, where=args.spec, **common)
+    else:
+        from harness.study import run_study
+
+        outcome = run_study(spec, uri, retry_failed=args.retry_failed, cell_index=args.cell, **common)
     print(
         f"study '{spec.name}': {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
         f"{len(outcome.failed)} failed; tracking {uri} (experiment {outcome.experiment_id})"
@@ -95,16 +97,6 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark MoE layers in small language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,16 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
     )
     run.add_argument(
-        "--storage",
-        help="database that coordinates workers, e.g. postgresql://user:pass@host/db (default: $HARNESS_STORAGE, "
-        "else a SQLite file beside the embedded store); run the same command on N machines to share the cells",
+        "--ray",
+        metavar="ADDRESS",
+        help="run each cell as a Ray task: 'local' (start Ray here), 'auto' (the cluster of this node), HOST:PORT",
     )
-    run.add_argument(
-        "--heartbeat-timeout",
-        type=_positive_seconds,
-        default=60.0,
-        help="seconds without a heartbeat after which a worker's cell is claimable again (default 60)",
-    )
+    run.add_argument("--cell", type=int, metavar="N", help="run only cell N of --list-cells (e.g. a Slurm array index)")
+    run.add_argument("--list-cells", action="store_true", help="print the cells with their index (for --cell) and exit")
     run.add_argument("--retry-failed", action="store_true", help="run cells that failed in an earlier attempt again")
     run.add_argument("--dry-run", action="store_true", help="print the expanded trial list and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -287,6 +287,16 @@ class CustomVariant(StrictConfig):
     preset: Variant
 
 
+class ResourcesConfig(StrictConfig):
+    """What one trial asks of a Ray cluster (``run-study --ray``, ``tune --ray``); unused in-process."""
+
+    gpus_per_trial: float | None = Field(None, ge=0)
+    """Default: one GPU when the cluster has GPUs, else none."""
+    cpus_per_trial: float = Field(1, ge=0)
+    max_retries: int = Field(3, ge=0)
+    """Retries after a worker or node loss (never after the trial's own failure)."""
+
+
 class StudySpec(StrictConfig):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -296,6 +306,7 @@ class StudySpec(StrictConfig):
     overrides: dict[str, dict[str, Any]] = {}
     tune: TuneConfig | None = None
     report: ReportConfig = ReportConfig()
+    resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
     def _sections_are_mappings(self) -> StudySpec:

@@ -1,33 +1,38 @@
 """Run a study: every matrix cell through the shared trainer, recorded in MLflow.
 
-Cells are claimed through :mod:`harness.coordination`, so any number of workers running the
-same command execute every cell exactly once in total. Re-running the same command skips
-finished cells and resumes interrupted ones from their last checkpoint into the same MLflow
-run. A trial that fails (divergence, out of memory, bad data) is marked failed with its reason
-and the study goes on. Bad input (data, checkpoints, servers) is rejected before anything is
-written.
+The driver (:func:`prepare_study`: in this process, or the Ray driver of :mod:`harness.engine.ray_study`)
+does the preflight, creates the study's parent run and each pending cell's run (one writer), and
+skips finished cells. :meth:`StudyWorker.run_cell` is the one way a cell runs, called by the
+in-process loop (:func:`run_study`), by ``--cell N`` and inside a Ray task. Re-running the same
+command skips finished cells and resumes interrupted ones from their last checkpoint into the same
+MLflow run. A trial that fails (divergence, out of memory, bad data) is marked failed with its
+reason and the study goes on. Bad input (data, checkpoints, servers) is rejected before anything
+is written; a study lock keeps a second invocation on this machine from running the same cells.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from mlflow.entities import Param
+from tqdm import tqdm
 
 from harness import interrupt, runs
-from harness.config import StudySpec
-from harness.coordination import FAILED, FINISHED, Claim, ClaimLost, Coordinator
+from harness.config import SpecError, StudySpec
 from harness.data import Corpus, load_corpus
+from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
+from harness.engine.lock import lock_path, study_lock
+from harness.engine.order import in_dependency_order
 from harness.health import HealthVerdict, assess, validation_shares
 from harness.matrix import Cell, expand
-from harness.runs import FAILED as RUN_FAILED
 from harness.runs import (
+    FAILED,
+    FINISHED,
     KILLED,
     TrialRun,
     cell_run,
@@ -39,8 +44,20 @@ from harness.runs import (
     open_trial_run,
     shared_run,
 )
-from harness.tags import CELL, EQUIVALENCE_MARGIN, INIT_SOURCE_RUN, NOTE, REPORT_REFERENCE, ROLE, ROLE_STUDY, STUDY
-from harness.tracking import MlflowSink, TrackingStore, device_description
+from harness.tags import (
+    CELL,
+    EQUIVALENCE_MARGIN,
+    ERROR,
+    HEALTH,
+    HEALTH_EVIDENCE,
+    INIT_SOURCE_RUN,
+    NOTE,
+    REPORT_REFERENCE,
+    ROLE,
+    ROLE_STUDY,
+    STUDY,
+)
+from harness.tracking import TrackingStore, device_description
 from harness.trainer import Checkpointer, resolve_device, train
 
 CHECKPOINT_DIR = Path("mlruns") / "checkpoints"
@@ -53,7 +70,15 @@ class StudyOutcome:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
-    flagged: dict[str, HealthVerdict] = field(default_factory=dict)  # cells this worker finished, judged unhealthy
+    flagged: dict[str, HealthVerdict] = field(default_factory=dict)  # finished cells judged unhealthy
+
+    def record(self, key: str, reason: str | None) -> None:
+        """A cell's end as the runner saw it: None when it finished, else why it failed."""
+        if reason is None:
+            self.finished.append(key)
+        else:
+            self.failed[key] = reason
+            print(f"  {key} failed: {reason}", file=sys.stderr, flush=True)
 
 
 def _corpus_key(trial: Cell) -> str:
@@ -62,19 +87,6 @@ def _corpus_key(trial: Cell) -> str:
 
 def checkpointer(checkpoint_dir: Path, spec: StudySpec, trial: Cell) -> Checkpointer:
     return Checkpointer(checkpoint_dir / spec.name / f"{trial.name}.pt", trial.config.model_dump(mode="json"))
-
-
-class ClaimedSink(MlflowSink):
-    """The trial's metric sink, which stops the trial once another worker has taken its cell over."""
-
-    def __init__(self, *args: object, lost: threading.Event | None = None, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.lost = lost
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.lost is not None and self.lost.is_set():
-            raise ClaimLost(f"claim on run {self.run_id} was taken over by another worker")
-        super().log_metrics(metrics, step)
 
 
 def preflight(spec: StudySpec, trials: list[Cell], checkpoint_dir: Path) -> dict[str, Corpus]:
@@ -104,56 +116,40 @@ def describe_study_run(store: TrackingStore, run_id: str, spec: StudySpec, trial
     return run_id
 
 
+STUDY_SCHEDULED = "SCHEDULED"  # a pending cell's run, created by the driver before any attempt opens it
+
+
 @dataclass
 class StudyWorker:
-    """This process's share of a study: it runs the cells it claims into the study's MLflow runs."""
+    """Runs cells of one study into their MLflow runs, in this process (the loop, ``--cell N``, a Ray task)."""
 
     spec: StudySpec
     store: TrackingStore
-    coordinator: Coordinator
-    study_key: str
-    outcome: StudyOutcome
+    experiment_id: str
+    parent_run_id: str
     corpora: dict[str, Corpus]
     checkpoint_dir: Path
     progress: bool
 
-    def open_cell_run(self, trial: Cell, claim: Claim) -> tuple[str, bool]:
-        """The cell's one MLflow run (the claim's, an existing one found by its tag, or a new one); finished?"""
-        store, experiment_id = self.store, self.outcome.experiment_id
-        run = store.client.get_run(claim.run_id) if claim.run_id else cell_run(store, experiment_id, trial)
+    def open_cell_run(self, trial: Cell) -> tuple[str, bool]:
+        """The cell's one MLflow run (found by its tag, or a new one), RUNNING unless finished; finished?"""
+        run = cell_run(self.store, self.experiment_id, trial)
         if run is not None and is_finished(run):
             return run.info.run_id, True
         device = resolve_device(trial.config.train.device).type
         corpus = self.corpora[_corpus_key(trial)]
         return open_trial_run(
-            store, experiment_id, self.outcome.parent_run_id, trial, self.spec.name, corpus, device
+            self.store, self.experiment_id, self.parent_run_id, trial, self.spec.name, corpus, device
         ), False
 
-    def source_weights(self, trial: Cell, run_id: str) -> dict | None:
-        """The final weights of the cell ``trial`` starts from (``depends_on``), once that cell has ended, fetched
-        from its run's artifacts; the source run's id goes on ``trial``'s run. None when the source failed."""
-        key, states = trial.depends_on, self.coordinator.states
-        assert key is not None
-        while (state := states(self.study_key, [key])[key][0]) not in (FINISHED, FAILED):
-            time.sleep(2.0)  # another worker still trains the source
-        source = oldest(self.store.runs(self.outcome.experiment_id, f"tags.`{CELL}` = '{key}'"))
-        if state == FAILED or source is None or not is_finished(source):
-            return None
-        self.store.client.set_tag(run_id, INIT_SOURCE_RUN, source.info.run_id)
-        return self.store.load_weights(source.info.run_id)
-
-    def train_cell(self, trial: Cell, run_id: str, lost: threading.Event) -> str | None:
+    def train_cell(self, trial: Cell, run_id: str, attempt: str, initial: dict[str, Any] | None) -> str | None:
         """Train one cell into its open MLflow run; the failure reason, or None once it finished.
 
-        Steps the run already holds (a resumed, taken-over or retried cell) are not logged again.
+        Steps the run already holds (a resumed or retried cell) are not logged again. ``initial``: the weights
+        it starts from (an upcycled cell's source), else None.
         """
-        initial = None
-        if trial.depends_on is not None and (initial := self.source_weights(trial, run_id)) is None:
-            reason = f"source cell {trial.depends_on} failed"
-            end_run(self.store.client, run_id, RUN_FAILED, reason)
-            return reason
         checkpoint = checkpointer(self.checkpoint_dir, self.spec, trial)
-        run = TrialRun(ClaimedSink(self.store.client, run_id, self.store.logged_steps(run_id), lost=lost))
+        run = TrialRun(AttemptSink(self.store.client, run_id, self.store.logged_steps(run_id), attempt))
         config, corpus = trial.config, self.corpora[_corpus_key(trial)]
         try:  # training and the final save: whatever stops either ends the run, none is left RUNNING
             result = train(
@@ -169,13 +165,10 @@ class StudyWorker:
                 self.store.log_weights(run_id, result.model.state_dict())
             tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
             run.sink.flush()  # the verdict reads the run's whole metric history, a resumed run's earlier steps too
-            shares = validation_shares(result.utilisation)
-            health_metrics, verdict = assess(run.client, run_id, result.summary | shares)
-            if verdict.flags:
-                self.outcome.flagged[trial.key] = verdict
+            health_metrics, verdict = assess(run.client, run_id, result.summary | validation_shares(result.utilisation))
             run.finish(result.summary | health_metrics, tables, verdict.tags())
-        except ClaimLost:
-            run.sink.flush()  # the cell's run is the new holder's now: leave it as it is
+        except AttemptSuperseded:
+            run.sink.flush()  # the cell's run is the newer attempt's now: leave it as it is
             raise
         except BaseException as error:  # any Exception is the trial's failure; an interruption kills the run
             how = run.fail(error)
@@ -186,31 +179,109 @@ class StudyWorker:
         checkpoint.path.unlink(missing_ok=True)
         return None
 
-    def run_claimed(self, trial: Cell, claim: Claim, position: str) -> None:
-        """Run a claimed cell to its end and record that end on the claim."""
-        coordinator = self.coordinator
-        try:
-            run_id, finished = self.open_cell_run(trial, claim)
-            coordinator.set_run(claim, run_id)
-            if finished:
-                coordinator.complete(claim, FINISHED)
-                return
-            resumed = f" (resuming after {claim.previous_worker})" if claim.previous_worker else ""
-            print(f"{position} {trial.key}{resumed}", file=sys.stderr, flush=True)
-            with coordinator.heartbeat(claim) as lost:
-                reason = self.train_cell(trial, run_id, lost)
-        except ClaimLost:
-            print(f"  {trial.key}: taken over by another worker", file=sys.stderr, flush=True)
-            return
-        except BaseException:
-            coordinator.release(claim)  # Ctrl-C, SIGTERM: claimable again at once
-            raise
-        if reason is None:
-            coordinator.complete(claim, FINISHED)
-            self.outcome.finished.append(trial.key)
+    def source_weights(self, trial: Cell, run_id: str) -> dict[str, Any] | None:
+        """The final weights of the cell ``trial`` starts from (``depends_on``; it ran first), fetched from its
+        run's artifacts; the source run's id goes on ``trial``'s run. None when the source did not finish."""
+        source = oldest(self.store.runs(self.experiment_id, f"tags.`{CELL}` = '{trial.depends_on}'"))
+        if source is None or not is_finished(source):
+            return None
+        self.store.client.set_tag(run_id, INIT_SOURCE_RUN, source.info.run_id)
+        return self.store.load_weights(source.info.run_id)
+
+    def run_cell(self, trial: Cell) -> str | None:
+        """The one way a cell runs: open (or reopen) its run, train, finish or fail it; the failure reason or None.
+
+        Raises :class:`AttemptSuperseded` when a newer attempt took the run over (this one wrote nothing after).
+        """
+        run_id, finished = self.open_cell_run(trial)
+        if finished:
+            return None
+        initial = None
+        if trial.depends_on is not None and (initial := self.source_weights(trial, run_id)) is None:
+            reason = f"source cell {trial.depends_on} failed"
+            end_run(self.store.client, run_id, FAILED, reason)
+            return reason
+        return self.train_cell(trial, run_id, new_attempt(self.store.client, run_id), initial)
+
+
+def prepare_study(
+    spec: StudySpec, store: TrackingStore, trials: list[Cell], worker_args: dict, retry_failed: bool
+) -> tuple[StudyWorker, StudyOutcome, list[Cell]]:
+    """The driver's part: the parent run and each pending cell's run (SCHEDULED); finished cells skipped.
+
+    ``worker_args``: the :class:`StudyWorker` fields besides the store and runs (corpora, checkpoint_dir, progress).
+    """
+    experiment_id = store.experiment_id(spec.name, spec.description)
+    parent_id = study_parent_run(spec, store, experiment_id)
+    worker = StudyWorker(spec, store, experiment_id, parent_id, **worker_args)
+    outcome, pending = StudyOutcome(experiment_id, parent_id), []
+    for trial in trials:
+        run = cell_run(store, experiment_id, trial)
+        if run is not None and is_finished(run):
+            outcome.skipped.append(trial.key)
+        elif run is not None and run.info.status == FAILED and not retry_failed:
+            outcome.failed[trial.key] = run.data.tags.get(ERROR, "failed")
         else:
-            coordinator.complete(claim, FAILED, reason)
-            print(f"  failed: {reason}", file=sys.stderr, flush=True)
+            run_id, _ = worker.open_cell_run(trial)
+            store.client.update_run(run_id, STUDY_SCHEDULED)
+            pending.append(trial)
+    return worker, outcome, pending
+
+
+def study_parent_run(spec: StudySpec, store: TrackingStore, experiment_id: str) -> str:
+    """The study's parent run, RUNNING (again, on a rerun), with its description, matrix, spec and report settings."""
+    every_cell = expand(spec)
+    tags = {ROLE: ROLE_STUDY, STUDY: spec.name, "n_trials": str(len(every_cell))}
+    tags["device"] = device_description(every_cell[0].config.train.device)
+    tags |= {NOTE: spec.description} if spec.description else {}
+    parent_id = shared_run(store, experiment_id, f"tags.`{ROLE}` = '{ROLE_STUDY}'", spec.name, tags)
+    describe_study_run(store, parent_id, spec, every_cell)
+    # Tags, not params: a rerun with other report settings replaces them (MLflow params cannot change).
+    store.client.set_tag(parent_id, EQUIVALENCE_MARGIN, str(spec.report.equivalence_margin))
+    if spec.report.reference is not None:
+        store.client.set_tag(parent_id, REPORT_REFERENCE, spec.report.reference)
+    runs.resume(store.client, parent_id)  # a rerun: RUNNING again until its cells are done
+    return parent_id
+
+
+def close_study(spec: StudySpec, store: TrackingStore, outcome: StudyOutcome) -> None:
+    """Every unhealthy finished cell into ``outcome.flagged`` (from its run's tags, whoever ran it), and the parent
+    run ended FINISHED (FAILED when a cell failed) once every cell of the study has ended; else it stays RUNNING
+    (``--cell N``: the other array tasks are not done yet)."""
+    done = True
+    for cell in expand(spec):
+        run = cell_run(store, outcome.experiment_id, cell)
+        done = done and run is not None and run.info.status in (FINISHED, FAILED)
+        label = run.data.tags.get(HEALTH, "ok") if run is not None and is_finished(run) else "ok"
+        if label != "ok":
+            outcome.flagged[cell.key] = HealthVerdict(tuple(label.split(",")), run.data.tags.get(HEALTH_EVIDENCE, ""))
+    if done:
+        finish_study_run(store, outcome.parent_run_id, FAILED if outcome.failed else FINISHED)
+
+
+def kill_study(store: TrackingStore, outcome: StudyOutcome, trials: list[Cell], error: BaseException) -> None:
+    """An interrupted driver: the cells' open runs and the parent run end KILLED, so a rerun resumes them."""
+    reason = ending(error).reason
+    end_unfinished(store, outcome.experiment_id, trials, reason)
+    end_run(store.client, outcome.parent_run_id, KILLED, reason)
+
+
+def end_unfinished(store: TrackingStore, experiment_id: str, trials: list[Cell], reason: str) -> None:
+    """Mark the runs of ``trials`` that are still RUNNING or SCHEDULED as KILLED (idempotent): nothing stays open."""
+    for trial in trials:
+        run = cell_run(store, experiment_id, trial)
+        if run is not None and run.info.status in ("RUNNING", STUDY_SCHEDULED):
+            end_run(store.client, run.info.run_id, KILLED, reason)
+
+
+def select_cells(spec: StudySpec, cell_index: int | None, where: str = "spec") -> list[Cell]:
+    """All cells, or the one at ``cell_index`` (``--cell N``, a Slurm array index)."""
+    trials = expand(spec, where)
+    if cell_index is None:
+        return trials
+    if not 0 <= cell_index < len(trials):
+        raise SpecError(f"--cell {cell_index}: study '{spec.name}' has cells 0..{len(trials) - 1}")
+    return [trials[cell_index]]
 
 
 def run_study(
@@ -218,59 +289,27 @@ def run_study(
     tracking_uri: str,
     progress: bool = True,
     checkpoint_dir: Path = CHECKPOINT_DIR,
-    storage: str | None = None,
-    heartbeat_timeout: float = 60.0,
     retry_failed: bool = False,
+    cell_index: int | None = None,
 ) -> StudyOutcome:
-    from harness.coordination import resolve_storage
-
-    trials = expand(spec)
+    """Run the study's pending cells (or only cell ``cell_index``) one after another in this process."""
+    trials = select_cells(spec, cell_index)
     corpora = preflight(spec, trials, checkpoint_dir)
-    coordinator = Coordinator(resolve_storage(storage, tracking_uri, checkpoint_dir), heartbeat_timeout)
-    coordinator.check()
     store = TrackingStore(tracking_uri)  # checks a tracking server is up; nothing written before here
-    coordinator.setup()
-    experiment_id = store.experiment_id(spec.name, spec.description)
-    experiment = store.client.get_experiment(experiment_id)
-    study_key = f"{spec.name}@{experiment_id}:{experiment.creation_time}"  # one store's study, not a namesake's
-    cells = [t.key for t in trials]
-    coordinator.register(study_key, cells)
-    if retry_failed:
-        coordinator.requeue_failed(study_key, cells)
-    tags = {ROLE: ROLE_STUDY, STUDY: spec.name, "n_trials": str(len(trials))}
-    tags["device"] = device_description(trials[0].config.train.device)
-    tags |= {NOTE: spec.description} if spec.description else {}
-    query = f"tags.`{ROLE}` = '{ROLE_STUDY}'"
-    parent_id = coordinator.study_run(
-        study_key,
-        lambda: describe_study_run(store, shared_run(store, experiment_id, query, spec.name, tags), spec, trials),
-    )
-    # A tag, not a param: a rerun with another margin replaces it (MLflow params cannot change).
-    store.client.set_tag(parent_id, EQUIVALENCE_MARGIN, str(spec.report.equivalence_margin))
-    if spec.report.reference is not None:
-        store.client.set_tag(parent_id, REPORT_REFERENCE, spec.report.reference)
-    runs.resume(store.client, parent_id)  # a rerun: RUNNING again until its cells are done
-    outcome = StudyOutcome(experiment_id, parent_id)
-    worker = StudyWorker(spec, store, coordinator, study_key, outcome, corpora, checkpoint_dir, progress)
-    by_key = {t.key: t for t in trials}
-    try:
-        while True:
-            interrupt.check()  # a safe point: between cells, nothing half-written
-            claim = coordinator.claim(study_key, cells)
-            if claim is not None:
-                worker.run_claimed(by_key[claim.cell], claim, f"[{cells.index(claim.cell) + 1}/{len(cells)}]")
-            elif all(state in (FINISHED, FAILED) for state, _ in coordinator.states(study_key, cells).values()):
-                break
-            else:
-                time.sleep(min(2.0, heartbeat_timeout / 4))  # other workers hold the rest; take over stale ones
-    except BaseException as stop:  # Ctrl-C/SIGTERM (or a bug): the parent run ends KILLED, as its trial run did
-        end_run(store.client, parent_id, KILLED, ending(stop).reason)
-        raise
-    for cell, (state, error) in coordinator.states(study_key, cells).items():
-        if state == FAILED:
-            outcome.failed[cell] = error or "failed"
-        elif cell not in outcome.finished:
-            outcome.skipped.append(cell)
-    finish_study_run(store, parent_id, runs.FAILED if outcome.failed else runs.FINISHED)
-    coordinator.dispose()
+    name = spec.name if cell_index is None else trials[0].name
+    with study_lock(lock_path(tracking_uri, checkpoint_dir, name)):
+        worker_args = {"corpora": corpora, "checkpoint_dir": checkpoint_dir, "progress": progress}
+        worker, outcome, pending = prepare_study(spec, store, trials, worker_args, retry_failed)
+        order = in_dependency_order(pending)
+        try:
+            for trial in tqdm(order, desc=spec.name, unit="cell", disable=not progress, file=sys.stderr):
+                interrupt.check()  # a safe point: between cells, nothing half-written
+                try:
+                    outcome.record(trial.key, worker.run_cell(trial))
+                except AttemptSuperseded as superseded:
+                    print(f"  {trial.key}: {superseded}", file=sys.stderr, flush=True)
+        except BaseException as error:
+            kill_study(store, outcome, order, error)
+            raise
+        close_study(spec, store, outcome)
     return outcome

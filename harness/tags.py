@@ -10,6 +10,7 @@ SUMMARY = "harness.summary_logged"  # set with the summary metrics, in one batch
 PRUNED = "harness.pruned"  # why the tuner's pruner stopped a trial
 WORKER = "harness.worker"
 INIT_SOURCE_RUN = "harness.init.source_run"  # an upcycled cell's source: the run whose final weights it started from
+ATTEMPT = "harness.attempt"  # the attempt now allowed to write a trial run; an older one stops
 
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"

@@ -14,6 +14,12 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix(SQLITE)) if url.startswith(SQLITE) else None
 
 
+def absolute(url: str) -> str:
+    """A ``sqlite:///`` URL with an absolute path (processes elsewhere, e.g. Ray tasks, have another cwd)."""
+    path = sqlite_path(url)
+    return url if path is None else f"{SQLITE}{path.resolve()}"
+
+
 def redact(url: str) -> str:
     """The URL with its password hidden (as shown in logs and tags); an unparsable URL as it is."""
     try:

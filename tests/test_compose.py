@@ -10,7 +10,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
-SECRETS = ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "S3_ACCESS_KEY")
+SECRETS = ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "S3_ACCESS_KEY", "RAY_AUTH_TOKEN")
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,14 @@ def interpolate(text: str, env: dict[str, str]) -> str:
 
 def test_services_and_images(compose: dict) -> None:
     services = compose["services"]
-    assert {"postgres", "rustfs", "create-bucket", "mlflow", "optuna-dashboard", "worker"} <= set(services)
+    expected = {"postgres", "rustfs", "create-bucket", "mlflow", "optuna-dashboard", "ray-head", "ray-worker", "driver"}
+    assert expected <= set(services) and "worker" not in services  # the claims workers are gone
     assert (REPO / "Dockerfile").is_file() and (REPO / ".dockerignore").is_file()
-    worker = services["worker"]
-    assert worker["build"]["context"] == "." and "container_name" not in worker  # scalable: --scale worker=N
+    worker = services["ray-worker"]
+    assert worker["build"]["context"] == "." and "container_name" not in worker  # scalable: --scale ray-worker=N
     assert all("container_name" not in s for s in services.values())
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"] and devices[0]["count"] == 1
     assert "init-databases.sh" in " ".join(services["postgres"]["volumes"])
     assert (REPO / "docker" / "postgres" / "init-databases.sh").is_file()
     assert (REPO / "docker" / "create_bucket.py").is_file()
@@ -80,7 +81,9 @@ def test_healthchecks_and_dependency_conditions(compose: dict) -> None:
             if wanted == "service_healthy":
                 assert "healthcheck" in services[dependency], dependency
     assert services["mlflow"]["depends_on"].keys() >= {"postgres", "create-bucket"}
-    assert services["worker"]["depends_on"].keys() >= {"postgres", "mlflow"}
+    assert services["ray-worker"]["depends_on"].keys() >= {"ray-head", "mlflow"}
+    assert services["driver"]["depends_on"].keys() >= {"ray-head", "mlflow"}
+    assert services["driver"]["restart"] == "on-failure"  # a crashed driver reruns: finished cells skipped
     assert services["optuna-dashboard"]["depends_on"].keys() >= {"postgres"}
 
 
@@ -111,21 +114,26 @@ def test_credentials_come_only_from_env(compose: dict, env_example: dict) -> Non
     assert ".env" in (REPO / ".dockerignore").read_text().splitlines()
 
 
-def test_worker_uses_the_shared_stores_and_a_shared_checkpoint_volume(compose: dict, env_example: dict) -> None:
-    worker = compose["services"]["worker"]
-    env = worker["environment"]
-    assert interpolate(env["MLFLOW_TRACKING_URI"], env_example) == "http://mlflow:5000"
-    storage = interpolate(env["HARNESS_STORAGE"], env_example)
-    assert storage.startswith("postgresql+psycopg2://") and storage.endswith("@postgres:5432/optuna")
-    assert "run-study" in " ".join(worker["command"]) and "/checkpoints" in " ".join(worker["command"])
-    assert any(v.startswith("checkpoints:") for v in worker["volumes"])
+def test_ray_nodes_and_driver_share_stores_token_and_checkpoints(compose: dict, env_example: dict) -> None:
+    services = compose["services"]
+    for name in ("ray-head", "ray-worker", "driver"):
+        env = services[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+        assert env["RAY_USAGE_STATS_ENABLED"] == "0", name
+    assert "--disable-usage-stats" in " ".join(services["ray-head"]["command"])
+    for name in ("ray-worker", "driver"):
+        env = services[name]["environment"]
+        assert interpolate(env["MLFLOW_TRACKING_URI"], env_example) == "http://mlflow:5000", name
+        assert any(v.startswith("checkpoints:/checkpoints") for v in services[name]["volumes"]), name
+    command = " ".join(services["driver"]["command"])
+    assert "run-study" in command and "--ray ray-head:6379" in command and "--checkpoint-dir /checkpoints" in command
     assert "checkpoints" in compose["volumes"]
 
 
 def test_dockerfile_installs_the_harness_with_a_chosen_torch_build() -> None:
     text = (REPO / "Dockerfile").read_text()
     assert "ARG TORCH_INDEX_URL" in text and '--index-url "$TORCH_INDEX_URL"' in text
-    assert "pip install . boto3 optuna-dashboard" in text
+    assert "pip install . boto3 optuna-dashboard" in text  # ray comes with the harness (pyproject)
     assert re.search(r"^USER harness$", text, re.M)
     copied = re.findall(r"^COPY (\S+)", text, re.M)
     assert all((REPO / c.rstrip("*")).exists() or c.endswith("*") for c in copied)

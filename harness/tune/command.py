@@ -25,12 +25,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if spec.tune is None:
         raise SpecError(f"{args.spec}: no 'tune' section to tune")
+    if args.workers < 1:
+        raise SpecError(f"--workers must be at least 1, got {args.workers}")
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials must be at least 1, got {args.n_trials}")
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
     storage = args.storage or os.environ.get("OPTUNA_STORAGE") or default_storage(spec, uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.ray:  # the workers tune on the cluster; this process then records the best trial(s)
+        from harness.engine.ray_tune import tune_on_ray
+        from harness.urls import absolute
+
+        uri, storage = absolute(uri), absolute(storage)
+        tune_on_ray(spec, uri, storage, args.ray, args.workers, args.n_trials)
     study, best, exported = run_tune(
         spec, uri, storage, args.n_trials, progress=not args.no_progress, out=Path(args.out) if args.out else None
     )
@@ -56,6 +64,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
     )
     tune.add_argument("--n-trials", type=int, help="trials in total across all workers (default: tune.n_trials)")
+    tune.add_argument("--ray", metavar="ADDRESS", help="start the workers as Ray tasks: local, auto or HOST:PORT")
+    tune.add_argument("--workers", type=int, default=1, help="with --ray: Optuna workers to start (default 1)")
     tune.add_argument("--out", help="where to write the best-config study spec (default: beside the storage)")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")
     tune.add_argument("--report", action="store_true", help="write reports/<study>/report.{md,pdf} at the end")

@@ -1,0 +1,41 @@
+"""``harness tune SPEC --ray ADDRESS --workers N``: N Optuna workers as Ray tasks.
+
+Optuna's RDB storage stays the engine for sampling and pruning; Ray only places the workers (one
+GPU each by default, ``resources`` of the spec). A lost worker's running trial is failed by
+Optuna's heartbeat and retried by the other workers, as without Ray; Ray does not retry the worker.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import ray
+
+from harness.config import StudySpec
+from harness.engine.ray_cluster import connect, trial_resources
+
+
+@ray.remote
+def tune_worker(spec: StudySpec, tracking_uri: str, storage_url: str, n_trials: int | None) -> None:
+    from harness.tune.engine import run_tune
+
+    run_tune(spec, tracking_uri, storage_url, n_trials, progress=False)
+
+
+def tune_on_ray(
+    spec: StudySpec, tracking_uri: str, storage_url: str, address: str, workers: int, n_trials: int | None
+) -> None:
+    """Run ``workers`` tuning workers on the cluster until the study's budget is used up."""
+    started = connect(address)
+    try:
+        options = {**trial_resources(spec.resources, address, "spec"), "max_retries": 0}
+        worker = tune_worker.options(**options)
+        refs = [worker.remote(spec, tracking_uri, storage_url, n_trials) for _ in range(workers)]
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as error:  # its trial is retried through Optuna's heartbeat
+                print(f"tuning worker lost: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+    finally:
+        if started:
+            ray.shutdown()
