@@ -76,9 +76,11 @@ def combine(expert_out: Tensor, plan: DispatchPlan, combine_weight: Tensor) -> T
     """Weighted sum over each token's kept slots: ``[T, d]``."""
     n_slots = plan.n_tokens * plan.top_k
     weight = combine_weight.t().reshape(-1)[plan.slot_order].to(expert_out.dtype)
+    if plan.kept is not None:
+        # A dropped row's output was never computed (it may hold anything, NaN too): select it away before any
+        # arithmetic touches it, or the combine weight's gradient (grad x output) picks the garbage up.
+        expert_out = torch.where(plan.kept.unsqueeze(-1), expert_out, 0.0)
     weighted = expert_out * weight.unsqueeze(-1)
-    if plan.kept is not None:  # a dropped row's output was never computed (may hold anything): select, not scale
-        weighted = torch.where(plan.kept.unsqueeze(-1), weighted, 0.0)
     slots = expert_out.new_empty(n_slots, expert_out.size(-1))
     slots[plan.slot_order] = weighted  # slot_order is a permutation: every slot is written
     return slots.view(plan.top_k, plan.n_tokens, -1).sum(0)
