@@ -215,16 +215,21 @@ def prepare_study(
     parent_id = study_parent_run(spec, store, experiment_id)
     worker = StudyWorker(spec, store, experiment_id, parent_id, **worker_args)
     outcome, pending = StudyOutcome(experiment_id, parent_id), []
-    for trial in trials:
-        run = cell_run(store, experiment_id, trial)
-        if run is not None and is_finished(run):
-            outcome.skipped.append(trial.key)
-        elif run is not None and run.info.status == FAILED and not retry_failed:
-            outcome.failed[trial.key] = run.data.tags.get(ERROR, "failed")
-        else:
-            run_id, _ = worker.open_cell_run(trial)
-            store.client.update_run(run_id, STUDY_SCHEDULED)
-            pending.append(trial)
+    try:  # an interruption here leaves the runs created so far KILLED, like any other
+        for trial in trials:
+            interrupt.check()  # a safe point: between two cells' runs
+            run = cell_run(store, experiment_id, trial)
+            if run is not None and is_finished(run):
+                outcome.skipped.append(trial.key)
+            elif run is not None and run.info.status == FAILED and not retry_failed:
+                outcome.failed[trial.key] = run.data.tags.get(ERROR, "failed")
+            else:
+                run_id, _ = worker.open_cell_run(trial)
+                store.client.update_run(run_id, STUDY_SCHEDULED)
+                pending.append(trial)
+    except BaseException as error:
+        kill_study(store, outcome, trials, error)
+        raise
     return worker, outcome, pending
 
 
