@@ -20,6 +20,8 @@ from harness.config import SpecError, TrialConfig, load_spec, resolve_trial
 from harness.metric_names import TRAIN_LOSS, VAL_SUBSET_PPL
 from harness.report.comparison import reference_variant
 from harness.report.equivalence import holm, seeds_for_power, tost
+from harness.report.gather import StudyData
+from harness.report.health import flag_note
 from harness.report.matched import matched_points, ppl_at
 from harness.report.pipeline import write_report
 from harness.report.significance import compare
@@ -156,3 +158,21 @@ def test_reference_is_a_validated_spec_key_and_chosen_over_baseline(tmp_path: Pa
     assert reference_variant(["baseline", "dense"], "dense") == "dense"
     assert reference_variant(["baseline", "dense"], None) == "baseline"
     assert reference_variant(["switch", "dense"], None) == "switch"
+
+
+def test_collapsed_trials_stay_ranked_with_a_note_untrained_ones_are_left_out() -> None:
+    verdicts = ["ok", "collapsed", "stalled", "collapsed,unstable", None]
+    runs = pd.DataFrame(
+        {
+            "status": "FINISHED",
+            "tags.backbone": "lstm",
+            "tags.variant": ["baseline", "switch", "hybrid", "lora", "dense"],
+            "tags.seed": "1",
+            f"tags.{HEALTH}": verdicts,
+        }
+    )
+    data = StudyData("s", "0", None, runs)
+    assert list(data.judged["tags.variant"]) == ["baseline", "switch", "dense"]
+    notes = " ".join(block.text for block in flag_note(data, "lstm", "this table"))
+    assert "Left out of this table, flagged in Training health:** hybrid seed 1 (stalled), lora seed 1" in notes
+    assert "Included in this table with collapsed routing (Training health):** switch seed 1 (collapsed)" in notes

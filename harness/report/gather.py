@@ -38,6 +38,7 @@ BASELINE = "baseline"
 VARIANT_ORDER = list(VARIANTS)
 ARTIFACT_TABLES = {"utilisation": "utilisation.csv", "history": "utilisation_history.csv"}
 GRAD_COMPONENTS = ["embedding", "backbone", "router", "experts", "head", "total"]  # step metrics grad_norm_<name>
+UNTRAINED = {"stalled", "unstable"}  # verdicts that keep a run out of rankings and tests
 HEALTH_OK, HEALTH_UNKNOWN = "ok", "unknown"  # unknown: a run from before health was judged (no tag)
 
 
@@ -70,14 +71,21 @@ class StudyData:
 
     @property
     def flagged(self) -> pd.DataFrame:
-        """Finished runs whose training-health verdict is not ok: they trained badly, so they rank nowhere."""
+        """Finished runs whose training-health verdict is not ok."""
         verdicts = self.finished[f"tags.{HEALTH}"].fillna(HEALTH_OK)
         return self.finished[verdicts != HEALTH_OK]
 
     @property
+    def untrained(self) -> pd.DataFrame:
+        """Flagged stalled or unstable: the optimisation failed, so the numbers say nothing of the design and the
+        run ranks nowhere. (Collapsed routing alone is a property of the design: such runs stay in, with a note.)"""
+        verdicts = self.flagged[f"tags.{HEALTH}"].fillna(HEALTH_OK).str.split(",")
+        return self.flagged[verdicts.map(lambda flags: bool(set(flags) & UNTRAINED))]
+
+    @property
     def judged(self) -> pd.DataFrame:
-        """Finished runs that may be ranked and tested: healthy, or from a store that predates health checks."""
-        return self.finished.drop(self.flagged.index)
+        """Finished runs that may be ranked and tested: all but the untrained ones."""
+        return self.finished.drop(self.untrained.index)
 
     @property
     def backbones(self) -> list[str]:

@@ -1,8 +1,9 @@
 """The "Training health" section: each trial's verdict with its numbers, and the notes beside rankings.
 
 The verdicts are the trainer's (tags ``harness.health`` / ``harness.health.evidence``, see harness/health.py);
-runs from before those checks have none and read "unknown". A flagged trial (stalled, collapsed, unstable)
-did not train as intended, so it is left out of every ranking and test and listed here with its reason.
+runs from before those checks have none and read "unknown". A stalled or unstable trial did not train as
+intended, so it is left out of every ranking and test and listed here with its reason. A trial whose routing
+collapsed did train: it stays in, and every ranking or test that includes it says so.
 """
 
 from __future__ import annotations
@@ -60,31 +61,40 @@ def health_table(data: StudyData) -> Table:
     )
 
 
-def flagged_list(data: StudyData, runs: pd.DataFrame | None = None) -> str:
-    """'hybrid seed 1 (stalled), ...' for the flagged trials among ``runs`` (default: all)."""
-    flagged = data.flagged if runs is None else data.flagged[data.flagged.index.isin(runs.index)]
+def flagged_list(data: StudyData, runs: pd.DataFrame | None = None, flagged: pd.DataFrame | None = None) -> str:
+    """'hybrid seed 1 (stalled), ...' for the ``flagged`` trials (default: every flagged one) among ``runs``."""
+    flagged = data.flagged if flagged is None else flagged
+    flagged = flagged if runs is None else flagged[flagged.index.isin(runs.index)]
     several = len(data.backbones) > 1
     return ", ".join(f"{_trial(run, several)} ({verdict(run)})" for _, run in flagged.iterrows())
 
 
 def flag_note(data: StudyData, backbone: str, what: str) -> list[Block]:
-    """The note beside a ranking or test of ``backbone`` that leaves flagged trials out; nothing when none are."""
-    listed = flagged_list(data, data.runs[data.runs["tags.backbone"] == backbone])
-    if not listed:
-        return []
-    return [Para(f"**Left out of {what}, flagged in Training health:** {listed}. They did not train as intended.")]
+    """The notes beside a ranking or test of ``backbone``: untrained trials left out, collapsed ones kept in."""
+    runs = data.runs[data.runs["tags.backbone"] == backbone]
+    left_out = flagged_list(data, runs, data.untrained)
+    kept = flagged_list(data, runs, data.flagged.drop(data.untrained.index))
+    notes = []
+    if left_out:
+        notes.append(Para(f"**Left out of {what}, flagged in Training health:** {left_out}. They did not train."))
+    if kept:
+        notes.append(Para(f"**Included in {what} with collapsed routing (Training health):** {kept}."))
+    return notes
 
 
 def health_section(data: StudyData, figures: list[Figure]) -> list[Block]:
     blocks: list[Block] = [Heading("Training health")]
     if data.finished.empty:
         return [*blocks, Para("No trial finished, so no training health was judged.")]
-    flagged = flagged_list(data)
+    flagged, untrained = flagged_list(data), flagged_list(data, flagged=data.untrained)
     if flagged:
-        summary = (
-            f"Flagged: {flagged}. These trials are left out of every ranking, table and test below; "
-            "their numbers describe a failed optimisation, not the design."
+        summary = f"Flagged: {flagged}. " + (
+            f"Stalled or unstable trials ({untrained}) are left out of every ranking, table and test below: their "
+            "numbers describe a failed optimisation, not the design. "
+            if untrained
+            else ""
         )
+        summary += "Trials whose routing collapsed trained, and stay in with a note wherever they count."
     elif (data.finished[f"tags.{HEALTH}"].isna()).all():
         summary = "These runs predate the training-health checks: no verdict was recorded (health unknown)."
     else:
