@@ -22,6 +22,7 @@ from harness.config import SpecError, load_spec
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.engine.order import in_dependency_order
 from harness.matrix import Cell
+from harness.metric_names import TRAIN_LOSS
 from tests.conftest import free_port
 from tests.workers import REPO, harness_env, study_spec, wait_for
 
@@ -73,7 +74,7 @@ def most_at_once(uri: str, runs: list) -> int:
     """The most trials that were training at the same moment (from their first and last step's timestamps)."""
     events = []
     for run in runs:
-        history = MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss")
+        history = MlflowClient(uri).get_metric_history(run.info.run_id, TRAIN_LOSS)
         events += [(min(m.timestamp for m in history), 1), (max(m.timestamp for m in history), -1)]
     running = peak = 0
     for _, change in sorted(events, key=lambda e: (e[0], e[1])):
@@ -132,7 +133,7 @@ def test_a_lost_node_s_cell_resumes_on_another_node_into_the_same_run(cluster, t
     whole = f"sqlite:///{tmp_path / 'whole' / 'mlflow.db'}"  # uninterrupted, also as a Ray task (same threads)
     run_study_on_ray(spec, whole, cluster.address, progress=False, checkpoint_dir=tmp_path / "ck-whole")
     (reference,) = trial_runs(whole, "lost")
-    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss")]
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, TRAIN_LOSS)]
     assert steps == sorted(set(steps)) and len(steps) == 150  # resumed: no step twice, none lost
     final = {k: v for k, v in run.data.metrics.items() if "loss" in k or "ppl" in k}
     assert final == {k: reference.data.metrics[k] for k in final}  # == on CPU
