@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from mlflow.entities import Param
 from tqdm import tqdm
@@ -59,6 +60,7 @@ from harness.tags import (
 )
 from harness.tracking import TrackingStore, device_description
 from harness.trainer import Checkpointer, resolve_device, train
+from models import build_model
 
 CHECKPOINT_DIR = Path("mlruns") / "checkpoints"
 
@@ -90,11 +92,14 @@ def checkpointer(checkpoint_dir: Path, spec: StudySpec, trial: Cell) -> Checkpoi
 
 
 def preflight(spec: StudySpec, trials: list[Cell], checkpoint_dir: Path) -> dict[str, Corpus]:
-    """Everything that can reject the input without writing: data files, leftover checkpoints."""
+    """Everything that can reject the input without writing: data files, models that cannot be built for the
+    data's vocabulary (``ModelError``), leftover checkpoints."""
     corpora: dict[str, Corpus] = {}
     for trial in trials:
         if _corpus_key(trial) not in corpora:
             corpora[_corpus_key(trial)] = load_corpus(trial.config.data)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            build_model(trial.config.model, trial.config.moe, corpora[_corpus_key(trial)].vocab_size)
         checkpointer(checkpoint_dir, spec, trial).load()  # raises SpecError for another config's checkpoint
     return corpora
 
@@ -149,7 +154,9 @@ class StudyWorker:
         it starts from (an upcycled cell's source), else None.
         """
         checkpoint = checkpointer(self.checkpoint_dir, self.spec, trial)
-        run = TrialRun(AttemptSink(self.store.client, run_id, self.store.logged_steps(run_id), attempt))
+        if logged := self.store.logged_steps(run_id):
+            print(f"  {trial.key}: resuming its interrupted run (step {max(logged.values())} logged)", file=sys.stderr)
+        run = TrialRun(AttemptSink(self.store.client, run_id, logged, attempt))
         config, corpus = trial.config, self.corpora[_corpus_key(trial)]
         try:  # training and the final save: whatever stops either ends the run, none is left RUNNING
             result = train(

@@ -13,6 +13,7 @@ from scipy import stats
 
 from harness.cli import main
 from harness.report.significance import compare, describe
+from harness.tags import HEALTH
 from tests.studies import run_study, tiny_spec, trial_runs
 
 
@@ -35,6 +36,11 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[st
         spec = tiny_spec(folder, "rep", ["baseline", "switch"], [0, 1])
         assert run_study(folder, spec, uri) == 0
         assert run_study(folder, tiny_spec(folder, "rep", ["dense"], [0]), uri) == 0
+        # 1,500 tokens of tiny data never leave the unigram plateau, so every trial is judged stalled and the report
+        # would rank none; these tests check the tables' arithmetic, so the runs pass as healthy here.
+        client = MlflowClient(uri)
+        for run in client.search_runs([client.get_experiment_by_name("rep").experiment_id]):
+            client.set_tag(run.info.run_id, HEALTH, "ok")
         assert main(["report", str(spec), "--tracking-uri", uri, "--out", str(folder / "out")]) == 0
     return uri, folder / "out"
 

@@ -52,7 +52,7 @@ def test_sigkilled_study_resumes_from_its_checkpoint_to_identical_results(tmp_pa
     uninterrupted = start_worker(spec, log, "--tracking-uri", whole_uri, "--checkpoint-dir", str(tmp_path / "ck"))
     assert rerun.wait(timeout=400) == 0, log.read_text()
     assert uninterrupted.wait(timeout=400) == 0, log.read_text()
-    assert "resuming after" in log.read_text()
+    assert "resuming its interrupted run" in log.read_text()
     assert not checkpoint.exists()
 
     (resumed,) = trial_runs(killed_uri, "resume")  # the same run, not a second one
