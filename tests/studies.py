@@ -7,6 +7,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from harness.cli import main
 
@@ -38,3 +40,11 @@ def run_study(folder: Path, spec: Path, uri: str, *extra: str) -> int:
 def trial_runs(uri: str, study: str) -> pd.DataFrame:
     mlflow.set_tracking_uri(uri)
     return mlflow.search_runs(experiment_names=[study], filter_string="tags.`harness.role` = 'trial'")
+
+
+def runs_by_variant(uri: str, study: str) -> dict[str, Run]:
+    """A study's trial runs (MLflow ``Run`` objects) keyed by variant: for studies with one seed."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(study)
+    found = client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
+    return {run.data.tags["variant"]: run for run in found}

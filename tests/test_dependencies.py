@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from harness.cli import main
 from harness.config import load_spec
 from harness.matrix import expand
+from tests.studies import runs_by_variant
 
 UPCYCLE = {
     "name": "up",
@@ -110,12 +111,7 @@ def test_a_dependent_starts_from_its_source_run_or_fails_with_it(
     assert main([*args, "--checkpoint-dir", str(tmp_path)]) == 1
     assert "2 finished, 0 already done, 2 failed" in capsys.readouterr().out
 
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("up")
-    runs = {
-        r.data.tags["variant"]: r
-        for r in client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
-    }
+    client, runs = MlflowClient(uri), runs_by_variant(uri, "up")
     assert runs["switch_up"].info.status == "FINISHED"
     assert runs["switch_up"].data.tags["harness.init.source_run"] == runs["dense"].info.run_id
     # the weights any node fetches

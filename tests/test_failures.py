@@ -18,6 +18,7 @@ from harness.data import load_corpus
 from harness.metric_names import TRAIN_LOSS
 from harness.runs import TrialRun
 from harness.tracking import TrackingStore
+from tests.studies import runs_by_variant
 from tests.workers import study_spec
 
 
@@ -60,12 +61,7 @@ def test_failed_trials_are_contained_recorded_and_reported(
     for key in ["dense/seed=0", "hybrid/seed=0", "lora/seed=0", "switch/seed=0"]:
         assert f"FAILED {key}: " in out
 
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("faults")
-    runs = {
-        r.data.tags["variant"]: r
-        for r in client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
-    }
+    client, runs = MlflowClient(uri), runs_by_variant(uri, "faults")
     assert runs["baseline"].info.status == "FINISHED"
     errors = {v: runs[v].data.tags.get("harness.error", "") for v in ("dense", "hybrid", "lora", "switch")}
     assert {v: runs[v].info.status for v in errors} == {v: "FAILED" for v in errors}
@@ -85,7 +81,8 @@ def test_failed_trials_are_contained_recorded_and_reported(
     monkeypatch.setattr(harness.study, "train", real_train)
     assert main([*args, "--retry-failed"]) == 1  # dense and lora fail again; switch and hybrid now finish
     assert "2 finished, 1 already done, 2 failed" in capsys.readouterr().out
-    runs_after = client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
+    experiment_id = runs["switch"].info.experiment_id
+    runs_after = client.search_runs([experiment_id], "tags.`harness.role` = 'trial'")  # a list: a second run would show
     assert len(runs_after) == 5  # retried into the same runs
     switch = next(r for r in runs_after if r.data.tags["variant"] == "switch")
     assert switch.info.status == "FINISHED" and switch.info.run_id == runs["switch"].info.run_id
