@@ -87,6 +87,11 @@ class OptimConfig(StrictConfig):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    block_lr_scale: float = Field(1.0, gt=0.0)
+    """The residual block's parameters (router, experts, a dense FFN) train at ``lr`` x this. A linear block
+    between the LSTM and a tied softmax is unstable at the classic recipe's SGD lr 20 whatever its init
+    (its loss oscillates to 15-33 while the plain LSTM's stays below ln V); 0.05 (lr 1 for the block) keeps
+    every variant below ln V after step 10 (``tests/test_references.py``)."""
     fused: bool = True
     """AdamW: torch's fused kernel (one pass over all parameters; ~25% more tokens/s on the quick
     config's CPU path, where the unfused update was ~20% of a step). A speed lever only."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from harness.checkpoint import TrainState
 from harness.config import SpecError, TrialConfig
-from models import LMOutput, MoELayer, build_model
+from models import LanguageModel, LMOutput, MoELayer, build_model
 from models.upcycle import upcycle_state_dict
 
 
@@ -46,9 +46,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def build_optimizer(model: nn.Module, config: TrialConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(model: LanguageModel, config: TrialConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; with ``optim.block_lr_scale`` below 1, the router and expert parameters are a second
+    group at the scaled learning rate (one group otherwise, as checkpoints written before the key hold)."""
     o = config.optim
+    params: list[nn.Parameter] | list[dict[str, object]] = [p for p in model.parameters() if p.requires_grad]
+    if o.block_lr_scale != 1.0:
+        groups = model.parameter_groups()
+        block = {id(p) for name in ("router", "experts") for p in groups[name]}
+        rest, scaled = [p for p in params if id(p) not in block], [p for p in params if id(p) in block]
+        params = [{"params": rest}, *([{"params": scaled, "lr": o.lr * o.block_lr_scale}] if scaled else [])]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=o.fused)

@@ -13,7 +13,9 @@ import torch
 from harness.checkpoint import Checkpointer
 from harness.config import MoEConfig, TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import load_corpus
+from harness.step import build_optimizer
 from harness.trainer import TrainClock, train
+from models import build_model
 from models.routers import AuxFreeRouter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +128,20 @@ def test_aux_free_bias_ignores_evaluation_forwards() -> None:
     router(torch.randn(16, 8) + 1)
     router.update_bias()
     assert torch.count_nonzero(router.selection_bias) == 0
+
+
+@pytest.mark.parametrize("variant", ["switch", "dense", "plain"])
+def test_block_lr_scale_sets_the_router_and_experts_learning_rate(variant: str) -> None:
+    config = tiny_config(variant)
+    config = TrialConfig.model_validate(deep_merge(config.model_dump(), {"optim": {"block_lr_scale": 0.05}}))
+    model = build_model(config.model, config.moe, 50)
+    optimizer = build_optimizer(model, config)
+    groups = model.parameter_groups()
+    block = {id(p) for p in groups["router"] + groups["experts"]}
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert lr_of.keys() == {id(p) for p in model.parameters() if p.requires_grad}  # every parameter, once
+    for param_id, lr in lr_of.items():
+        assert lr == pytest.approx(config.optim.lr * (0.05 if param_id in block else 1.0))
+    assert len(optimizer.param_groups) == (1 if variant == "plain" else 2)  # plain has no block
+    unscaled = build_optimizer(model, tiny_config(variant))
+    assert len(unscaled.param_groups) == 1  # the default keeps one group, as older checkpoints hold
