@@ -8,7 +8,7 @@ detectors, each with its evidence:
   frequencies sits at the unigram entropy of the training split).
 * **collapsed**: validation routing has dead experts, or one expert takes most of the traffic.
 * **unstable**: the train loss is above the uniform loss ln V after warm-up, a gradient norm is not
-  finite, or nearly every step is clipped while the loss does not improve.
+  finite, or nearly every step is clipped by a gradient far above the bound while the loss does not improve.
 
 A trial gets the tags :data:`HEALTH` (``ok`` or the comma-joined sorted flags) and :data:`HEALTH_EVIDENCE`.
 """
@@ -16,6 +16,7 @@ A trial gets the tags :data:`HEALTH` (``ok`` or the comma-joined sorted flags) a
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,7 +53,12 @@ CLIP_SATURATED = 0.95
 clips most steps on a healthy, falling loss, so a high clip rate alone is not instability."""
 MIN_IMPROVEMENT = 0.01
 """A saturated clip rate is unstable only when the mean train loss of the last quarter of the budget is less
-than 1% below that of the third quarter."""
+than 1% below that of the third quarter..."""
+CLIP_HOLDING = 10.0
+"""...and the median gradient norm before clipping over the second half is at least this many times the clip
+bound: each step then moves a tenth of what the gradient asks, the clip is holding down a blow-up. A clip a
+little below the gradient is normal: the upcycle study's healthy continuations clip every step at 1.6x the
+bound (0.4 vs 0.25) on a loss that a short continuation barely moves (5.89 -> 5.89)."""
 
 
 def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
@@ -62,11 +68,12 @@ def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
     return float(-(p * p.log()).sum())
 
 
-def data_summary(corpus: Corpus) -> dict[str, float]:
-    """The two reference losses a trial is judged against: unigram entropy of the train split, and ln V."""
+def reference_summary(corpus: Corpus, grad_clip: float | None) -> dict[str, float]:
+    """What a trial is judged against: the unigram entropy of the train split, ln V, and the clip bound."""
     return {
         "health_unigram_loss": unigram_entropy(corpus.train, corpus.vocab_size),
         "health_uniform_loss": math.log(corpus.vocab_size),
+        **({"health_grad_clip": grad_clip} if grad_clip else {}),
     }
 
 
@@ -128,7 +135,7 @@ def collapsed(summary: Mapping[str, float]) -> str | None:
     return "; ".join(found) + f" (top shares {' / '.join(f'{s:.2f}' for s in top)})"
 
 
-def unstable(history: Mapping[str, Points], uniform: float) -> str | None:
+def unstable(history: Mapping[str, Points], uniform: float, grad_clip: float | None) -> str | None:
     losses = history[TRAIN_LOSS]
     last = losses[-1][0]
     for name in (TRAIN_LOSS, "grad_norm_total"):
@@ -141,19 +148,33 @@ def unstable(history: Mapping[str, Points], uniform: float) -> str | None:
     if high:
         step, loss = max(high, key=lambda point: point[1])
         return f"train loss {loss:.2f} above ln V = {uniform:.2f} at step {step} (after warm-up)"
-    rate = clip_fraction_over(history.get("clip_fraction", []), after=last / 2)
+    return clipped_flat(history, grad_clip)
+
+
+def clipped_flat(history: Mapping[str, Points], grad_clip: float | None) -> str | None:
+    """Nearly every second-half step clipped, by a gradient ``CLIP_HOLDING`` x the bound, on a flat loss."""
+    losses = history[TRAIN_LOSS]
+    last = losses[-1][0]
+    norms = [norm for step, norm in history.get("grad_norm_total", []) if step >= last / 2]
+    if grad_clip is None or not norms:  # not clipped, or a run from before the gradient norms were logged
+        return None
+    rate, norm = clip_fraction_over(history.get("clip_fraction", []), after=last / 2), statistics.median(norms)
     third = [loss for step, loss in losses if last / 2 <= step < 3 * last / 4] or [losses[-1][1]]
     fourth = [loss for step, loss in losses if step >= 3 * last / 4]
     before, after = sum(third) / len(third), sum(fourth) / len(fourth)  # quarter means: one window is noisy
-    if rate >= CLIP_SATURATED and after > before * (1 - MIN_IMPROVEMENT):
-        return f"{rate:.0%} of second-half steps clipped while mean train loss went {before:.2f} -> {after:.2f}"
+    if rate >= CLIP_SATURATED and norm >= CLIP_HOLDING * grad_clip and after > before * (1 - MIN_IMPROVEMENT):
+        return (
+            f"{rate:.0%} of second-half steps clipped at {norm / grad_clip:.0f}x the bound {grad_clip:g} "
+            f"(median gradient norm {norm:.3g}) while mean train loss went {before:.2f} -> {after:.2f}"
+        )
     return None
 
 
 def judge(history: Mapping[str, Points], summary: Mapping[str, float]) -> HealthVerdict:
     """The verdict on a finished trial from its step metrics (``TRAIN_LOSS``, ``grad_norm_total``,
-    ``clip_fraction``: (step, value) in step order) and summary (the ``health_*`` reference losses and the
-    validation shares ``util_val_l<layer>_e<expert>``, see :func:`validation_shares`)."""
+    ``clip_fraction``: (step, value) in step order) and summary (the ``health_*`` references of
+    :func:`reference_summary` and the validation shares ``util_val_l<layer>_e<expert>``, see
+    :func:`validation_shares`)."""
     losses = history[TRAIN_LOSS]
     if not losses:
         return HealthVerdict((), "no training loss logged")
@@ -161,7 +182,7 @@ def judge(history: Mapping[str, Points], summary: Mapping[str, float]) -> Health
     findings = {
         "collapsed": collapsed(summary),
         "stalled": stalled(losses, unigram),
-        "unstable": unstable(history, uniform),
+        "unstable": unstable(history, uniform, summary.get("health_grad_clip")),
     }
     flags = tuple(name for name, found in findings.items() if found)
     if flags:

@@ -26,7 +26,7 @@ from harness import interrupt
 from harness.checkpoint import Checkpointer, CheckpointPolicy, TrainState
 from harness.config import TrialConfig
 from harness.data import Corpus, batchify, get_batch
-from harness.health import data_summary
+from harness.health import reference_summary
 from harness.metric_names import TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_SUBSET_LOSS, VAL_SUBSET_PPL
 from harness.metrics import ResourceMonitor, RoutingTally, perplexity, utilisation_summary
 from harness.step import (
@@ -350,4 +350,5 @@ def train(
         val_tally = RoutingTally(*state.train_counts.shape, device)
         val_loss = validate(state, tally=val_tally)
         test_loss = evaluate(state.model, test_rows, config, device)
-    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary() | data_summary(corpus))
+    references = reference_summary(corpus, config.optim.grad_clip)
+    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary() | references)

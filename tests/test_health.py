@@ -11,7 +11,7 @@ from test_trainer import Recorder, tiny_config
 
 from harness.config import TrialConfig, deep_merge
 from harness.data import load_corpus
-from harness.health import CLIP_SATURATED, clip_fraction_over, judge, validation_shares
+from harness.health import CLIP_HOLDING, CLIP_SATURATED, clip_fraction_over, judge, validation_shares
 from harness.metric_names import TRAIN_LOSS
 from harness.step import build_train_state, train_step
 from harness.trainer import LogWindow, train
@@ -65,16 +65,22 @@ def test_a_loss_above_ln_v_after_warmup_or_a_non_finite_gradient_is_unstable() -
     assert verdict.flags == ("unstable",) and "non-finite grad_norm_total at step 50" in verdict.evidence
 
 
-def test_a_saturated_clip_rate_is_unstable_only_on_a_loss_that_does_not_improve() -> None:
+def test_a_saturated_clip_rate_is_unstable_only_on_a_held_down_gradient_and_a_flat_loss() -> None:
     flat = [10.0, 9.0, 8.0, 6.5, 6.4, 6.45, 6.4, 6.42, 6.41, 6.43]
-    assert judge(history(flat, clip=CLIP_SATURATED), REFERENCE).flags == ("unstable",)
-    assert judge(history(flat, clip=CLIP_SATURATED - 0.1), REFERENCE).flags == ()
-    assert judge(history(FALLING, clip=1.0), REFERENCE).flags == ()
+    held = REFERENCE | {"health_grad_clip": 1.0 / CLIP_HOLDING}  # the logged gradient norm is 1.0
+    verdict = judge(history(flat, clip=CLIP_SATURATED), held)
+    assert verdict.flags == ("unstable",) and "at 10x the bound 0.1 (median gradient norm 1)" in verdict.evidence
+    assert judge(history(flat, clip=CLIP_SATURATED - 0.1), held).flags == ()
+    assert judge(history(FALLING, clip=1.0), held).flags == ()
+    # The upcycle study's continuations: every step clipped at 1.6x the bound on a loss that barely moves.
+    mild = REFERENCE | {"health_grad_clip": 1.0 / 1.6}
+    assert judge(history(flat, clip=1.0), mild).flags == ()
+    assert judge(history(flat, clip=1.0), REFERENCE).flags == ()  # no clip bound recorded: not judged
 
 
 def test_flags_combine_sorted_and_the_whole_run_clip_fraction_weights_windows_by_length() -> None:
     dead = BALANCED | {"util_val_l0_e0": 0.0}
-    verdict = judge(history([7.1] * 10, clip=1.0), REFERENCE | dead)
+    verdict = judge(history([7.1] * 10, clip=1.0), REFERENCE | dead | {"health_grad_clip": 0.05})
     assert verdict.label == "collapsed,stalled,unstable"
     assert verdict.tags() == {"harness.health": verdict.label, "harness.health.evidence": verdict.evidence}
     assert clip_fraction_over([(20, 1.0), (40, 0.0), (45, 1.0)]) == pytest.approx(25 / 45)
