@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from harness import interrupt
 from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
@@ -97,8 +98,17 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as the harness's other bad-input errors: one line on stderr (not the usage block
+    first), exit code 2. Subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        _bad_input(f"{message} (see: {self.prog} --help)")
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description="Benchmark MoE layers in small language models.")
+    parser = OneLineParser(prog="harness", description="Benchmark MoE layers in small language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run-study", help="train every variant x seed cell of a study spec, logged to MLflow")

@@ -79,6 +79,22 @@ def test_bad_spec_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], cha
     assert_rejected(tmp_path, capsys, run_cli(tmp_path, edited(tmp_path, change)), message)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--bogus",), "unrecognized arguments: --bogus (see: harness --help)"),
+        (("--cell", "one"), "argument --cell: invalid int value: 'one' (see: harness run-study --help)"),
+    ],
+)
+def test_bad_command_line_arguments_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], message: str
+) -> None:
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(tmp_path, spec, *extra)
+    assert_rejected(tmp_path, capsys, stop.value.code, message)
+
+
 def test_malformed_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "broken.yaml"
     spec.write_text("name: t\nbase:\n  moe: {n_experts: 4\nmatrix: [x\n")
