@@ -47,10 +47,11 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
 
 
 def git_commit(full: bool = False) -> str:
-    """HEAD's commit hash (abbreviated unless ``full``: MLflow's ``mlflow.source.git.commit`` wants it whole)."""
+    """The harness checkout's HEAD commit (abbreviated unless ``full``: MLflow's ``mlflow.source.git.commit`` wants
+    it whole): the code that ran, wherever the command was started; "unknown" for an installed copy."""
     try:
         command = ["git", "rev-parse", *([] if full else ["--short"]), "HEAD"]
-        out = subprocess.run(command, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -19,12 +19,12 @@ from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 from harness.config import SpecError, TrialConfig, load_spec, resolve_trial
 from harness.metric_names import TRAIN_LOSS, VAL_SUBSET_PPL
 from harness.report.comparison import reference_variant
-from harness.report.equivalence import holm, seeds_for_power, tost
+from harness.report.equivalence import holm, seeds_for_power, t_test_power, tost
 from harness.report.gather import StudyData
 from harness.report.health import flag_note
 from harness.report.matched import matched_points, ppl_at
 from harness.report.pipeline import write_report
-from harness.report.significance import compare
+from harness.report.significance import Comparison, compare
 from harness.tags import EQUIVALENCE_MARGIN, HEALTH, HEALTH_EVIDENCE, PARENT, ROLE, ROLE_STUDY, ROLE_TRIAL
 from tests.studies import tiny_spec
 
@@ -63,6 +63,22 @@ def test_seeds_for_power_equal_statsmodels_paired_and_independent() -> None:
     expected = TTestIndPower().solve_power(effect_size=abs(welch.effect), alpha=0.05, power=0.8)
     assert seeds_for_power(welch) == math.ceil(expected)
     assert math.isnan(seeds_for_power(compare(BASE, BASE)))  # no difference: no finite number of seeds
+
+
+def test_seeds_for_power_where_statsmodels_root_finder_gives_up() -> None:
+    """The upcycle study's baseline_up vs dense_long (d_z = 5.44): solve_power returns nan with a warning; the
+    answer is the smallest n whose power (statsmodels' own) reaches 0.8."""
+    upcycled = Comparison("paired t-test", 2, 0.62, 7.69, 0.082, 5.44, "d_z")
+    with pytest.warns(Warning):
+        assert math.isnan(TTestPower().solve_power(effect_size=5.44, alpha=0.05, power=0.8))
+    assert seeds_for_power(upcycled) == 3
+    assert TTestPower().power(5.44, 3, 0.05) >= 0.8 and math.isnan(TTestPower().power(5.44, 2, 0.05))
+    for n in (2, 3, 4, 6, 9):  # where statsmodels has a figure, the same figure
+        for paired, analysis in ((True, TTestPower()), (False, TTestIndPower())):
+            expected = analysis.power(0.9 if n == 2 else 5.44, n, 0.05)
+            if math.isfinite(expected):
+                assert t_test_power(0.9 if n == 2 else 5.44, n, paired) == pytest.approx(expected, rel=1e-9)
+    assert t_test_power(5.44, 2, paired=True) == pytest.approx(0.4539, abs=1e-4)  # statsmodels: nan
 
 
 def test_interpolation_is_linear_in_log_ppl_and_matches_at_the_smallest_total() -> None:

@@ -16,12 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestIndPower, TTestPower
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from harness.report.significance import ALPHA, Comparison
 
+MAX_SEEDS = 1_000_000
 POWER = 0.8
 
 
@@ -68,14 +69,31 @@ def holm(p_values: Mapping[str, float]) -> dict[str, float]:
     return {k: float(adjusted.get(k, math.nan)) for k in p_values}
 
 
+def t_test_power(effect: float, n: int, paired: bool) -> float:
+    """Power of a two-sided t-test at ``ALPHA`` with n pairs (paired) or n runs per group: statsmodels'
+    ``TTestPower`` / ``TTestIndPower`` formula (both tails of the noncentral t), except that a lower tail scipy
+    cannot evaluate (``nct.cdf`` returns nan where it underflows, for large effects) counts as 0, where
+    statsmodels returns nan for the whole power (d_z = 5.44: nan at n = 2, 4, 5, 7, ...)."""
+    df, noncentrality = (n - 1, effect * math.sqrt(n)) if paired else (2 * n - 2, effect * math.sqrt(n / 2))
+    critical = stats.t.isf(ALPHA / 2, df)
+    lower = stats.nct.cdf(-critical, df, noncentrality)
+    return float(stats.nct.sf(critical, df, noncentrality) + (lower if math.isfinite(lower) else 0.0))
+
+
 def seeds_for_power(result: Comparison, power: float = POWER) -> float:
-    """Seeds (pairs, or runs per variant) a two-sided t-test needs to detect the observed effect; nan if none."""
+    """Seeds (pairs, or runs per variant) a two-sided t-test needs to detect the observed effect: the smallest
+    whole n whose power reaches ``power`` (doubling, then bisection: power grows with n); nan if none up to
+    ``MAX_SEEDS``. Not statsmodels' ``solve_power``: its root finder fails on the nan powers above."""
     effect = abs(result.effect)
     if not math.isfinite(effect) or effect == 0.0:
         return math.nan
-    analysis = TTestPower() if result.effect_name == "d_z" else TTestIndPower()
-    try:
-        nobs = analysis.solve_power(effect_size=effect, alpha=ALPHA, power=power, alternative="two-sided")
-    except (ValueError, RuntimeError):  # the root finder can fail for tiny effects: report no figure
-        return math.nan
-    return float(np.ceil(np.asarray(nobs).item()))
+    paired = result.effect_name == "d_z"
+    low, high = 1, 2  # a t-test needs two observations (per group)
+    while t_test_power(effect, high, paired) < power:
+        low, high = high, 2 * high
+        if high > MAX_SEEDS:
+            return math.nan
+    while high - low > 1:  # enough at high, not at low
+        middle = (low + high) // 2
+        low, high = (low, middle) if t_test_power(effect, middle, paired) >= power else (middle, high)
+    return float(high)
