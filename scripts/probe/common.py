@@ -138,6 +138,25 @@ def sqlite_uri(database: Path) -> str:
     return f"sqlite:///{database}"
 
 
+LIVE: set[subprocess.Popen] = set()  # the harness processes this probe started and has not seen end
+
+
+def spawn(command: list[str], cwd: Path, env: dict[str, str], **streams: Any) -> subprocess.Popen:
+    """Start a harness process in its own session (a signal meant for the probe does not reach it)."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, **streams)
+    LIVE.add(process)
+    return process
+
+
+def stop_children() -> None:
+    """SIGKILL the harness processes this probe started that are still running (the probe is stopping)."""
+    for process in list(LIVE):
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        LIVE.discard(process)
+
+
 def harness_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness", *args]
 
@@ -160,9 +179,7 @@ def run_harness(
     if as_user is not None:
         command = ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--clear-groups", *command]
     started = time.monotonic()
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    process = spawn(command, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = process.communicate(timeout=timeout)
         code: int | None = process.returncode
@@ -170,6 +187,7 @@ def run_harness(
         process.kill()
         out, err = process.communicate()
         code = None
+    LIVE.discard(process)
     return Finished(code, out, err, time.monotonic() - started)
 
 
@@ -179,10 +197,7 @@ class Watched:
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
         self.log = log
         self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            harness_command(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        self.process = spawn(harness_command(*args), cwd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._chunks: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -230,6 +245,7 @@ class Watched:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
             code = None
+        LIVE.discard(self.process)
         self._reader.join(timeout=10)
         return code
 

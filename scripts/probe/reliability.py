@@ -34,7 +34,7 @@ import interrupts
 import kills
 import signals
 import workers
-from common import DATA_ENV, REPO, CaseResult, Probe, make_tiny_data
+from common import DATA_ENV, REPO, CaseResult, Probe, make_tiny_data, stop_children
 from tabulate import tabulate
 
 PARTS = ("bad", "kill", "signal", "workers")
@@ -140,10 +140,14 @@ def failures(results: dict[str, list[CaseResult]]) -> list[str]:
     ]
 
 
+def stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # an inherited SIG_IGN would reach the harness too
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, stop)  # the harness processes still running are stopped, the work folder removed
     parts = [p for p in PARTS if not args.only or p in args.only]
     started = time.monotonic()
     probe = Probe(Path(tempfile.mkdtemp(prefix="harness-probe-")), args.seed, args.keep, args.match)
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         setup(probe)
         results, seconds = run_parts(probe, parts)
     finally:
+        stop_children()
         shutil.rmtree(probe.work, ignore_errors=True)
     print()
     print(table(results, seconds))
