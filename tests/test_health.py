@@ -162,3 +162,13 @@ def test_a_router_forced_onto_one_expert_collapses(monkeypatch: pytest.MonkeyPat
 @pytest.mark.slow
 def test_a_huge_learning_rate_without_clipping_is_unstable() -> None:
     assert "unstable" in trained_verdict("dense", optim={"lr": 0.3, "grad_clip": None}).flags
+
+
+def test_components_a_model_lacks_get_no_gradient_norm() -> None:
+    """dense has no router, plain no router or experts: no grad_norm_* curve for them (the report would draw
+    a zero norm at its floor, like a component that stopped learning)."""
+    for variant, absent in (("dense", {"router"}), ("plain", {"router", "experts"})):
+        config = tiny_config(variant)
+        corpus = load_corpus(config.data)
+        _, context = build_train_state(config, corpus.vocab_size, torch.device("cpu"), 10)
+        assert set(context.parameter_groups) == {"embedding", "backbone", "router", "experts", "head"} - absent
