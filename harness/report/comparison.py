@@ -175,7 +175,7 @@ def significance(data: StudyData, backbone: str, several: bool) -> list[Block]:
         "differences when both ran the same seeds (effect size d_z = mean difference / sd of differences); "
         "Welch's t-test otherwise (effect size Cohen's d with pooled sd). Two-sided; p (Holm): Holm-Bonferroni "
         "adjusted across the variants listed. Seeds, 80% power: seeds (pairs, or runs per variant) a test at the "
-        "5% level needs to detect the observed effect size with 80% power (statsmodels TTestPower / TTestIndPower).",
+        "5% level needs to detect the observed effect size with 80% power (noncentral t, as statsmodels TTestPower).",
     )
     statement = Para(_significance_statement(results, reference, where, max_seeds))
     return [table, statement]
