@@ -125,7 +125,8 @@ def test_non_log_steps_do_no_host_sync_for_the_gradient_bookkeeping(monkeypatch:
     metrics = window.gradient_metrics()
     assert syncs == ["tolist"]  # the logging step reads them all at once
     assert set(metrics) == {"clip_fraction", "grad_norm_total"} | {
-        f"grad_norm_{c}" for c in ("embedding", "backbone", "router", "experts", "head")
+        f"grad_norm_{c}"
+        for c in ("embedding", "backbone", "experts", "head")  # dense: no router
     }
     parts = [metrics[k] ** 2 for k in metrics if k not in ("clip_fraction", "grad_norm_total")]
     assert metrics["grad_norm_total"] == pytest.approx(math.sqrt(sum(parts)), rel=1e-4)
