@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupt.install()  # first: Ctrl-C and SIGTERM set a flag the loops check (no traceback from the imports)
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    interrupt.install()  # Ctrl-C and SIGTERM (docker stop) set a flag the trainer and the loops check
     try:
         return args.func(args)
     except (SpecError, ModelError) as error:
