@@ -118,8 +118,11 @@ def build_train_state(
     moe_layers = model.moe_layers()
     counts = torch.zeros(len(moe_layers), config.moe.routed_experts if moe_layers else 0, device=device)
     forward = torch.compile(model) if config.train.compile else model
-    trainable = {name: [p for p in params if p.requires_grad] for name, params in model.parameter_groups().items()}
-    groups = {name: params for name, params in trainable.items() if params}  # no grad_norm_router without a router
+    groups = {  # trainable parameters per component; none for a component the model lacks (no router: no norm)
+        name: trainable
+        for name, params in model.parameter_groups().items()
+        if (trainable := [p for p in params if p.requires_grad])
+    }
     context = StepContext(forward, device, config.train.precision, config.optim.grad_clip, moe_layers, groups)
     return TrainState(model, optimizer, scheduler, device, counts), context
 

@@ -186,6 +186,8 @@ def test_rerunning_with_more_trials_extends_the_same_study_and_parent_run(
     assert len(children) == 5 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
     assert main(args) == 0  # n_trials (4) already reached: nothing runs, the best is reported again
     assert len(optuna.load_study(study_name="tl", storage=local_tune["storage"]).get_trials()) == 5
+    steps = [m.step for m in MlflowClient(local_tune["uri"]).get_metric_history(parent, "best_val_ppl")]
+    assert len(steps) == len(set(steps)), f"best_val_ppl logged twice at a step: {steps}"  # the probe's kill/tune-3
 
 
 # --- several workers on one PostgreSQL storage -------------------------------------------------

@@ -162,10 +162,11 @@ def record_best(ctx: Context, study: optuna.Study, path: Path) -> tuple[list[Fro
     exported = export_spec(ctx.spec, best[0], path)
     client, parent_id = ctx.store.client, ctx.parent_id
     # Step = trials finished so far: a best-so-far curve; a rerun or an interrupted tune that records the best
-    # again at the same count logs nothing twice.
+    # again at the same count logs nothing twice (the store's resume rule for every run).
     step = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    logged = ctx.store.logged_steps(parent_id)
     for name, value in zip(tune.objectives, best[0].values, strict=True):
-        if all(m.step != step for m in client.get_metric_history(parent_id, f"best_{name}")):
+        if logged.get(f"best_{name}", -1) < step:
             client.log_metric(parent_id, f"best_{name}", value, step=step)
     client.set_tag(parent_id, "best_trial", str(best[0].number))
     client.set_tag(parent_id, "best_params", json.dumps(best[0].params))
