@@ -52,7 +52,7 @@ def repeated_steps(database: Path, run: Any) -> list[str]:
         steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
         twice = sorted(step for step, n in steps.items() if n > 1)
         if twice:
-            repeated.append(f"{run.data.tags.get(CELL)}: {key} twice at steps {twice[:5]}")
+            repeated.append(f"{describe(run)}: {key} logged twice at step(s) {twice[:5]}")
     return repeated
 
 
