@@ -12,8 +12,9 @@
 * Ending is idempotent: the summary metrics go in one batch with the :data:`~harness.tags.SUMMARY`
   tag, so a rerun after an interrupted save never logs them twice, and a run is marked ended even
   when flushing its metrics failed.
-* Shared runs: a study's parent run is created by whichever worker comes first; when workers race,
-  :func:`oldest` wins (:func:`shared_run`). :func:`finish_study_run` ends it with study-level metrics.
+* Shared runs: a study's parent run is created by whichever worker comes first (under a lock on an
+  embedded store); when workers race, :func:`oldest` wins (:func:`shared_run`). :func:`finish_study_run`
+  ends it with study-level metrics.
 * Every run the harness creates carries MLflow's standard system tags (:func:`system_tags`), which
   fill the UI's Source, Version and User columns.
 """
@@ -101,18 +102,20 @@ def oldest(runs: list[Run]) -> Run | None:
 def shared_run(store: TrackingStore, experiment_id: str, query: str, run_name: str, tags: dict[str, str]) -> str:
     """The run matching ``query``, created if there is none, RUNNING; shared by every worker and invocation.
 
-    Workers that raced to create it all keep the oldest; the extras (childless) are deleted.
+    On one embedded store the processes take turns (:meth:`TrackingStore.shared_run_lock`); clients of a
+    tracking server that raced to create it all keep the oldest, and the extras (childless) are deleted.
     """
-    existing = store.runs(experiment_id, query)
-    if not existing:
-        store.client.create_run(experiment_id, run_name=run_name, tags=system_tags() | tags)
+    with store.shared_run_lock():
         existing = store.runs(experiment_id, query)
-    keep = oldest(existing)
-    assert keep is not None
-    for extra in existing:
-        extra_id = extra.info.run_id
-        if extra_id != keep.info.run_id and not store.runs(experiment_id, f"tags.`{PARENT}` = '{extra_id}'"):
-            store.client.delete_run(extra_id)
+        if not existing:
+            store.client.create_run(experiment_id, run_name=run_name, tags=system_tags() | tags)
+            existing = store.runs(experiment_id, query)
+        keep = oldest(existing)
+        assert keep is not None
+        for extra in existing:
+            extra_id = extra.info.run_id
+            if extra_id != keep.info.run_id and not store.runs(experiment_id, f"tags.`{PARENT}` = '{extra_id}'"):
+                store.client.delete_run(extra_id)
     resume(store.client, keep.info.run_id)  # resumed, or extended with more trials
     return keep.info.run_id
 

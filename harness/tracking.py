@@ -7,6 +7,7 @@ matrix cell (role ``trial``, tag ``harness.cell``). How a trial's run is opened 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import queue
@@ -163,6 +164,16 @@ class TrackingStore:
             create_atomically(database, build_mlflow_store)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
+
+    def shared_run_lock(self) -> contextlib.AbstractContextManager:
+        """Held while a process finds or creates a run several processes share (a study's or a tune's parent).
+
+        Without it, two array tasks on one embedded store could each see only their own new parent run, and the
+        one keeping the older deleted the other's. A tracking server's clients on other machines share no
+        folder; they rely on :func:`harness.runs.shared_run` keeping the oldest.
+        """
+        database = sqlite_path(self.uri)
+        return contextlib.nullcontext() if database is None else filelock.FileLock(f"{database}.runs.lock")
 
     def artifact_location(self, name: str) -> str | None:
         database = sqlite_path(self.uri)

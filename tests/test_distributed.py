@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
 from harness.engine.lock import study_lock
+from harness.runs import shared_run
+from harness.tracking import TrackingStore
 from tests.studies import run_study, tiny_spec, trial_runs
 from tests.workers import start_worker, study_spec, wait_for
 
@@ -59,3 +63,65 @@ def test_sigterm_leaves_no_running_run(tmp_path: Path) -> None:
     runs = client.search_runs([client.get_experiment_by_name("term").experiment_id])
     trials = [r for r in runs if r.data.tags.get("harness.role") == "trial"]
     assert len(trials) == 2 and {r.info.status for r in trials} == {"KILLED"}  # the running one and the scheduled one
+
+
+def test_a_parent_run_created_while_another_process_looks_is_never_deleted_under_it(tmp_path: Path) -> None:
+    """The race two array tasks had on one embedded store, replayed step by step: A looks (no parent yet); B
+    creates its parent run and looks (only its own); A creates one too, its clock a millisecond behind, sees both,
+    keeps the older (its own) and deleted B's, which B goes on using. Now B waits for A's turn to end."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    store_a, store_b = TrackingStore(uri), TrackingStore(uri)
+    experiment_id = store_a.experiment_id("race")
+    query, tags, ids = "tags.`harness.role` = 'study'", {"harness.role": "study"}, {}
+    a_looked, b_looked, a_done, b_seen = threading.Event(), threading.Event(), threading.Event(), []
+    real_a_runs, real_b_runs, real_create = store_a.runs, store_b.runs, store_a.client.create_run
+
+    def a_runs(*args: str) -> list:
+        found = real_a_runs(*args)
+        if not a_looked.is_set():
+            a_looked.set()
+            b_looked.wait(timeout=2)  # B creates and looks now, if it can get in
+        return found
+
+    def a_create(*args: object, **kwargs: object) -> object:
+        start = {"start_time": b_seen[0].info.start_time - 1} if b_seen else {}
+        return real_create(*args, **kwargs, **start)
+
+    def b_runs(*args: str) -> list:
+        found = real_b_runs(*args)
+        if found and not b_looked.is_set():
+            b_seen.extend(found)
+            b_looked.set()
+            a_done.wait(timeout=2)  # A's turn, if it can get in
+        return found
+
+    def task_a() -> None:
+        ids["a"] = shared_run(store_a, experiment_id, query, "race", tags)
+        a_done.set()
+
+    store_a.runs, store_a.client.create_run, store_b.runs = a_runs, a_create, b_runs
+    threading.Thread(target=task_a).start()
+    assert a_looked.wait(timeout=60)
+    ids["b"] = shared_run(store_b, experiment_id, query, "race", tags)
+    assert a_done.wait(timeout=60)
+    everything = store_a.client.search_runs([experiment_id], run_view_type=ViewType.ALL)  # deleted ones too
+    assert ids["a"] == ids["b"] and [r.info.run_id for r in everything] == [ids["b"]]
+
+
+@pytest.mark.slow
+def test_array_tasks_started_together_on_a_fresh_store_share_one_parent_run(tmp_path: Path) -> None:
+    spec = study_spec(tmp_path, "array", ["baseline", "switch", "dense"], [0])
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    common = ("--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck"))
+    logs = [tmp_path / f"task{index}.log" for index in range(3)]
+    tasks = [start_worker(spec, log, *common, "--cell", str(index)) for index, log in enumerate(logs)]
+    assert [task.wait(timeout=300) for task in tasks] == [0, 0, 0], [log.read_text() for log in logs]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("array").experiment_id], run_view_type=ViewType.ALL)
+    parents = [r for r in runs if r.data.tags.get("harness.role") == "study"]
+    trials = [r for r in runs if r.data.tags.get("harness.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["harness.cell"] for r in trials) == ["baseline/seed=0", "dense/seed=0", "switch/seed=0"]
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
+    assert parents[0].data.metrics["trials_finished"] == 3

@@ -36,7 +36,6 @@ class CaseResult:
     counted: bool = True  # False: skipped (e.g. root without setpriv) or inconclusive (the signal never landed)
     seconds: float = 0.0
     folder: Path | None = None
-    alt_passed: bool | None = None  # passed under a second, documented reading of the goal (two workers)
     exit_code: int | None = None  # the interrupted process's (signal cases)
 
     @property

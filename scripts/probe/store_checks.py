@@ -17,17 +17,20 @@ def _client(database: Path) -> Any:
     return MlflowClient(f"sqlite:///{database}")
 
 
-def study_runs(database: Path, study: str) -> list[Any]:
-    """Every active run of the study's experiment; none when there is no store yet (never creates one)."""
+def study_runs(database: Path, study: str, deleted: bool = False) -> list[Any]:
+    """Every active run of the study's experiment (``deleted``: deleted ones too); none when there is no store yet
+    (never creates one)."""
     if not database.is_file() or database.stat().st_size == 0:
         return []
     client = _client(database)
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         return []
-    found, token = [], None
+    from mlflow.entities import ViewType
+
+    view, found, token = ViewType.ALL if deleted else ViewType.ACTIVE_ONLY, [], None
     while True:
-        page = client.search_runs([experiment.experiment_id], "", max_results=1000, page_token=token)
+        page = client.search_runs([experiment.experiment_id], "", view, max_results=1000, page_token=token)
         found.extend(page)
         token = page.token
         if not token:

@@ -1,9 +1,11 @@
-"""Two ``harness run-study`` processes started together on one fresh store, same spec (three cells).
+"""Workers started together on one fresh store, the two ways the README offers (three cells, tiny spec).
 
-Counted clean (the issue's criterion): both exit 0, one FINISHED trial run per cell, nothing left RUNNING, no
-traceback in either output. The README documents that the study lock refuses a second invocation of the same
-study (one line, exit 2, naming the holder); each round also says whether it is clean under that reading
-(``alt_passed``): one exits 0, the other 0 or refused by the lock, and the store is as above.
+* The same ``run-study`` twice: the study lock lets one run the study and refuses the other in one line (exit 2,
+  naming the holder), as the README documents; both exiting 0 counts too.
+* Three Slurm-array tasks, ``run-study --cell 0|1|2``: every task exits 0, all share one parent run.
+
+A round is clean when both are, neither printed a traceback, and each store holds one FINISHED trial run per cell,
+nothing open, no step logged twice, and exactly one study parent run (deleted ones counted too), FINISHED.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from common import RUN_TIMEOUT_S, CaseResult, Probe, Watched, has_traceback, one
 ROUNDS = 3
 STUDY = "pair"
 VARIANTS = ["baseline", "switch", "dense"]
+CELLS = [f"{v}/seed=0" for v in VARIANTS]
 LOCK_REFUSAL = "the study is already running in process"
 
 
@@ -27,29 +30,46 @@ def refused_by_lock(code: int | None, output: str) -> bool:
     return code == 2 and len(lines) == 1 and LOCK_REFUSAL in lines[0] and not has_traceback(output)
 
 
-def start_pair(probe: Probe, folder: Path) -> list[tuple[int | None, str]]:
+def start_together(probe: Probe, folder: Path, extra: list[list[str]]) -> list[tuple[int | None, str]]:
+    """One ``run-study`` per entry of ``extra`` (its extra arguments), all started at once on ``folder``'s store."""
     spec = interrupts.study_spec(folder, STUDY, VARIANTS)
     args = interrupts.study_args(folder, spec, progress=False)
-    pair = [Watched(args, folder, probe.env(), folder / f"worker{i}.log") for i in range(2)]
-    return [(w.wait(RUN_TIMEOUT_S), w.text()) for w in pair]
+    started = [Watched([*args, *more], folder, probe.env(), folder / f"worker{i}.log") for i, more in enumerate(extra)]
+    return [(w.wait(RUN_TIMEOUT_S), w.text()) for w in started]
+
+
+def store_problems(folder: Path) -> list[str]:
+    database = folder / "mlruns" / "mlflow.db"
+    problems = store_checks.study_problems(database, STUDY, CELLS, None)
+    runs = store_checks.study_runs(database, STUDY, deleted=True)
+    parents = [(r.info.lifecycle_stage, r.info.status) for r in runs if r.data.tags.get("harness.role") == "study"]
+    if parents != [("active", "FINISHED")]:
+        problems.append(f"study parent runs {parents}, expected one active FINISHED")
+    return problems
+
+
+def problems_of(label: str, ended: list[tuple[int | None, str]], ok: Callable[[int | None, str], bool]) -> list[str]:
+    problems = [f"{label} worker {i}: exit code {code}" for i, (code, out) in enumerate(ended) if not ok(code, out)]
+    return problems + [f"{label} worker {i}: traceback" for i, (_, out) in enumerate(ended) if has_traceback(out)]
 
 
 def round_result(probe: Probe, index: int) -> CaseResult:
     started = time.monotonic()
     name = f"round-{index}"
     folder = probe.folder("workers", name)
-    ended = start_pair(probe, folder)
-    cells = [f"{v}/seed=0" for v in VARIANTS]
-    store = store_checks.study_problems(folder / "mlruns" / "mlflow.db", STUDY, cells, None)
-    problems = [f"worker {i} exit code {code}" for i, (code, _) in enumerate(ended) if code != 0]
-    problems += [f"worker {i}: traceback in its output" for i, (_, out) in enumerate(ended) if has_traceback(out)]
-    problems += store
-    codes = [code for code, _ in ended]
-    refusals = [one_line(out, 160) for code, out in ended if refused_by_lock(code, out)]
-    alt = not store and 0 in codes and all(c == 0 or refused_by_lock(c, o) for c, o in ended)
-    detail = f"exit codes {codes}" + (f"; lock refusal: {refusals[0]}" if refusals else "")
+    same, array_folder = folder / "same-study", folder / "array"
+    same.mkdir(), array_folder.mkdir()
+    pair = start_together(probe, same, [[], []])
+    array = start_together(probe, array_folder, [["--cell", str(i)] for i in range(len(CELLS))])
+    problems = problems_of("same-study", pair, lambda c, o: c == 0 or refused_by_lock(c, o))
+    problems += ["same-study: neither worker ran the study"] if 0 not in [c for c, _ in pair] else []
+    problems += [f"same-study: {p}" for p in store_problems(same)]
+    problems += problems_of("array", array, lambda c, o: c == 0)
+    problems += [f"array: {p}" for p in store_problems(array_folder)]
+    refusals = [one_line(out, 120) for code, out in pair if refused_by_lock(code, out)]
+    detail = f"same study: exit codes {[c for c, _ in pair]}" + (f" ({refusals[0]})" if refusals else "")
+    detail += f"; array tasks: exit codes {[c for c, _ in array]}"
     result = CaseResult("workers", name, not problems, "; ".join(problems), detail, folder=folder)
-    result.alt_passed = alt
     result.seconds = time.monotonic() - started
     return result
 
