@@ -135,10 +135,12 @@ def finish_study_run(store: TrackingStore, run_id: str, status: str) -> None:
     for child in children:
         if "test_ppl" in child.data.metrics:
             by_variant.setdefault(child.data.tags.get("variant", "?"), []).append(child.data.metrics["test_ppl"])
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"{HEADLINE}mean_test_ppl_{v}", sum(x) / len(x), now, 0) for v, x in by_variant.items()]
-    metrics.append(Metric("trials_finished", float(len(children)), now, 0))
-    client.log_batch(run_id, metrics=metrics)
+    # Step = trials finished: a study extended with more cells logs its new figures at a new step, and two
+    # array tasks that both saw the last cell end log nothing twice (the resume rule of every run).
+    now, step, logged = int(time.time() * 1000), len(children), store.logged_steps(run_id)
+    metrics = [Metric(f"{HEADLINE}mean_test_ppl_{v}", sum(x) / len(x), now, step) for v, x in by_variant.items()]
+    metrics.append(Metric("trials_finished", float(step), now, step))
+    client.log_batch(run_id, metrics=[m for m in metrics if logged.get(m.key, -1) < step])
     end_run(client, run_id, status)
 
 

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.cli import main
 from harness.engine.lock import study_lock
-from harness.runs import shared_run
+from harness.runs import finish_study_run, shared_run
 from harness.tracking import TrackingStore
 from tests.studies import run_study, tiny_spec, trial_runs
 from tests.workers import start_worker, study_spec, wait_for
@@ -125,3 +125,5 @@ def test_array_tasks_started_together_on_a_fresh_store_share_one_parent_run(tmp_
     assert {r.info.status for r in trials} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
     assert parents[0].data.metrics["trials_finished"] == 3
+    finish_study_run(TrackingStore(uri), parents[0].info.run_id, "FINISHED")  # two tasks both saw the last cell end
+    assert [m.step for m in client.get_metric_history(parents[0].info.run_id, "trials_finished")] == [3]

@@ -163,7 +163,7 @@ def record_best(ctx: Context, study: optuna.Study, path: Path) -> tuple[list[Fro
     client, parent_id = ctx.store.client, ctx.parent_id
     # Step = trials finished so far: a best-so-far curve; a rerun or an interrupted tune that records the best
     # again at the same count logs nothing twice (the store's resume rule for every run).
-    step = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    step = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     logged = ctx.store.logged_steps(parent_id)
     for name, value in zip(tune.objectives, best[0].values, strict=True):
         if logged.get(f"best_{name}", -1) < step:
