@@ -59,6 +59,10 @@ class Corpus:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    def train_counts(self) -> torch.Tensor:
+        """How often each word id occurs in the train split: (vocab_size,) int64."""
+        return torch.bincount(self.train, minlength=self.vocab_size)
+
     def split(self, name: str) -> torch.Tensor:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 

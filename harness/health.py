@@ -6,11 +6,14 @@ detectors, each with its evidence:
 
 * **stalled**: the train loss never leaves the unigram plateau (a model that learned only word
   frequencies sits at the unigram entropy of the training split).
+* **saturated**: the backbone's output no longer depends on its input (``backbone_spread`` near 0 over the
+  second half): saturated LSTM units pass no gradient to the embedding, so whatever the trial learns, a
+  block on top of the backbone learns it from a constant (``docs/backbone-stall.md``).
 * **collapsed**: validation routing has dead experts, or one expert takes most of the traffic.
 * **unstable**: the train loss is above the uniform loss ln V after warm-up, a gradient norm is not
   finite, or nearly every step is clipped by a gradient far above the bound while the loss does not improve.
 
-A trial gets the tags :data:`HEALTH` (``ok`` or the comma-joined sorted flags) and :data:`HEALTH_EVIDENCE`.
+A trial gets the tags :data:`HEALTH` (``ok`` or the comma-joined flags) and :data:`HEALTH_EVIDENCE`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from harness.metric_names import TRAIN_LOSS
+from harness.metric_names import BACKBONE_SPREAD, TRAIN_LOSS
 from harness.tags import HEALTH, HEALTH_EVIDENCE
 
 if TYPE_CHECKING:
@@ -44,6 +47,10 @@ routers within a few x of uniform, so a tenth is far outside normal imbalance)."
 DOMINANT_SHARE = 0.5
 """Collapse onto one expert: more than half of all routed slots, and more than twice uniform (so E = 2 needs
 the dead-expert rule instead). With top-2 routing a share cannot exceed 0.5: only dead experts flag it."""
+SATURATED_SPREAD = 0.01
+"""A backbone is saturated while the median ``backbone_spread`` of the second half is below this. A trained
+LSTM's output varies across tokens by about its own size (0.3-1); the stalled ones of the quick recipe sat at
+1e-4 to 2e-3 (docs/backbone-stall.md), two orders of magnitude on either side of the bound."""
 WARMUP_SHARE = 0.1
 """After this share of the budget the train loss must stay below ln V (the loss of a uniform guess)."""
 UNIFORM_MARGIN = 0.02
@@ -79,7 +86,7 @@ def reference_summary(corpus: Corpus, grad_clip: float | None) -> dict[str, floa
 
 @dataclass(frozen=True)
 class HealthVerdict:
-    flags: tuple[str, ...]  # sorted subset of collapsed, stalled, unstable; empty when healthy
+    flags: tuple[str, ...]  # sorted subset of collapsed, saturated, stalled, unstable; empty when healthy
     evidence: str
 
     @property
@@ -113,6 +120,21 @@ def stalled(losses: Points, unigram: float) -> str | None:
     gap = abs(best - unigram) / unigram
     where = f"{gap:.1%} above" if best > unigram else f"within {gap:.1%} of"
     return f"train loss {best:.2f} {where} unigram {unigram:.2f} from {STALL_AFTER_SHARE:.0%} of budget"
+
+
+def saturated(history: Mapping[str, Points]) -> str | None:
+    """The backbone's output is (nearly) the same for every token over the second half of the budget."""
+    spreads = history.get(BACKBONE_SPREAD, [])
+    if not spreads:  # a run from before the spread was logged
+        return None
+    last = spreads[-1][0]
+    spread = statistics.median(value for step, value in spreads if step >= last / 2)
+    if spread >= SATURATED_SPREAD:
+        return None
+    return (
+        f"backbone output spread across tokens {spread:.2g} (median over the second half, < {SATURATED_SPREAD:g}): "
+        "its units are saturated into a constant output, so no gradient reaches the embedding"
+    )
 
 
 def collapsed(summary: Mapping[str, float]) -> str | None:
@@ -172,7 +194,7 @@ def clipped_flat(history: Mapping[str, Points], grad_clip: float | None) -> str 
 
 def judge(history: Mapping[str, Points], summary: Mapping[str, float]) -> HealthVerdict:
     """The verdict on a finished trial from its step metrics (``TRAIN_LOSS``, ``grad_norm_total``,
-    ``clip_fraction``: (step, value) in step order) and summary (the ``health_*`` references of
+    ``clip_fraction``, ``backbone_spread``: (step, value) in step order) and summary (the ``health_*`` references of
     :func:`reference_summary` and the validation shares ``util_val_l<layer>_e<expert>``, see
     :func:`validation_shares`)."""
     losses = history[TRAIN_LOSS]
@@ -181,6 +203,7 @@ def judge(history: Mapping[str, Points], summary: Mapping[str, float]) -> Health
     unigram, uniform = summary["health_unigram_loss"], summary["health_uniform_loss"]
     findings = {
         "collapsed": collapsed(summary),
+        "saturated": saturated(history),
         "stalled": stalled(losses, unigram),
         "unstable": unstable(history, uniform, summary.get("health_grad_clip")),
     }
@@ -196,7 +219,7 @@ def judge(history: Mapping[str, Points], summary: Mapping[str, float]) -> Health
     return HealthVerdict((), evidence)
 
 
-JUDGED_METRICS = (TRAIN_LOSS, "grad_norm_total", "clip_fraction")
+JUDGED_METRICS = (TRAIN_LOSS, "grad_norm_total", "clip_fraction", BACKBONE_SPREAD)
 
 
 def validation_shares(utilisation: pd.DataFrame) -> dict[str, float]:
@@ -211,8 +234,26 @@ def history_from_mlflow(client: MlflowClient, run_id: str) -> dict[str, list[tup
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in JUDGED_METRICS}
 
 
+BUDGET_SHARES = (25, 50, 100)
+"""Percent of the budget at which the report shows the train loss beside the unigram loss (a slow start reads
+as a falling row, a stall as a flat one near the unigram loss)."""
+
+
+def loss_at_shares(losses: Points) -> dict[str, float]:
+    """``health_train_loss_<p>pct``: the logged train loss at the first logging step past ``p``% of the run."""
+    last = losses[-1][0]
+    return {
+        f"health_train_loss_{share}pct": next(loss for step, loss in losses if step >= share / 100 * last)
+        for share in BUDGET_SHARES
+    }
+
+
 def assess(client: MlflowClient, run_id: str, summary: Mapping[str, float]) -> tuple[dict[str, float], HealthVerdict]:
-    """Judge a trial whose step metrics are all in MLflow (its sink flushed): the summary metric
-    ``health_clip_fraction`` (whole run) and the verdict."""
+    """Judge a trial whose step metrics are all in MLflow (its sink flushed): the summary metrics
+    ``health_clip_fraction`` (whole run) and ``health_train_loss_<p>pct`` (:func:`loss_at_shares`), and the
+    verdict."""
     history = history_from_mlflow(client, run_id)
-    return {"health_clip_fraction": clip_fraction_over(history["clip_fraction"])}, judge(history, summary)
+    figures = {"health_clip_fraction": clip_fraction_over(history["clip_fraction"])}
+    if history[TRAIN_LOSS]:
+        figures |= loss_at_shares(history[TRAIN_LOSS])
+    return figures, judge(history, summary)

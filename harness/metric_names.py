@@ -11,3 +11,4 @@ TRAIN_LOSS = f"{HEADLINE}train_loss"
 VAL_PPL = f"{HEADLINE}val_ppl"  # the full validation split
 VAL_SUBSET_PPL = f"{HEADLINE}val_subset_ppl"  # the mid-run estimate on budget.eval_tokens
 VAL_LOSS, VAL_SUBSET_LOSS = "val_loss", "val_subset_loss"
+BACKBONE_SPREAD = "backbone_spread"  # models.base.token_spread at each logging step: ~0 means a saturated backbone

@@ -102,14 +102,16 @@ def gradient_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, Tensor]:
 
 def build_train_state(
     config: TrialConfig,
-    vocab_size: int,
+    token_counts: Tensor,
     device: torch.device,
     n_steps: int,
     initial_weights: dict[str, Tensor] | None = None,
 ) -> tuple[TrainState, StepContext]:
-    """A fresh model, optimiser and ``n_steps`` learning-rate schedule (seed the RNGs first); the model starts
-    from ``initial_weights`` (a dense model's, upcycled: ``models/upcycle.py``) when given."""
-    model = build_model(config.model, config.moe, vocab_size)
+    """A fresh model, optimiser and ``n_steps`` learning-rate schedule (seed the RNGs first); the vocabulary is
+    ``token_counts``' length, and its output biases start at their log frequencies (``model.output_prior``). The
+    model starts from ``initial_weights`` (a dense model's, upcycled: ``models/upcycle.py``) when given."""
+    model = build_model(config.model, config.moe, token_counts.numel())
+    model.init_output_prior(token_counts)
     if initial_weights is not None:
         model.load_state_dict(upcycle_state_dict(initial_weights, model))
     model = model.to(device)

@@ -22,7 +22,7 @@ OPTUNA_TRIAL = "optuna.trial_number"
 OPTUNA_RETRIED_FROM = "optuna.retried_from"
 OPTUNA_PARAM = "optuna.param."  # prefix of one tag per tuned parameter
 
-HEALTH = "harness.health"  # "ok" or comma-joined stalled,collapsed,unstable (harness/health.py)
+HEALTH = "harness.health"  # "ok" or comma-joined collapsed,saturated,stalled,unstable (harness/health.py)
 HEALTH_EVIDENCE = "harness.health.evidence"  # one sentence with the numbers behind the verdict
 EQUIVALENCE_MARGIN = "report.equivalence_margin"  # on the study parent run: the spec's report.equivalence_margin
 REPORT_REFERENCE = "report.reference"  # on the study parent run: the spec's report.reference, when set

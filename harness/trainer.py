@@ -27,7 +27,7 @@ from harness.checkpoint import Checkpointer, CheckpointPolicy, TrainState
 from harness.config import TrialConfig
 from harness.data import Corpus, batchify, get_batch
 from harness.health import reference_summary
-from harness.metric_names import TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_SUBSET_LOSS, VAL_SUBSET_PPL
+from harness.metric_names import BACKBONE_SPREAD, TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_SUBSET_LOSS, VAL_SUBSET_PPL
 from harness.metrics import ResourceMonitor, RoutingTally, perplexity, utilisation_summary
 from harness.step import (
     GradStats,
@@ -150,7 +150,8 @@ def _long_table(fractions: Tensor, **columns: Any) -> list[dict[str, Any]]:
 class LogWindow:
     """The steps since the last logging step: losses, routing and clipped steps accumulate on device, read
     once at close. ``clip_fraction`` is the share of the window's steps whose gradient was clipped; the
-    ``grad_norm_*`` figures are the values at the logging step (before clipping), not window means."""
+    ``grad_norm_*`` figures (before clipping) and ``backbone_spread`` (``models.base.token_spread``) are the
+    values at the logging step, not window means."""
 
     def __init__(self, n_layers: int, n_experts: int, device: torch.device, drops: bool = False) -> None:
         self.drops = drops  # a capacity is set: the dropped fraction can be non-zero, so it is logged
@@ -158,6 +159,7 @@ class LogWindow:
         self.aux = torch.zeros((), device=device)
         self.clipped = torch.zeros((), device=device)
         self.grad_norms: dict[str, Tensor] = {}
+        self.spread: Tensor | None = None
         self.routing = RoutingTally(n_layers, n_experts, device)
         self.steps, self.tokens = 0, 0
 
@@ -167,15 +169,18 @@ class LogWindow:
         if grads.clipped is not None:
             self.clipped += grads.clipped
         self.grad_norms = grads.norms or self.grad_norms
+        self.spread = out.backbone_spread
         self.routing.add(out.moe_stats)
         self.steps += 1
         self.tokens += tokens
 
-    def gradient_metrics(self) -> dict[str, float]:
-        """``clip_fraction`` and the ``grad_norm_*`` of the logging step, read in one host sync."""
-        names = ["clip_fraction", *self.grad_norms]
-        values = torch.stack([self.clipped / self.steps, *self.grad_norms.values()]).tolist()
-        return dict(zip(names, values, strict=True))
+    def step_metrics(self) -> dict[str, float]:
+        """``clip_fraction``, and the logging step's ``grad_norm_*`` and ``backbone_spread``, in one host sync."""
+        figures = {"clip_fraction": self.clipped / self.steps, **self.grad_norms}
+        if self.spread is not None:
+            figures[BACKBONE_SPREAD] = self.spread
+        values = torch.stack([value.float() for value in figures.values()]).tolist()
+        return dict(zip(figures, values, strict=True))
 
     def close(self, state: TrainState, elapsed: float) -> dict[str, float]:
         """The window's metrics (one host sync); its time and routing join the run's totals; then it is empty."""
@@ -191,7 +196,7 @@ class LogWindow:
             "tokens_per_s": self.tokens / elapsed,
             "tokens": float(state.tokens),
             **self.routing.means(),
-            **self.gradient_metrics(),
+            **self.step_metrics(),
         }
         if not self.drops:
             metrics.pop("dropped_fraction", None)
@@ -320,7 +325,7 @@ def train(
     test_rows = batchify(corpus.test, t.eval_batch_size).to(device)
     validate = Validation(batchify(corpus.validation, t.eval_batch_size).to(device), config, sink, on_eval)
     per_epoch, n_steps = steps_per_epoch(train_rows.size(1), t.seq_len), total_steps(config, train_rows.size(1))
-    state, context = build_train_state(config, corpus.vocab_size, device, n_steps, initial_weights)
+    state, context = build_train_state(config, corpus.train_counts(), device, n_steps, initial_weights)
     if checkpoint is not None:
         checkpoint.restore(state)
     checkpoints = CheckpointPolicy(checkpoint, b.checkpoint_every_steps, state.step)

@@ -39,6 +39,12 @@ class ModelConfig(StrictConfig):
     output: Literal["full", "adaptive"] = "full"
     """``adaptive``: adaptive softmax (Grave et al. 2017) over frequency-sorted clusters."""
     adaptive_cutoffs: list[int] = [2000, 10000]
+    output_prior: bool = True
+    """The output layer has biases (the adaptive head's clusters too) that start at the log unigram frequencies
+    of the train split, so a fresh model already predicts word frequencies (the unigram loss) and the
+    backbone is left to learn context. Without it, AdamW (which moves every parameter by about ``lr`` a step)
+    learns the frequencies faster by saturating the LSTM into a constant output than through a bias ten
+    nats away, and the backbone stalls for good (``docs/backbone-stall.md``). ``false``: torch's head as is."""
     # GPT only
     max_len: int | None = Field(None, ge=1)
     """GPT: the longest sequence (learned positions, RoPE tables); a trial config sets it to ``train.seq_len``."""

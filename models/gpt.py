@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import LanguageModel, LMOutput, OutputHead
+from models.base import LanguageModel, LMOutput, OutputHead, token_spread
 from models.config import ModelConfig, ModelError, MoEConfig
 from models.moe import build_block, run_block
 
@@ -87,7 +87,12 @@ class GPTLanguageModel(LanguageModel):
         self.blocks = nn.ModuleList(Block(model, moe, _block_ffn(model, i), max_len) for i in range(model.n_layers))
         self.norm = nn.RMSNorm(model.d_model) if model.norm == "rmsnorm" else nn.LayerNorm(model.d_model)
         self.head = OutputHead(
-            model.d_model, vocab_size, model.output, model.adaptive_cutoffs, self.embed if model.tie_weights else None
+            model.d_model,
+            vocab_size,
+            model.output,
+            model.adaptive_cutoffs,
+            self.embed if model.tie_weights else None,
+            bias=model.output_prior,
         )
 
     def forward(self, inputs: Tensor, targets: Tensor, state: Any = None) -> LMOutput:
@@ -100,4 +105,5 @@ class GPTLanguageModel(LanguageModel):
             x, block_aux, stats = block(x)
             if stats is not None:
                 aux, moe_stats = aux + block_aux, moe_stats + [stats]
-        return LMOutput(self.head(self.norm(x), targets), aux, None, moe_stats)
+        hidden = self.norm(x)  # (B, S, C)
+        return LMOutput(self.head(hidden, targets), aux, None, moe_stats, token_spread(hidden))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.base import LanguageModel, LMOutput, OutputHead
+from models.base import LanguageModel, LMOutput, OutputHead, token_spread
 from models.config import ModelConfig, MoEConfig
 from models.moe import build_block, run_block
 
@@ -27,7 +27,12 @@ class LSTMLanguageModel(LanguageModel):
         )
         self.block = build_block(model.d_model, model.ffn, moe, model.residual_std)  # None: the backbone alone
         self.head = OutputHead(
-            model.d_model, vocab_size, model.output, model.adaptive_cutoffs, self.embed if model.tie_weights else None
+            model.d_model,
+            vocab_size,
+            model.output,
+            model.adaptive_cutoffs,
+            self.embed if model.tie_weights else None,
+            bias=model.output_prior,
         )
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
@@ -39,12 +44,17 @@ class LSTMLanguageModel(LanguageModel):
         return tuple(s.detach() for s in state)
 
     def forward(self, inputs: Tensor, targets: Tensor, state: Any = None) -> LMOutput:
-        hidden, state = self.lstm(self.drop(self.embed(inputs)), state)
-        hidden = self.drop(hidden)  # (B, T, C)
+        embedded = self.drop(self.embed(inputs))
+        # On CPU the LSTM runs in fp32 even under bf16 autocast: oneDNN has no bf16 LSTM primitive on CPUs
+        # without AVX512-BF16 ("could not create a primitive descriptor"). cuDNN runs it in bf16.
+        with torch.autocast("cpu", enabled=False):  # CPU autocast only: a CUDA one stays on
+            hidden, state = self.lstm(embedded, state)  # (B, T, C)
+        spread = token_spread(hidden)  # before dropout, whose zeros would spread even a constant output
+        hidden = self.drop(hidden)
         aux, moe_stats = hidden.new_zeros((), dtype=torch.float32), []
         if self.block is not None:
             update, block_aux, stats = run_block(self.block, hidden)
             if stats is not None:
                 aux, moe_stats = block_aux, [stats]
             hidden = hidden + self.drop(update)  # residual: tokens an expert drops pass through unchanged
-        return LMOutput(self.head(hidden, targets), aux, state, moe_stats)
+        return LMOutput(self.head(hidden, targets), aux, state, moe_stats, spread)

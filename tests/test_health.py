@@ -4,14 +4,22 @@ component attribution, and tiny real trials made to stall, collapse and diverge.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import Recorder, tiny_config
+from test_trainer import REPO, Recorder, tiny_config
 
-from harness.config import TrialConfig, deep_merge
+from harness.config import TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import load_corpus
-from harness.health import CLIP_HOLDING, CLIP_SATURATED, clip_fraction_over, judge, validation_shares
+from harness.health import (
+    CLIP_HOLDING,
+    CLIP_SATURATED,
+    clip_fraction_over,
+    judge,
+    loss_at_shares,
+    validation_shares,
+)
 from harness.metric_names import TRAIN_LOSS
 from harness.step import build_train_state, train_step
 from harness.trainer import LogWindow, train
@@ -44,6 +52,27 @@ def test_a_loss_on_the_unigram_plateau_after_half_the_budget_is_stalled() -> Non
     verdict = judge(history([10.0, 7.5, 7.1, 7.05, 7.0, 7.05, 7.03, 7.1, 7.02, 7.04]), REFERENCE | BALANCED)
     assert verdict.flags == ("stalled",)
     assert "train loss 7.00 1.4% above unigram 6.90 from 50% of budget" in verdict.evidence
+
+
+def test_a_backbone_whose_output_stopped_varying_across_tokens_is_saturated() -> None:
+    """The quick recipe's stalled plain LSTM: spread 0.05 -> 2e-3 by step 20, then 1e-4 (docs/backbone-stall.md).
+    Saturation is its own flag: a block on a dead backbone can still leave the plateau."""
+    dying = history(FALLING) | {"backbone_spread": [(10 * (i + 1), s) for i, s in enumerate([0.05, 2e-3] + [1e-4] * 8)]}
+    verdict = judge(dying, REFERENCE | BALANCED)
+    assert verdict.flags == ("saturated",)
+    assert "backbone output spread across tokens 0.0001 (median over the second half, < 0.01)" in verdict.evidence
+    alive = history(FALLING) | {"backbone_spread": [(10 * (i + 1), 0.3) for i in range(10)]}
+    assert judge(alive, REFERENCE | BALANCED).flags == ()
+    assert judge(history(FALLING), REFERENCE | BALANCED).flags == ()  # a run from before the spread was logged
+
+
+def test_the_train_loss_is_read_at_a_quarter_half_and_the_end_of_the_budget() -> None:
+    losses = history(FALLING)[TRAIN_LOSS]  # steps 10..100
+    assert loss_at_shares(losses) == {
+        "health_train_loss_25pct": FALLING[2],  # step 30: the first past 25
+        "health_train_loss_50pct": FALLING[4],
+        "health_train_loss_100pct": FALLING[9],
+    }
 
 
 def test_dead_or_dominant_experts_are_collapsed() -> None:
@@ -91,7 +120,7 @@ def test_flags_combine_sorted_and_the_whole_run_clip_fraction_weights_windows_by
 def test_every_parameter_belongs_to_exactly_one_component(backbone: str) -> None:
     config = tiny_config("lora")
     config = TrialConfig.model_validate(deep_merge(config.model_dump(), {"model": {"backbone": backbone}}))
-    model, _ = build_train_state(config, 100, torch.device("cpu"), 10)[0].model, None
+    model, _ = build_train_state(config, torch.ones(100, dtype=torch.long), torch.device("cpu"), 10)[0].model, None
     groups = model.parameter_groups()
     ids = [id(p) for params in groups.values() for p in params]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
@@ -102,7 +131,7 @@ def test_every_parameter_belongs_to_exactly_one_component(backbone: str) -> None
 def test_non_log_steps_do_no_host_sync_for_the_gradient_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_config("dense")  # dense: the CPU expert loop kernel reads its group sizes on the host
     corpus = load_corpus(config.data)
-    state, context = build_train_state(config, corpus.vocab_size, torch.device("cpu"), 10)
+    state, context = build_train_state(config, corpus.train_counts(), torch.device("cpu"), 10)
     window = LogWindow(*state.train_counts.shape, state.device)
     state.recurrent = state.model.initial_state(config.train.batch_size)
     x = corpus.train[: 8 * 16].view(8, 16)
@@ -122,20 +151,25 @@ def test_non_log_steps_do_no_host_sync_for_the_gradient_bookkeeping(monkeypatch:
     assert syncs == [] and grads.norms == {} and grads.clipped is not None
     out, grads = train_step(state, context, x, y, measure=True)
     window.add(out, grads, y.numel())
-    metrics = window.gradient_metrics()
+    metrics = window.step_metrics()
     assert syncs == ["tolist"]  # the logging step reads them all at once
-    assert set(metrics) == {"clip_fraction", "grad_norm_total"} | {
+    assert set(metrics) == {"clip_fraction", "grad_norm_total", "backbone_spread"} | {
         f"grad_norm_{c}"
         for c in ("embedding", "backbone", "experts", "head")  # dense: no router
     }
-    parts = [metrics[k] ** 2 for k in metrics if k not in ("clip_fraction", "grad_norm_total")]
+    parts = [metrics[k] ** 2 for k in metrics if k.startswith("grad_norm_") and k != "grad_norm_total"]
     assert metrics["grad_norm_total"] == pytest.approx(math.sqrt(sum(parts)), rel=1e-4)
     assert 0.0 <= metrics["clip_fraction"] <= 1.0
 
 
 def trained_verdict(variant: str, **overrides: object):
     config = tiny_config(variant)
-    config = TrialConfig.model_validate(deep_merge(config.model_dump(), {"budget": {"tokens": 6000}, **overrides}))
+    return verdict_of(
+        TrialConfig.model_validate(deep_merge(config.model_dump(), {"budget": {"tokens": 6000}, **overrides}))
+    )
+
+
+def verdict_of(config: TrialConfig):
     recorder = Recorder()
     result = train(config, load_corpus(config.data), recorder, progress=False)
     steps: dict[str, list[tuple[int, float]]] = {}
@@ -145,8 +179,27 @@ def trained_verdict(variant: str, **overrides: object):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("prior", [True, False], ids=["prior", "no-prior"])
+def test_the_plain_lstm_of_the_quick_recipe_trains_only_with_the_output_prior(
+    prior: bool, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backbone alone under AdamW (docs/backbone-stall.md), 300 steps on the whole WikiText-2 train split:
+    without the prior its LSTM saturates into a constant output and the trial is flagged for it."""
+    monkeypatch.setenv("MOE_HARNESS_DATA", str(shared_data))
+    config = resolve_trial(load_spec(REPO / "studies" / "quick.yaml"), "plain", seed=1)
+    update = {"model": {"output_prior": prior}, "budget": {"tokens": 300 * 20 * 35}}
+    verdict = verdict_of(TrialConfig.model_validate(deep_merge(config.model_dump(), update)))
+    if prior:
+        assert verdict.flags == (), verdict.evidence
+    else:
+        assert set(verdict.flags) == {"saturated", "stalled"}, verdict.evidence
+
+
+@pytest.mark.slow
 def test_a_frozen_learning_rate_stalls() -> None:
-    verdict = trained_verdict("dense", optim={"lr": 1e-7})
+    """Without the output prior a frozen model stays at its random init's loss, far above the unigram loss
+    (with the prior it would sit on the plateau itself, where the tiny corpus's windows wander by +-5%)."""
+    verdict = trained_verdict("dense", optim={"lr": 1e-7}, model={"output_prior": False})
     assert verdict.flags == ("stalled",)
 
 
@@ -171,5 +224,5 @@ def test_components_a_model_lacks_get_no_gradient_norm() -> None:
     for variant, absent in (("dense", {"router"}), ("plain", {"router", "experts"})):
         config = tiny_config(variant)
         corpus = load_corpus(config.data)
-        _, context = build_train_state(config, corpus.vocab_size, torch.device("cpu"), 10)
+        _, context = build_train_state(config, corpus.train_counts(), torch.device("cpu"), 10)
         assert set(context.parameter_groups) == {"embedding", "backbone", "router", "experts", "head"} - absent

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models import LanguageModel, MoELayer, build_model
+from models.base import log_unigram, token_spread
 from models.config import ModelConfig, ModelError, MoEConfig
 
 VOCAB = 60
@@ -49,3 +50,33 @@ def test_unbuildable_models_raise_model_error() -> None:
     adaptive = tiny("lstm", output="adaptive", tie_weights=False, adaptive_cutoffs=[100, 200])
     with pytest.raises(ModelError, match=r"model.adaptive_cutoffs=\[100, 200\] leave no tail cluster"):
         build_model(adaptive, MoEConfig(), VOCAB)
+
+
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_the_output_prior_makes_a_fresh_head_predict_word_frequencies(output: str) -> None:
+    """Before the weights have any say (a zero hidden state), the head's distribution is the smoothed unigram."""
+    config = tiny("lstm", output=output, tie_weights=output == "full", adaptive_cutoffs=[10, 30])
+    lm = build_model(config, MoEConfig(d_hidden=32), VOCAB)
+    counts = torch.arange(VOCAB, 0, -1)  # word ids sorted by frequency, as the corpus numbers them
+    lm.init_output_prior(counts)
+    zero = torch.zeros(1, config.d_model)
+    if output == "adaptive":
+        predicted = lm.head.adaptive.log_prob(zero)[0]
+    else:
+        predicted = torch.log_softmax(lm.head.proj(zero), -1)[0]
+    torch.testing.assert_close(predicted, log_unigram(counts), atol=1e-5, rtol=0)
+
+
+def test_without_the_output_prior_the_adaptive_head_is_torchs_own() -> None:
+    config = tiny("lstm", output="adaptive", tie_weights=False, adaptive_cutoffs=[10, 30], output_prior=False)
+    lm = build_model(config, MoEConfig(d_hidden=32), VOCAB)
+    before = {name: p.clone() for name, p in lm.head.named_parameters()}
+    lm.init_output_prior(torch.arange(VOCAB, 0, -1))
+    assert not [name for name in before if "bias" in name]
+    assert all(torch.equal(p, before[name]) for name, p in lm.head.named_parameters())
+
+
+def test_token_spread_is_zero_for_a_constant_output_and_near_one_for_a_varied_one() -> None:
+    constant = torch.full((4, 7, 16), 0.9)  # (B, T, C): every token the same saturated vector
+    assert token_spread(constant).item() == pytest.approx(0.0, abs=1e-6)
+    assert token_spread(torch.randn(4, 7, 16)).item() == pytest.approx(1.0, abs=0.15)

@@ -48,7 +48,7 @@ def classic_losses(config: TrialConfig, corpus: Corpus, steps: int) -> list[floa
     evaluations would take minutes on a CPU)."""
     seed_everything(config.seed)
     rows = batchify(corpus.train, config.train.batch_size)  # (B, columns)
-    state, context = build_train_state(config, corpus.vocab_size, torch.device("cpu"), steps)
+    state, context = build_train_state(config, corpus.train_counts(), torch.device("cpu"), steps)
     state.model.train()
     state.recurrent = state.model.initial_state(config.train.batch_size)
     losses = []

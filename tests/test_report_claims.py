@@ -102,6 +102,7 @@ def _trial(client: MlflowClient, eid: str, parent: str, config: TrialConfig, tes
     speed = 1000.0 if config.variant == "baseline" else 500.0  # switch: half the speed
     metrics = [Metric("test_ppl", test_ppl, 0, 0), Metric("final_val_ppl", test_ppl, 0, 0)]
     metrics += [Metric("health_unigram_loss", 7.0, 0, 0), Metric("health_clip_fraction", 0.5, 0, 0)]
+    metrics += [Metric(f"health_train_loss_{p}pct", loss, 0, 0) for p, loss in ((25, 6.5), (50, 6.25), (100, 6.0))]
     for step in (10, 20, 30, 40):
         metrics += [Metric("tokens", step * 100.0, 0, step), Metric("tokens_per_s", speed, 0, step)]
         metrics += [Metric(VAL_SUBSET_PPL, test_ppl * 40 / step, 0, step), Metric(TRAIN_LOSS, 6.0, 0, step)]
@@ -130,7 +131,10 @@ def test_flagged_trials_are_named_and_left_out_of_rankings_and_tests(flagged_stu
     markdown = (flagged_study / "report.md").read_text()
     health = markdown.split("## Training health", 1)[1].split("## Main comparison", 1)[0]
     assert "Flagged: hybrid seed 0 (stalled), hybrid seed 1 (stalled)" in health
-    assert "| hybrid seed 0 | stalled | 6.000 | 7.000 | 0.50 | 4.000 | train loss 1030 evidence |" in health
+    assert (
+        "| hybrid seed 0 | stalled | 6.500 | 6.250 | 6.000 | 7.000 | 0.50 | 4.000 | train loss 1030 evidence |"
+        in health
+    )
     assert "| lora seed 0 | unknown |" in health and "![Gradient norm per component](grad_norms.png)" in health
     rest = markdown.split("## Main comparison", 1)[1]
     assert not [line for line in rest.splitlines() if line.startswith("| hybrid |")]  # in no table

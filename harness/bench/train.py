@@ -63,7 +63,7 @@ def minimal_loop_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, w
     t = config.train
     rows = batchify(corpus.train, t.batch_size).to(device)
     per_epoch = steps_per_epoch(rows.size(1), t.seq_len)
-    state, context = build_train_state(config, corpus.vocab_size, device, total_steps(config, rows.size(1)))
+    state, context = build_train_state(config, corpus.train_counts(), device, total_steps(config, rows.size(1)))
     state.recurrent = state.model.initial_state(t.batch_size)
     for i in range(warmup + steps):
         if i == warmup:

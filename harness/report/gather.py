@@ -38,7 +38,7 @@ BASELINE = "baseline"
 VARIANT_ORDER = list(VARIANTS)
 ARTIFACT_TABLES = {"utilisation": "utilisation.csv", "history": "utilisation_history.csv"}
 GRAD_COMPONENTS = ["embedding", "backbone", "router", "experts", "head", "total"]  # step metrics grad_norm_<name>
-UNTRAINED = {"stalled", "unstable"}  # verdicts that keep a run out of rankings and tests
+UNTRAINED = {"saturated", "stalled", "unstable"}  # verdicts that keep a run out of rankings and tests
 HEALTH_OK, HEALTH_UNKNOWN = "ok", "unknown"  # unknown: a run from before health was judged (no tag)
 
 

@@ -1,7 +1,7 @@
 """The "Training health" section: each trial's verdict with its numbers, and the notes beside rankings.
 
 The verdicts are the trainer's (tags ``harness.health`` / ``harness.health.evidence``, see harness/health.py);
-runs from before those checks have none and read "unknown". A stalled or unstable trial did not train as
+runs from before those checks have none and read "unknown". A saturated, stalled or unstable trial did not train as
 intended, so it is left out of every ranking and test and listed here with its reason. A trial whose routing
 collapsed did train: it stays in, and every ranking or test that includes it says so.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.metric_names import TRAIN_LOSS
+from harness.health import BUDGET_SHARES
 from harness.report.blocks import Block, Figure, Heading, Image, Para, Table
 from harness.report.formatting import MISSING, fmt
 from harness.report.gather import HEALTH_UNKNOWN, StudyData
@@ -43,7 +43,7 @@ def health_table(data: StudyData) -> Table:
         [
             _trial(run, several),
             verdict(run),
-            _number(run, TRAIN_LOSS, 3),
+            *(_number(run, f"health_train_loss_{share}pct", 3) for share in BUDGET_SHARES),
             _number(run, "health_unigram_loss", 3),
             _number(run, "health_clip_fraction", 2),
             _number(run, "grad_norm_total", 3),
@@ -52,12 +52,21 @@ def health_table(data: StudyData) -> Table:
         for _, run in data.finished.iterrows()
     ]
     return Table(
-        ["Trial", "Health", "Train loss", "Unigram loss", "Clip fraction", "Grad norm", "Evidence"],
+        [
+            "Trial",
+            "Health",
+            *(f"Train loss {share}%" for share in BUDGET_SHARES),
+            "Unigram loss",
+            "Clip fraction",
+            "Grad norm",
+            "Evidence",
+        ],
         rows,
-        caption="Train loss: the last logging window's mean. Unigram loss: the entropy of the training split's "
-        "unigram distribution (a model that learnt only word frequencies). Clip fraction: share of steps whose "
-        "gradient was clipped. Grad norm: the total gradient norm before clipping at the last logging step. "
-        "unknown: the run predates the health checks.",
+        caption="Train loss p%: the mean train loss of the first logging window that ends past p% of the budget "
+        "(a stall stays near the unigram loss, a slow start falls away from it). Unigram loss: the entropy of the "
+        "training split's unigram distribution (a model that learnt only word frequencies). Clip fraction: share "
+        "of steps whose gradient was clipped. Grad norm: the total gradient norm before clipping at the last "
+        "logging step. unknown: the run predates the health checks.",
     )
 
 
@@ -89,8 +98,8 @@ def health_section(data: StudyData, figures: list[Figure]) -> list[Block]:
     flagged, untrained = flagged_list(data), flagged_list(data, flagged=data.untrained)
     if flagged:
         summary = f"Flagged: {flagged}. " + (
-            f"Stalled or unstable trials ({untrained}) are left out of every ranking, table and test below: their "
-            "numbers describe a failed optimisation, not the design. "
+            f"Saturated, stalled or unstable trials ({untrained}) are left out of every ranking, table and test "
+            "below: their numbers describe a failed optimisation, not the design. "
             if untrained
             else ""
         )
@@ -98,6 +107,6 @@ def health_section(data: StudyData, figures: list[Figure]) -> list[Block]:
     elif (data.finished[f"tags.{HEALTH}"].isna()).all():
         summary = "These runs predate the training-health checks: no verdict was recorded (health unknown)."
     else:
-        summary = "No trial was flagged stalled, collapsed or unstable."
+        summary = "No trial was flagged saturated, stalled, collapsed or unstable."
     blocks += [Para(summary), health_table(data)]
     return blocks + [Image(f) for f in figures if f.section == "health"]
