@@ -1,7 +1,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quick test test-fast lint
+.PHONY: setup quick results test test-fast lint
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -9,9 +9,15 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.installed
 
 ## The quick study: the four MoE variants and the dense/plain references x 2 seeds on WikiText-2, into mlruns/
-## (about 10 min on 2 CPU cores), then its report: reports/quick/report.md and report.pdf.
+## (under 10 min on 2 CPU cores: two cells at a time on a local Ray cluster), then its report:
+## reports/quick/report.md and report.pdf.
 quick: $(VENV)/.installed
-	$(BIN)/harness run-study studies/quick.yaml --report
+	$(BIN)/harness run-study studies/quick.yaml --ray local --report
+
+## Rerun every committed result (docs/results/<study>/) into a fresh store; fails when a verdict changed
+## (about 70 min on 2 CPU cores). RESULTS="claim --update" reruns one study and commits its new report.
+results: $(VENV)/.installed
+	$(BIN)/python scripts/check_results.py $(RESULTS)
 
 ## Every test, the slow end-to-end ones included (what CI runs).
 test: $(VENV)/.installed

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
@@ -36,9 +37,13 @@ def test_tost_paired_and_welch_equal_statsmodels_on_the_log_scale() -> None:
     bound = math.log(1.05)
     paired = tost(BASE, CLOSE, 0.05)
     x1, x2 = np.log(list(CLOSE.values())), np.log(list(BASE.values()))
-    assert paired.test == "paired TOST" and paired.n == 3
+    assert paired.test == "paired TOST" and paired.ratio.n == 3
     assert paired.p_value == pytest.approx(ttost_paired(x1, x2, -bound, bound)[0], rel=1e-12)
-    assert paired.ratio == pytest.approx(math.exp((x1 - x2).mean()))
+    assert paired.ratio.ratio == pytest.approx(math.exp((x1 - x2).mean()))
+    half = stats.t.ppf(0.975, 2) * (x1 - x2).std(ddof=1) / math.sqrt(3)  # the t interval of the mean difference
+    assert (paired.ratio.low, paired.ratio.high) == pytest.approx(
+        (math.exp((x1 - x2).mean() - half), math.exp((x1 - x2).mean() + half))
+    )
     other = {"3": 110.0, "4": 99.0, "5": 103.0}
     welch = tost(BASE, other, 0.05)
     expected = ttost_ind(np.log(list(other.values())), x2, -bound, bound, usevar="unequal")[0]
@@ -149,7 +154,7 @@ def test_equivalence_and_compute_matched_tables_carry_the_library_figures(flagge
     p = ttost_paired(x1, x2, -bound, bound)[0]
     row = [line for line in markdown.splitlines() if line.startswith("| switch | paired TOST |")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[4] == ("< 0.001" if p < 0.001 else f"{p:.3f}") and "±10%" in markdown
+    assert cells[5] == ("< 0.001" if p < 0.001 else f"{p:.3f}") and "±10%" in markdown
     matched = markdown.split("## Compute-matched comparison", 1)[1]
     # baseline reached 4,000 tokens in 4 s, switch in 8 s: at 4 s switch has seen 2,000 tokens (step 20).
     switch = [line for line in matched.splitlines() if line.startswith("| switch |")][0]

@@ -46,12 +46,13 @@ def equivalence(data: StudyData, backbone: str, several: bool) -> list[Block]:
     adjusted = holm({v: r.p_value if r else math.nan for v, r in results.items()})
     rows = [_equivalence_row(v, r, adjusted[v]) for v, r in results.items()]
     table = Table(
-        ["Variant", "Test", "n", f"PPL ratio vs {reference}", "TOST p", "TOST p (Holm)", "Equivalent"],
+        ["Variant", "Test", "n", f"PPL ratio vs {reference}", "95% CI", "TOST p", "TOST p (Holm)", "Equivalent"],
         rows,
         caption=f"Two one-sided tests (TOST) of equivalence to {reference}{where} on final test perplexity at a "
         f"relative margin of ±{margin:.0%} (spec key report.equivalence_margin), i.e. ±log(1+{margin:g}) on the "
         "log perplexity; paired by seed where both ran the same seeds, Welch otherwise (statsmodels ttost_paired / "
-        "ttost_ind). Ratio: geometric mean of variant / reference. Holm: Holm-Bonferroni across the variants "
+        "ttost_ind). Ratio: geometric mean of variant / reference; 95% CI: exp of the t interval of the mean log "
+        "perplexity difference (scipy ttest_rel / ttest_ind, unpooled). Holm: Holm-Bonferroni across the variants "
         "listed. Equivalent: Holm-adjusted p < 0.05.",
     )
     equivalent = [v for v, r in results.items() if r is not None and adjusted[v] < 0.05]
@@ -65,9 +66,19 @@ def equivalence(data: StudyData, backbone: str, several: bool) -> list[Block]:
 
 def _equivalence_row(variant: str, result: Equivalence | None, adjusted: float) -> list[str]:
     if result is None:
-        return [variant, MISSING, MISSING, MISSING, MISSING, MISSING, "too few seeds"]
+        return [variant, MISSING, MISSING, MISSING, MISSING, MISSING, MISSING, "too few seeds"]
     yes = "yes" if math.isfinite(adjusted) and adjusted < 0.05 else "no"
-    return [variant, result.test, str(result.n), fmt(result.ratio, 3), p_text(result.p_value), p_text(adjusted), yes]
+    found = result.ratio
+    return [
+        variant,
+        result.test,
+        str(found.n),
+        fmt(found.ratio, 3),
+        f"{fmt(found.low, 3)}–{fmt(found.high, 3)}",
+        p_text(result.p_value),
+        p_text(adjusted),
+        yes,
+    ]
 
 
 def matched(data: StudyData, backbone: str, several: bool) -> list[Block]:

@@ -18,6 +18,7 @@ from harness.report.gather import StudyData
 from harness.report.health import health_section
 from harness.report.overview import failures, header
 from harness.report.tuning import tuning_only_note, tuning_summary
+from harness.report.verdict import verdict_section
 
 
 def figure_section(figures: list[Figure], key: str, title: str | None = None) -> list[Block]:
@@ -40,6 +41,7 @@ def build_document(
     return [
         *header(data, generated),
         *health_section(data, figures),  # first: whether each trial trained decides what the rest may claim
+        *verdict_section(data),  # then the answer to the study's question, the tables behind it after
         *main_comparison(data),
         *significance_section(data),
         *equivalence_section(data),

@@ -27,10 +27,21 @@ POWER = 0.8
 
 
 @dataclass(frozen=True)
+class Ratio:
+    """The geometric-mean ratio variant / baseline of a positive figure (PPL, time per token) over seeds."""
+
+    paired: bool  # per-seed pairs (both ran at least two common seeds), else two independent groups
+    n: int  # pairs (paired) or the smaller group size
+    ratio: float  # exp(mean log difference)
+    low: float  # 95% confidence interval: exp of the t interval of the mean log difference
+    high: float
+    logs: tuple[np.ndarray, np.ndarray]  # the variant's and the baseline's log values (pairs in seed order)
+
+
+@dataclass(frozen=True)
 class Equivalence:
     test: str  # "paired TOST" or "Welch TOST"
-    n: int  # pairs (paired) or the smaller group size
-    ratio: float  # geometric-mean PPL ratio variant / baseline = exp(mean loss difference)
+    ratio: Ratio  # PPL ratio variant / baseline with its 95% interval
     margin: float  # relative PPL margin: equivalent when the ratio lies within [1/(1+m), 1+m]
     p_value: float  # the larger of the two one-sided p-values
 
@@ -43,21 +54,36 @@ def _finite_logs(values: Mapping[str, float]) -> dict[str, float]:
     return {k: math.log(v) for k, v in values.items() if v is not None and math.isfinite(v) and v > 0}
 
 
-def tost(baseline: Mapping[str, float], variant: Mapping[str, float], margin: float) -> Equivalence | None:
-    """Is ``variant``'s PPL within ``margin`` (relative) of ``baseline``'s? Each a {seed: PPL} map; None: too few."""
+def ratio(baseline: Mapping[str, float], variant: Mapping[str, float]) -> Ratio | None:
+    """``variant`` / ``baseline`` ({seed: value} maps) on the log scale: paired by seed where at least two seeds
+    are common (scipy ``ttest_rel``'s interval), Welch's unpooled interval (``ttest_ind``) otherwise; None: too
+    few values."""
     base, other = _finite_logs(baseline), _finite_logs(variant)
-    bound = math.log1p(margin)
     common = sorted(set(base) & set(other))
     if len(common) >= 2:
         x1, x2 = np.array([other[s] for s in common]), np.array([base[s] for s in common])
-        p_value = ttost_paired(x1, x2, -bound, bound)[0]
-        return Equivalence("paired TOST", len(common), math.exp(float((x1 - x2).mean())), margin, float(p_value))
-    if len(base) < 2 or len(other) < 2:
+        interval = stats.ttest_rel(x1, x2).confidence_interval(1 - ALPHA)
+        paired, n = True, len(common)
+    elif len(base) >= 2 and len(other) >= 2:
+        x1, x2 = np.array(list(other.values())), np.array(list(base.values()))
+        interval = stats.ttest_ind(x1, x2, equal_var=False).confidence_interval(1 - ALPHA)
+        paired, n = False, min(len(x1), len(x2))
+    else:
         return None
-    x1, x2 = np.array(list(other.values())), np.array(list(base.values()))
+    low, high = (math.exp(float(end)) if math.isfinite(end) else math.nan for end in interval)
+    return Ratio(paired=paired, n=n, ratio=math.exp(float(x1.mean() - x2.mean())), low=low, high=high, logs=(x1, x2))
+
+
+def tost(baseline: Mapping[str, float], variant: Mapping[str, float], margin: float) -> Equivalence | None:
+    """Is ``variant``'s PPL within ``margin`` (relative) of ``baseline``'s? Each a {seed: PPL} map; None: too few."""
+    found = ratio(baseline, variant)
+    if found is None:
+        return None
+    bound, (x1, x2) = math.log1p(margin), found.logs
+    if found.paired:
+        return Equivalence("paired TOST", found, margin, float(ttost_paired(x1, x2, -bound, bound)[0]))
     p_value = ttost_ind(x1, x2, -bound, bound, usevar="unequal")[0]
-    ratio = math.exp(float(x1.mean() - x2.mean()))
-    return Equivalence("Welch TOST", min(len(x1), len(x2)), ratio, margin, float(p_value))
+    return Equivalence("Welch TOST", found, margin, float(p_value))
 
 
 def holm(p_values: Mapping[str, float]) -> dict[str, float]:

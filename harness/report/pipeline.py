@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from harness.report.figures import make_figures
 from harness.report.gather import load_study, study_name, tuning_study
 from harness.report.markdown import to_markdown
 from harness.report.pdf import to_pdf
+from harness.report.verdict import verdicts
+
+VERDICTS = "verdicts.json"  # the report's decisions, for a program to compare (harness/report/verdict.py)
 
 
 def write_report(
@@ -22,7 +26,7 @@ def write_report(
     log_artifacts: bool = True,
     optuna_storage: str | None = None,
 ) -> Path:
-    """Gather, analyse, plot and render; returns the folder holding report.md and report.pdf."""
+    """Gather, analyse, plot and render; returns the folder holding report.md, report.pdf and verdicts.json."""
     name = study_name(target)
     data = load_study(name, tracking_uri)
     if target.endswith((".yaml", ".yml")):  # the spec at hand states the margin, whatever the study run recorded
@@ -36,9 +40,10 @@ def write_report(
     figures = make_figures(data, out, tuning)
     document = build_document(data, figures, generated=datetime.now(UTC), tuning=tuning)
     (out / "report.md").write_text(to_markdown(document))
+    (out / VERDICTS).write_text(json.dumps(verdicts(data), indent=2, sort_keys=True) + "\n")
     to_pdf(document, out / "report.pdf", base=out)
     if log_artifacts and data.parent is not None:
         client = MlflowClient(tracking_uri)
-        for file in ["report.md", "report.pdf", *(figure.file for figure in figures)]:
+        for file in ["report.md", "report.pdf", VERDICTS, *(figure.file for figure in figures)]:
             client.log_artifact(data.parent.info.run_id, str(out / file), "report")
     return out
