@@ -3,6 +3,7 @@ trials flagged in Training health (logged into a real MLflow store here) are nam
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def _trial(client: MlflowClient, eid: str, parent: str, config: TrialConfig, tes
     run_id = client.create_run(eid, tags=tags).info.run_id
     speed = 1000.0 if config.variant == "baseline" else 500.0  # switch: half the speed
     metrics = [Metric("test_ppl", test_ppl, 0, 0), Metric("final_val_ppl", test_ppl, 0, 0)]
+    jitter = 1 + 0.01 * config.seed if config.variant == "switch" else 1.0  # switch: 2.00-2.04x baseline's time
+    metrics += [Metric("time_per_mtok_s", 1e6 / speed * jitter, 0, 0)]
+    metrics += [Metric("params_total", 1000.0 if config.variant == "baseline" else 900.0, 0, 0)]
     metrics += [Metric("health_unigram_loss", 7.0, 0, 0), Metric("health_clip_fraction", 0.5, 0, 0)]
     metrics += [Metric(f"health_train_loss_{p}pct", loss, 0, 0) for p, loss in ((25, 6.5), (50, 6.25), (100, 6.0))]
     for step in (10, 20, 30, 40):
@@ -130,6 +134,23 @@ def flagged_study(tmp_path: Path, tracking_uri: str) -> Path:
         for seed, ppl in by_seed.items():
             _trial(client, eid, parent, resolve_trial(spec, variant, int(seed)), ppl, health[variant])
     return write_report("claims", tracking_uri, tmp_path / "out", log_artifacts=False)
+
+
+def test_the_verdict_answers_each_healthy_variant_and_verdicts_json_holds_the_decisions(flagged_study: Path) -> None:
+    verdicts = json.loads((flagged_study / "verdicts.json").read_text())
+    assert (
+        verdicts["health"]["hybrid seed 0 (lstm)"] == "stalled" and verdicts["health"]["baseline seed 2 (lstm)"] == "ok"
+    )
+    answers = verdicts["answers"]["lstm"]
+    assert answers["reference"] == "baseline" and "hybrid" not in answers["variants"]  # stalled: no verdict
+    # switch: 0.9x the parameters, equivalent within the parent's +-10%, but twice as slow
+    assert answers["variants"]["switch"] == {"smaller": "yes", "no_loss": "yes", "faster": "no", "answer": "no"}
+    # lora: one seed, from an older store (no time figure): nothing but its size can be decided
+    lora = answers["variants"]["lora"]
+    assert lora == {"smaller": "yes", "no_loss": "undecided", "faster": "undecided", "answer": "undecided"}
+    section = (flagged_study / "report.md").read_text().split("## Verdict against the reference", 1)[1]
+    switch = [line for line in section.splitlines() if line.startswith("| switch |")][0]
+    assert "| 0.900 |" in switch and "| yes / yes / no | **no** |" in switch
 
 
 def test_flagged_trials_are_named_and_left_out_of_rankings_and_tests(flagged_study: Path) -> None:

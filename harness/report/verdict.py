@@ -48,7 +48,16 @@ class Answer:
 
 
 def _by_seed(runs: pd.DataFrame, metric: str) -> dict[str, float]:
-    return {str(s): float(v) for s, v in zip(runs["tags.seed"], runs[f"metrics.{metric}"], strict=True)}
+    """{seed: value} of a summary metric; empty where the runs did not log it (an older store)."""
+    column = f"metrics.{metric}"
+    if column not in runs:
+        return {}
+    return {str(s): float(v) for s, v in zip(runs["tags.seed"], runs[column], strict=True) if pd.notna(v)}
+
+
+def _mean(runs: pd.DataFrame, metric: str) -> float:
+    values = list(_by_seed(runs, metric).values())
+    return sum(values) / len(values) if values else math.nan
 
 
 def answers(data: StudyData, backbone: str) -> tuple[str | None, list[Answer]]:
@@ -65,7 +74,7 @@ def answers(data: StudyData, backbone: str) -> tuple[str | None, list[Answer]]:
     adjusted = holm({v: r.p_value if r else math.nan for v, r in ppl.items()})
     found = []
     for variant, runs in others.items():
-        params = runs["metrics.params_total"].mean() / base["metrics.params_total"].mean()
+        params = _mean(runs, "params_total") / _mean(base, "params_total")
         time = ratio(_by_seed(base, "time_per_mtok_s"), _by_seed(runs, "time_per_mtok_s"))
         difference = compare(test_ppl_by_seed(base), test_ppl_by_seed(runs))
         if ppl[variant] is not None and adjusted[variant] < ALPHA:
@@ -75,7 +84,7 @@ def answers(data: StudyData, backbone: str) -> tuple[str | None, list[Answer]]:
         else:
             no_loss = UNDECIDED
         faster = UNDECIDED if time is None else YES if time.high < 1 else NO if time.low > 1 else UNDECIDED
-        smaller = YES if params < 1 else NO
+        smaller = UNDECIDED if not math.isfinite(params) else YES if params < 1 else NO
         found.append(Answer(variant, smaller, no_loss, faster, params, ppl[variant], adjusted[variant], time))
     return reference, found
 
