@@ -144,13 +144,25 @@ def test_the_verdict_answers_each_healthy_variant_and_verdicts_json_holds_the_de
     answers = verdicts["answers"]["lstm"]
     assert answers["reference"] == "baseline" and "hybrid" not in answers["variants"]  # stalled: no verdict
     # switch: 0.9x the parameters, equivalent within the parent's +-10%, but twice as slow
-    assert answers["variants"]["switch"] == {"smaller": "yes", "no_loss": "yes", "faster": "no", "answer": "no"}
+    assert answers["variants"]["switch"] == {
+        "smaller": "yes",
+        "no_loss": "yes",
+        "worse": "no",
+        "faster": "no",
+        "answer": "no",
+    }
     # lora: one seed, from an older store (no time figure): nothing but its size can be decided
     lora = answers["variants"]["lora"]
-    assert lora == {"smaller": "yes", "no_loss": "undecided", "faster": "undecided", "answer": "undecided"}
+    assert lora == {
+        "smaller": "yes",
+        "no_loss": "undecided",
+        "worse": "undecided",
+        "faster": "undecided",
+        "answer": "undecided",
+    }
     section = (flagged_study / "report.md").read_text().split("## Verdict against the reference", 1)[1]
     switch = [line for line in section.splitlines() if line.startswith("| switch |")][0]
-    assert "| 0.900 |" in switch and "| yes / yes / no | **no** |" in switch
+    assert "| 0.900 |" in switch and "| no |" in switch and "| yes / yes / no | **no** |" in switch
 
 
 def test_flagged_trials_are_named_and_left_out_of_rankings_and_tests(flagged_study: Path) -> None:

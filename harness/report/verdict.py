@@ -35,6 +35,7 @@ class Answer:
     variant: str
     smaller: str  # fewer parameters in total
     no_loss: str  # test PPL equivalent within the margin (yes); significantly higher and not equivalent (no)
+    worse: str  # test PPL significantly higher (paired t-test, Holm-adjusted): a loss can be real yet in the margin
     faster: str  # time per Mtok lower (its 95% interval below 1: yes; above 1: no)
     params_ratio: float
     ppl: Equivalence | None
@@ -72,20 +73,25 @@ def answers(data: StudyData, backbone: str) -> tuple[str | None, list[Answer]]:
         v: tost(test_ppl_by_seed(base), test_ppl_by_seed(runs), data.equivalence_margin) for v, runs in others.items()
     }
     adjusted = holm({v: r.p_value if r else math.nan for v, r in ppl.items()})
+    differences = {v: compare(test_ppl_by_seed(base), test_ppl_by_seed(runs)) for v, runs in others.items()}
+    different = holm({v: d.p_value if d else math.nan for v, d in differences.items()})
     found = []
     for variant, runs in others.items():
         params = _mean(runs, "params_total") / _mean(base, "params_total")
         time = ratio(_by_seed(base, "time_per_mtok_s"), _by_seed(runs, "time_per_mtok_s"))
-        difference = compare(test_ppl_by_seed(base), test_ppl_by_seed(runs))
+        difference = differences[variant]
+        worse = (
+            UNDECIDED if difference is None else YES if different[variant] < ALPHA and difference.difference > 0 else NO
+        )
         if ppl[variant] is not None and adjusted[variant] < ALPHA:
             no_loss = YES
-        elif difference is not None and difference.significant and difference.difference > 0:
+        elif worse == YES:
             no_loss = NO
         else:
             no_loss = UNDECIDED
         faster = UNDECIDED if time is None else YES if time.high < 1 else NO if time.low > 1 else UNDECIDED
         smaller = UNDECIDED if not math.isfinite(params) else YES if params < 1 else NO
-        found.append(Answer(variant, smaller, no_loss, faster, params, ppl[variant], adjusted[variant], time))
+        found.append(Answer(variant, smaller, no_loss, worse, faster, params, ppl[variant], adjusted[variant], time))
     return reference, found
 
 
@@ -109,6 +115,7 @@ def verdict_section(data: StudyData) -> list[Block]:
                 fmt(a.params_ratio, 3),
                 _interval(a.ppl.ratio if a.ppl else None),
                 p_text(a.ppl_p_holm) if math.isfinite(a.ppl_p_holm) else MISSING,
+                a.worse,
                 _interval(a.time),
                 f"{a.smaller} / {a.no_loss} / {a.faster}",
                 f"**{a.answer}**",
@@ -123,6 +130,7 @@ def verdict_section(data: StudyData) -> list[Block]:
                     "Params ratio",
                     "Test PPL ratio (95% CI)",
                     "TOST p (Holm)",
+                    "Significantly worse",
                     "Time / Mtok ratio (95% CI)",
                     "Smaller / no loss / faster",
                     "Answer",
@@ -132,9 +140,10 @@ def verdict_section(data: StudyData) -> list[Block]:
                 f"against {reference}{where}, at a lower time per million tokens? Ratios: variant / {reference}, "
                 "geometric means over seeds, 95% intervals from the t distribution of the log difference (paired "
                 f"by seed). No loss: equivalent within ±{margin:.0%} by TOST, Holm-adjusted p < {ALPHA} (yes); "
-                "significantly higher test PPL by the paired t-test and not equivalent (no); else undecided. "
-                "Faster: the time ratio's interval lies below 1 (yes) or above 1 (no). Answer: yes when all three "
-                "are yes, no when any is no.",
+                "significantly worse and not equivalent (no); else undecided. Significantly worse: higher test PPL "
+                "by the paired t-test (Welch's without common seeds), Holm-adjusted p < 0.05; it can hold inside "
+                "the margin (a real but small loss). Faster: the time ratio's interval lies below 1 (yes) or above "
+                "1 (no). Answer: yes when smaller, no loss and faster are all yes, no when any is no.",
             )
         )
         blocks += flag_note(data, backbone, "this verdict")
@@ -154,7 +163,13 @@ def verdicts(data: StudyData) -> dict[str, Any]:
         decided[backbone] = {
             "reference": reference,
             "variants": {
-                a.variant: {"smaller": a.smaller, "no_loss": a.no_loss, "faster": a.faster, "answer": a.answer}
+                a.variant: {
+                    "smaller": a.smaller,
+                    "no_loss": a.no_loss,
+                    "worse": a.worse,
+                    "faster": a.faster,
+                    "answer": a.answer,
+                }
                 for a in found
             },
         }

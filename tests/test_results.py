@@ -1,0 +1,40 @@
+"""The committed study results (docs/results/<study>/): each is a report of a shipped spec in which every trial
+trained, and ``make results`` (scripts/check_results.py) names each decision a rerun changed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = sorted(p for p in (REPO / "docs" / "results").glob("*/verdicts.json"))
+
+
+def check_results():
+    spec = importlib.util.spec_from_file_location("check_results", REPO / "scripts" / "check_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("verdicts", RESULTS, ids=[p.parent.name for p in RESULTS])
+def test_a_committed_result_is_a_shipped_study_in_which_every_trial_trained(verdicts: Path) -> None:
+    study = verdicts.parent.name
+    assert (REPO / "studies" / f"{study}.yaml").is_file(), f"docs/results/{study} has no studies/{study}.yaml"
+    assert (verdicts.parent / "report.md").is_file()
+    health = json.loads(verdicts.read_text())["health"]
+    untrained = {trial: label for trial, label in health.items() if label not in ("ok", "collapsed")}
+    assert health and not untrained, f"{study}: a result is a result only if every trial trained: {untrained}"
+
+
+def test_the_results_check_names_every_decision_that_changed() -> None:
+    old = {"health": {"a seed 1": "ok"}, "answers": {"lstm": {"variants": {"hybrid": {"faster": "yes"}}}}}
+    new = {"health": {"a seed 1": "stalled"}, "answers": {"lstm": {"variants": {"hybrid": {"faster": "undecided"}}}}}
+    assert check_results().differences(old, new) == [
+        "answers.lstm.variants.hybrid.faster: 'yes' -> 'undecided'",
+        "health.a seed 1: 'ok' -> 'stalled'",
+    ]
+    assert check_results().differences(old, old) == []
