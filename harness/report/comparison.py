@@ -203,7 +203,10 @@ def _significance_statement(results: dict[str, Comparison | None], reference: st
     for variant, result in results.items():
         if result is not None:
             direction = "lower" if result.difference < 0 else "higher"
-            text = f"{variant} ({direction} test PPL by {abs(result.difference):,.2f}, p = {p_text(result.p_value)})"
+            p = p_text(result.p_value)
+            text = (
+                f"{variant} ({direction} test PPL by {abs(result.difference):,.2f}, p {p if p[0] == '<' else '= ' + p})"
+            )
             (holds if result.significant else fails).append(text)
     untestable = [v for v, result in results.items() if result is None]
     level = f"{ALPHA:.0%}"
