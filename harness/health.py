@@ -48,9 +48,9 @@ DOMINANT_SHARE = 0.5
 """Collapse onto one expert: more than half of all routed slots, and more than twice uniform (so E = 2 needs
 the dead-expert rule instead). With top-2 routing a share cannot exceed 0.5: only dead experts flag it."""
 SATURATED_SPREAD = 0.01
-"""A backbone is saturated while the median ``backbone_spread`` of the second half is below this. A trained
-LSTM's output varies across tokens by about its own size (0.3-1); the stalled ones of the quick recipe sat at
-1e-4 to 2e-3 (docs/backbone-stall.md), two orders of magnitude on either side of the bound."""
+"""A backbone is saturated while the median ``backbone_spread`` of the second half is below this: a trained
+LSTM's output varies across tokens by about its own size, a saturated one by orders of magnitude less
+(docs/backbone-stall.md has the measured figures on either side of the bound)."""
 WARMUP_SHARE = 0.1
 """After this share of the budget the train loss must stay below ln V (the loss of a uniform guess)."""
 UNIFORM_MARGIN = 0.02

@@ -39,6 +39,7 @@ from harness.step import (
     train_step,
 )
 from models import LanguageModel, LMOutput
+from models.base import token_spread
 
 __all__ = ["Checkpointer", "MetricSink", "NonFiniteLoss", "NullSink", "TrialResult", "resolve_device", "train"]
 
@@ -159,7 +160,7 @@ class LogWindow:
         self.aux = torch.zeros((), device=device)
         self.clipped = torch.zeros((), device=device)
         self.grad_norms: dict[str, Tensor] = {}
-        self.spread: Tensor | None = None
+        self.backbone_output: Tensor | None = None
         self.routing = RoutingTally(n_layers, n_experts, device)
         self.steps, self.tokens = 0, 0
 
@@ -169,7 +170,7 @@ class LogWindow:
         if grads.clipped is not None:
             self.clipped += grads.clipped
         self.grad_norms = grads.norms or self.grad_norms
-        self.spread = out.backbone_spread
+        self.backbone_output = out.backbone_output
         self.routing.add(out.moe_stats)
         self.steps += 1
         self.tokens += tokens
@@ -177,8 +178,8 @@ class LogWindow:
     def step_metrics(self) -> dict[str, float]:
         """``clip_fraction``, and the logging step's ``grad_norm_*`` and ``backbone_spread``, in one host sync."""
         figures = {"clip_fraction": self.clipped / self.steps, **self.grad_norms}
-        if self.spread is not None:
-            figures[BACKBONE_SPREAD] = self.spread
+        if self.backbone_output is not None:  # computed here, not every step: only logging steps read it
+            figures[BACKBONE_SPREAD] = token_spread(self.backbone_output)
         values = torch.stack([value.float() for value in figures.values()]).tolist()
         return dict(zip(figures, values, strict=True))
 

@@ -22,7 +22,7 @@ class LMOutput:
     aux_loss: Tensor  # weighted sum of every MoE layer's router losses
     state: Any = None  # recurrent state to carry to the next window (LSTM), else None
     moe_stats: list[MoEStats] = field(default_factory=list)
-    backbone_spread: Tensor | None = None  # () detached: token_spread of the backbone's output
+    backbone_output: Tensor | None = None  # (B, T, C) detached, before dropout: for token_spread at logging steps
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import LanguageModel, LMOutput, OutputHead, token_spread
+from models.base import LanguageModel, LMOutput, OutputHead
 from models.config import ModelConfig, ModelError, MoEConfig
 from models.moe import build_block, run_block
 
@@ -106,4 +106,4 @@ class GPTLanguageModel(LanguageModel):
             if stats is not None:
                 aux, moe_stats = aux + block_aux, moe_stats + [stats]
         hidden = self.norm(x)  # (B, S, C)
-        return LMOutput(self.head(hidden, targets), aux, None, moe_stats, token_spread(hidden))
+        return LMOutput(self.head(hidden, targets), aux, None, moe_stats, hidden.detach())

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.base import LanguageModel, LMOutput, OutputHead, token_spread
+from models.base import LanguageModel, LMOutput, OutputHead
 from models.config import ModelConfig, MoEConfig
 from models.moe import build_block, run_block
 
@@ -49,7 +49,7 @@ class LSTMLanguageModel(LanguageModel):
         # without AVX512-BF16 ("could not create a primitive descriptor"). cuDNN runs it in bf16.
         with torch.autocast("cpu", enabled=False):  # CPU autocast only: a CUDA one stays on
             hidden, state = self.lstm(embedded, state)  # (B, T, C)
-        spread = token_spread(hidden)  # before dropout, whose zeros would spread even a constant output
+        backbone_output = hidden.detach()  # before dropout, whose zeros would spread even a constant output
         hidden = self.drop(hidden)
         aux, moe_stats = hidden.new_zeros((), dtype=torch.float32), []
         if self.block is not None:
@@ -57,4 +57,4 @@ class LSTMLanguageModel(LanguageModel):
             if stats is not None:
                 aux, moe_stats = block_aux, [stats]
             hidden = hidden + self.drop(update)  # residual: tokens an expert drops pass through unchanged
-        return LMOutput(self.head(hidden, targets), aux, state, moe_stats, spread)
+        return LMOutput(self.head(hidden, targets), aux, state, moe_stats, backbone_output)
