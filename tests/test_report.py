@@ -63,6 +63,11 @@ def failed_single_seed(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path
     return uri, folder / "reports" / "onefail"
 
 
+def section(markdown: str, title: str) -> str:
+    """The text of the section headed ``## title``, up to the next section."""
+    return markdown.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def markdown_rows(markdown: str, variant: str) -> list[list[str]]:
     rows = [line for line in markdown.splitlines() if line.startswith(f"| {variant} |")]
     return [[cell.strip().strip("*") for cell in row.strip("|").split("|")] for row in rows]
@@ -86,7 +91,7 @@ def test_table_mean_sd_and_ci_match_values_computed_from_mlflow(study: tuple[str
     runs = trial_runs(uri, "rep")
     pdf = squash("".join(pdf_text(out / "report.pdf")))
     for variant, rows in runs[runs["tags.variant"] != "dense"].groupby("tags.variant"):
-        table = markdown_rows(markdown, variant)[0]  # the first table: quality
+        table = markdown_rows(section(markdown, "Main comparison"), variant)[0]  # the first table: quality
         for metric, column in [("final_val_ppl", 2), ("test_ppl", 4)]:
             values = rows[f"metrics.{metric}"]
             expected = f"{values.mean():,.2f} ± {values.std(ddof=1):,.2f}"
@@ -102,11 +107,12 @@ def test_best_value_per_column_is_marked(study: tuple[str, Path]) -> None:
     uri, out = study
     markdown = (out / "report.md").read_text()
     runs = trial_runs(uri, "rep")
+    main = section(markdown, "Main comparison")
     best = runs.groupby("tags.variant")["metrics.test_ppl"].mean().idxmin()
-    row = [line for line in markdown.splitlines() if line.startswith(f"| {best} |")][0]
+    row = [line for line in main.splitlines() if line.startswith(f"| {best} |")][0]
     assert row.split("|")[5].strip().startswith("**")  # test PPL mean ± sd in bold
     fastest = runs.groupby("tags.variant")["metrics.train_tokens_per_s"].mean().idxmax()
-    row = [line for line in markdown.splitlines() if line.startswith(f"| {fastest} |")][1]  # cost table
+    row = [line for line in main.splitlines() if line.startswith(f"| {fastest} |")][1]  # cost table
     assert row.split("|")[6].strip().startswith("**")
 
 
@@ -141,7 +147,7 @@ def test_header_records_study_data_matrix_counts_and_compute(study: tuple[str, P
     assert "variants baseline, switch, dense × seeds 0, 1" in markdown
     assert "finished 5, failed 0" in markdown
     assert "None: all 5 trials finished." in markdown
-    dense = markdown_rows(markdown, "dense")
+    dense = markdown_rows(section(markdown, "Main comparison"), "dense")
     dense_val = runs[runs["tags.variant"] == "dense"]["metrics.final_val_ppl"].iloc[0]
     assert dense[0][1] == "1" and dense[0][2] == f"{dense_val:,.2f}"
     assert dense[1][-2:] == ["–", "–"]  # no router: no aux loss, no load CV
