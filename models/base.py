@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ModelError
+from models.config import ModelConfig, ModelError
 from models.experts import FeedForward
 from models.moe import MoELayer, MoEStats
 
@@ -46,12 +46,13 @@ class OutputHead(nn.Module):
     the adaptive head and its tail clusters get biases (torch's have none), and :meth:`set_prior` starts the
     biases at the unigram distribution (``prior``); without, the head is torch's as is."""
 
-    def __init__(
-        self, d_model: int, vocab_size: int, kind: str, cutoffs: list[int], tied: nn.Embedding | None, *, bias: bool
-    ) -> None:
+    def __init__(self, model: ModelConfig, vocab_size: int, embedding: nn.Embedding) -> None:
+        """The head ``model`` asks for (``output``, ``adaptive_cutoffs``, ``output_prior`` as ``bias``), tied to
+        ``embedding`` when ``model.tie_weights``."""
         super().__init__()
+        d_model, cutoffs, bias = model.d_model, model.adaptive_cutoffs, model.output_prior
         self.prior, self.adaptive = bias, None
-        if kind == "adaptive":
+        if model.output == "adaptive":
             usable = [c for c in cutoffs if 0 < c < vocab_size - 1]
             if not usable:
                 raise ModelError(
@@ -65,8 +66,8 @@ class OutputHead(nn.Module):
                     tail[1] = projection
         else:
             self.proj = nn.Linear(d_model, vocab_size)
-            if tied is not None:
-                self.proj.weight = tied.weight
+            if model.tie_weights:
+                self.proj.weight = embedding.weight
 
     @torch.no_grad()
     def set_prior(self, log_prior: Tensor) -> None:

@@ -86,14 +86,7 @@ class GPTLanguageModel(LanguageModel):
         self.drop = nn.Dropout(model.dropout)
         self.blocks = nn.ModuleList(Block(model, moe, _block_ffn(model, i), max_len) for i in range(model.n_layers))
         self.norm = nn.RMSNorm(model.d_model) if model.norm == "rmsnorm" else nn.LayerNorm(model.d_model)
-        self.head = OutputHead(
-            model.d_model,
-            vocab_size,
-            model.output,
-            model.adaptive_cutoffs,
-            self.embed if model.tie_weights else None,
-            bias=model.output_prior,
-        )
+        self.head = OutputHead(model, vocab_size, self.embed)
 
     def forward(self, inputs: Tensor, targets: Tensor, state: Any = None) -> LMOutput:
         x = self.embed(inputs)

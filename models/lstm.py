@@ -26,14 +26,7 @@ class LSTMLanguageModel(LanguageModel):
             batch_first=True,
         )
         self.block = build_block(model.d_model, model.ffn, moe, model.residual_std)  # None: the backbone alone
-        self.head = OutputHead(
-            model.d_model,
-            vocab_size,
-            model.output,
-            model.adaptive_cutoffs,
-            self.embed if model.tie_weights else None,
-            bias=model.output_prior,
-        )
+        self.head = OutputHead(model, vocab_size, self.embed)
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
         weight = self.embed.weight

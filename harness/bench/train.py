@@ -145,7 +145,7 @@ def bench_train(configs: list[TrialConfig], steps: int, warmup: int, rounds: int
     corpus = load_corpus(first.data)
     # The final full-split evaluation is not part of the measurement: keep it short.
     corpus = dataclasses.replace(corpus, validation=corpus.validation[:EVAL_TOKENS], test=corpus.test[:EVAL_TOKENS])
-    unigram = torch.bincount(corpus.train, minlength=corpus.vocab_size).double()
+    unigram = corpus.train_counts().double()
     unigram /= unigram.sum()
     device = resolve_device(first.train.device)
     peaks: dict[tuple[int, str], float] = {}

@@ -142,8 +142,16 @@ def reference_variant(variants: list[str], preferred: str | None = None) -> str 
     return variants[0] if variants else None
 
 
+def by_seed(runs: pd.DataFrame, metric: str) -> dict[str, float]:
+    """{seed: value} of a summary metric; empty where the runs did not log it (an older store)."""
+    column = f"metrics.{metric}"
+    if column not in runs:
+        return {}
+    return {str(s): float(v) for s, v in zip(runs["tags.seed"], runs[column], strict=True) if pd.notna(v)}
+
+
 def test_ppl_by_seed(runs: pd.DataFrame) -> dict[str, float]:
-    return {str(s): float(v) for s, v in zip(runs["tags.seed"], runs["metrics.test_ppl"], strict=True)}
+    return by_seed(runs, "test_ppl")
 
 
 def significance(data: StudyData, backbone: str, several: bool) -> list[Block]:

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from harness.report.blocks import Block, Heading, Para, Table
-from harness.report.comparison import finished_backbones, reference_variant, test_ppl_by_seed
+from harness.report.comparison import by_seed, finished_backbones, reference_variant, test_ppl_by_seed
 from harness.report.equivalence import Equivalence, Ratio, holm, ratio, tost
 from harness.report.formatting import MISSING, fmt, p_text
 from harness.report.gather import StudyData
@@ -48,16 +48,8 @@ class Answer:
         return NO if NO in parts else YES if all(part == YES for part in parts) else UNDECIDED
 
 
-def _by_seed(runs: pd.DataFrame, metric: str) -> dict[str, float]:
-    """{seed: value} of a summary metric; empty where the runs did not log it (an older store)."""
-    column = f"metrics.{metric}"
-    if column not in runs:
-        return {}
-    return {str(s): float(v) for s, v in zip(runs["tags.seed"], runs[column], strict=True) if pd.notna(v)}
-
-
 def _mean(runs: pd.DataFrame, metric: str) -> float:
-    values = list(_by_seed(runs, metric).values())
+    values = list(by_seed(runs, metric).values())
     return sum(values) / len(values) if values else math.nan
 
 
@@ -78,7 +70,7 @@ def answers(data: StudyData, backbone: str) -> tuple[str | None, list[Answer]]:
     found = []
     for variant, runs in others.items():
         params = _mean(runs, "params_total") / _mean(base, "params_total")
-        time = ratio(_by_seed(base, "time_per_mtok_s"), _by_seed(runs, "time_per_mtok_s"))
+        time = ratio(by_seed(base, "time_per_mtok_s"), by_seed(runs, "time_per_mtok_s"))
         difference = differences[variant]
         worse = (
             UNDECIDED if difference is None else YES if different[variant] < ALPHA and difference.difference > 0 else NO
