@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import socket
 
+import psutil
 import ray
 
 from harness.config import ResourcesConfig, SpecError
+from harness.engine.watchdog import wait_watchdogs, watch_cluster
 
 
 def connect(address: str) -> bool:
     """Join (or start, for ``local``) the Ray cluster; True when this call started the connection.
 
-    A HOST:PORT that does not answer is refused at once: ``ray.init`` would retry it for minutes.
+    A HOST:PORT that does not answer is refused at once: ``ray.init`` would retry it for minutes. A ``local``
+    cluster gets a watchdog (:mod:`.watchdog`) that takes it down with this process, however this process dies.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():  # a process already connected (a test, a notebook) keeps its connection
@@ -24,12 +27,21 @@ def connect(address: str) -> bool:
             socket.create_connection((host, int(port)), timeout=5).close()
         except (OSError, ValueError) as error:
             raise SpecError(f"--ray {address}: no Ray cluster answers there ({error})") from None
+    before = {child.pid for child in psutil.Process().children()}
     try:
         # "local" is a new cluster here: address=None would join a cluster found on this machine, even a dead one
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise SpecError(f"--ray {address}: cannot join the Ray cluster ({str(error).splitlines()[0]})") from None
+    if address == "local":
+        watch_cluster(before)
     return True
+
+
+def disconnect() -> None:
+    """Leave the cluster (shut it down when this process started it) and see its watchdog go too."""
+    ray.shutdown()
+    wait_watchdogs()
 
 
 def trial_resources(resources: ResourcesConfig, address: str, where: str) -> dict[str, float]:

@@ -12,7 +12,7 @@ import sys
 import ray
 
 from harness.config import StudySpec
-from harness.engine.ray_cluster import connect, trial_resources
+from harness.engine.ray_cluster import connect, disconnect, trial_resources
 
 
 @ray.remote
@@ -38,4 +38,4 @@ def tune_on_ray(
                 print(f"tuning worker lost: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
     finally:
         if started:
-            ray.shutdown()
+            disconnect()
