@@ -56,11 +56,12 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)  # everything that can refuse the command does so before anything is written
     check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
-    common = {"progress": not args.no_progress, "checkpoint_dir": Path(args.checkpoint_dir)}
+    common = {"progress": not args.no_progress, "checkpoint_dir": Path(args.checkpoint_dir), "where": args.spec}
+    common["supersede"] = args.supersede
     if args.ray:
         from harness.engine.ray_study import run_study_on_ray
 
-        outcome = run_study_on_ray(spec, uri, args.ray, retry_failed=args.retry_failed, where=args.spec, **common)
+        outcome = run_study_on_ray(spec, uri, args.ray, retry_failed=args.retry_failed, **common)
     else:
         from harness.study import run_study
 
@@ -124,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cell", type=int, metavar="N", help="run only cell N of --list-cells (e.g. a Slurm array index)")
     run.add_argument("--list-cells", action="store_true", help="print the cells with their index (for --cell) and exit")
     run.add_argument("--retry-failed", action="store_true", help="run cells that failed in an earlier attempt again")
+    run.add_argument(
+        "--supersede",
+        action="store_true",
+        help="run cells whose config or data changed since their recorded run as new runs (the old runs are kept, "
+        "tagged superseded, and left out of reports); without it such a rerun is refused",
+    )
     run.add_argument("--dry-run", action="store_true", help="print the expanded trial list and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(

@@ -13,7 +13,7 @@ import json
 import os
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,8 @@ class Corpus:
     train: torch.Tensor
     validation: torch.Tensor
     test: torch.Tensor
-    digest: str
+    digest: str  # of the split files' content and the tokeniser settings: the cache's key
+    sha256: dict[str, str] = field(default_factory=dict)  # split -> its parquet file's sha256
 
     @property
     def vocab_size(self) -> int:
@@ -149,7 +150,7 @@ def load_corpus(config: DataConfig) -> Corpus:
             with np.load(cached) as saved:
                 arrays = {s: torch.from_numpy(saved[s].astype(np.int64)) for s in SPLITS}
                 vocab = saved["vocab"].tolist()
-            return Corpus(config.name, vocab, arrays["train"], arrays["validation"], arrays["test"], digest)
+            return Corpus(config.name, vocab, arrays["train"], arrays["validation"], arrays["test"], digest, hashes)
         except Exception:  # torn or foreign (BadZipFile, EOFError, ...): a miss, rebuilt below, never trusted
             cached.unlink(missing_ok=True)
     words = {split: tokenize(read_lines(path)) for split, path in files.items()}
@@ -161,7 +162,7 @@ def load_corpus(config: DataConfig) -> Corpus:
     np.savez(partial, vocab=np.array(vocab), **arrays_np)
     os.replace(partial, cached)  # atomic: concurrent trials never read a half-written cache
     arrays = {s: torch.from_numpy(a.astype(np.int64)) for s, a in arrays_np.items()}
-    return Corpus(config.name, vocab, arrays["train"], arrays["validation"], arrays["test"], digest)
+    return Corpus(config.name, vocab, arrays["train"], arrays["validation"], arrays["test"], digest, hashes)
 
 
 def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:

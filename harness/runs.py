@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import json
 import tempfile
 import time
 import traceback
@@ -36,14 +35,17 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from harness.data import Corpus
+from harness.fingerprint import fingerprint, identity, run_params
 from harness.matrix import Cell
 from harness.metric_names import HEADLINE
 from harness.tags import (
     CELL,
     ERROR,
+    FINGERPRINT,
     PARENT,
     PRUNED,
     ROLE,
+    ROLE_SUPERSEDED,
     ROLE_TRIAL,
     SOURCE_COMMIT,
     SOURCE_NAME,
@@ -130,7 +132,8 @@ def finish_study_run(store: TrackingStore, run_id: str, status: str) -> None:
     """End a study's parent run with what its finished trials say: per variant, the mean test PPL over them."""
     client = store.client
     experiment_id = client.get_run(run_id).info.experiment_id
-    children = store.runs(experiment_id, f"tags.`{PARENT}` = '{run_id}' and attributes.status = '{FINISHED}'")
+    query = f"tags.`{PARENT}` = '{run_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}' and attributes.status = '{FINISHED}'"
+    children = store.runs(experiment_id, query)
     by_variant: dict[str, list[float]] = {}
     for child in children:
         if "test_ppl" in child.data.metrics:
@@ -145,7 +148,8 @@ def finish_study_run(store: TrackingStore, run_id: str, status: str) -> None:
 
 
 def cell_run(store: TrackingStore, experiment_id: str, cell: Cell) -> Run | None:
-    return oldest(store.runs(experiment_id, f"tags.`{CELL}` = '{cell.key}'"))
+    """The cell's current run (not one it superseded), or None."""
+    return oldest(store.runs(experiment_id, f"tags.`{CELL}` = '{cell.key}' and tags.`{ROLE}` != '{ROLE_SUPERSEDED}'"))
 
 
 def open_trial_run(
@@ -176,10 +180,11 @@ def open_trial_run(
         "backbone": config.model.backbone,
         "git_commit": git_commit(),
         "device": device_description(device),
+        FINGERPRINT: fingerprint(identity(config, corpus)),
         **{f"data.{k}": str(v) for k, v in corpus.summary().items() if k not in ("name", "digest")},
     }
     run_id = store.client.create_run(experiment_id, run_name=run_name or cell.name, tags=tags).info.run_id
-    params = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in config.flat().items()]
+    params = [Param(key, value) for key, value in run_params(config, corpus).items()]
     for start in range(0, len(params), 100):
         store.client.log_batch(run_id, params=params[start : start + 100])
     store.log_dataset(run_id, corpus)

@@ -11,6 +11,7 @@ SQLite database: ``experiments.artifact_location``, ``runs.artifact_uri`` and
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -35,8 +36,28 @@ def relocate(store_dir: Path) -> int:
     database = store_dir / DATABASE
     if not database.is_file():
         raise SpecError(f"{store_dir}: no MLflow store here (expected {database})")
-    new_root = store_dir.resolve().as_uri()
+    check_store_writable(store_dir, database)
     engine = sa.create_engine(f"sqlite:///{database.resolve()}")
+    try:
+        return _rewrite_locations(engine, store_dir.resolve().as_uri())
+    except sa.exc.DatabaseError as error:  # what the checks cannot see: a lock, a file system that turns read-only
+        reason = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+        raise SpecError(f"store {store_dir}: {database} could not be updated ({reason})") from None
+    finally:
+        engine.dispose()
+
+
+def check_store_writable(store_dir: Path, database: Path) -> None:
+    """SpecError unless SQLite can update ``database``: the folder too must take files (its journal goes there)."""
+    from harness.tracking import check_writable  # here: the CLI imports this module on every start, MLflow is slow
+
+    check_writable(store_dir, "store")
+    if not os.access(database, os.W_OK):  # root passes this for any file, but not on a read-only mount
+        raise SpecError(f"store {store_dir}: {database} is read-only")
+
+
+def _rewrite_locations(engine: sa.Engine, new_root: str) -> int:
+    """Replace every recorded store folder other than ``new_root`` by it, in one transaction; rows changed."""
     changed = 0
     with engine.begin() as conn:
         tables = set(sa.inspect(conn).get_table_names())
@@ -54,7 +75,6 @@ def relocate(store_dir: Path) -> int:
                 params = {"new": new_root, "old": old_root + "/", "cut": len(old_root) + 1}
                 params["length"] = len(old_root) + 1
                 changed += conn.execute(statement, params).rowcount
-    engine.dispose()
     return changed
 
 

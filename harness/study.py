@@ -18,23 +18,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from mlflow.entities import Param
+from mlflow.entities import Param, Run
 from tqdm import tqdm
 
 from harness import interrupt, runs
+from harness.checkpoint import cell_checkpointer
 from harness.config import SpecError, StudySpec
-from harness.data import Corpus, load_corpus
+from harness.data import Corpus
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.engine.lock import lock_path, study_lock
 from harness.engine.order import in_dependency_order
+from harness.fingerprint import changes, describe, identity
 from harness.health import HealthVerdict, assess, validation_shares
 from harness.matrix import Cell, expand
+from harness.preflight import corpus_key, preflight
 from harness.runs import (
     FAILED,
     FINISHED,
     KILLED,
+    RUNNING,
     TrialRun,
     cell_run,
     end_run,
@@ -56,11 +59,12 @@ from harness.tags import (
     REPORT_REFERENCE,
     ROLE,
     ROLE_STUDY,
+    ROLE_SUPERSEDED,
     STUDY,
+    SUPERSEDED,
 )
 from harness.tracking import TrackingStore, device_description
-from harness.trainer import Checkpointer, resolve_device, train
-from models import build_model
+from harness.trainer import resolve_device, train
 
 CHECKPOINT_DIR = Path("mlruns") / "checkpoints"
 
@@ -83,30 +87,13 @@ class StudyOutcome:
             print(f"  {key} failed: {reason}", file=sys.stderr, flush=True)
 
 
-def _corpus_key(trial: Cell) -> str:
-    return trial.config.data.model_dump_json()
-
-
-def checkpointer(checkpoint_dir: Path, spec: StudySpec, trial: Cell) -> Checkpointer:
-    return Checkpointer(checkpoint_dir / spec.name / f"{trial.name}.pt", trial.config.model_dump(mode="json"))
-
-
-def preflight(spec: StudySpec, trials: list[Cell], checkpoint_dir: Path) -> dict[str, Corpus]:
-    """Everything that can reject the input without writing: data files, models that cannot be built for the
-    data's vocabulary (``ModelError``), leftover checkpoints."""
-    corpora: dict[str, Corpus] = {}
-    for trial in trials:
-        if _corpus_key(trial) not in corpora:
-            corpora[_corpus_key(trial)] = load_corpus(trial.config.data)
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            build_model(trial.config.model, trial.config.moe, corpora[_corpus_key(trial)].vocab_size)
-        checkpointer(checkpoint_dir, spec, trial).load()  # raises SpecError for another config's checkpoint
-    return corpora
-
-
-def describe_study_run(store: TrackingStore, run_id: str, spec: StudySpec, trials: list[Cell]) -> str:
-    """Give a new parent run the resolved matrix as params and the spec as an artifact (a rerun keeps the first)."""
+def describe_study_run(store: TrackingStore, run_id: str, spec: StudySpec, trials: list[Cell], relog: bool) -> str:
+    """Give a new parent run the resolved matrix as params and the spec as an artifact (a rerun keeps the first,
+    unless ``relog``: the spec artifact is then this one; params cannot change)."""
+    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     if store.client.get_run(run_id).data.params:
+        if relog:
+            store.client.log_text(run_id, spec_yaml, "spec.yaml")
         return run_id
     matrix = spec.matrix
     params = {
@@ -116,7 +103,6 @@ def describe_study_run(store: TrackingStore, run_id: str, spec: StudySpec, trial
         **{f"matrix.sweep.{key}": json.dumps(values) for key, values in matrix.sweep.items()},
     }
     store.client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
-    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     store.client.log_text(run_id, spec_yaml, "spec.yaml")
     return run_id
 
@@ -142,7 +128,7 @@ class StudyWorker:
         if run is not None and is_finished(run):
             return run.info.run_id, True
         device = resolve_device(trial.config.train.device).type
-        corpus = self.corpora[_corpus_key(trial)]
+        corpus = self.corpora[corpus_key(trial)]
         return open_trial_run(
             self.store, self.experiment_id, self.parent_run_id, trial, self.spec.name, corpus, device
         ), False
@@ -153,11 +139,11 @@ class StudyWorker:
         Steps the run already holds (a resumed or retried cell) are not logged again. ``initial``: the weights
         it starts from (an upcycled cell's source), else None.
         """
-        checkpoint = checkpointer(self.checkpoint_dir, self.spec, trial)
+        config, corpus = trial.config, self.corpora[corpus_key(trial)]
+        checkpoint = cell_checkpointer(self.checkpoint_dir, self.spec, trial, corpus)
         if logged := self.store.logged_steps(run_id):
             print(f"  {trial.key}: resuming its interrupted run (step {max(logged.values())} logged)", file=sys.stderr)
         run = TrialRun(AttemptSink(self.store.client, run_id, logged, attempt))
-        config, corpus = trial.config, self.corpora[_corpus_key(trial)]
         try:  # training and the final save: whatever stops either ends the run, none is left RUNNING
             result = train(
                 config,
@@ -212,20 +198,30 @@ class StudyWorker:
 
 
 def prepare_study(
-    spec: StudySpec, store: TrackingStore, trials: list[Cell], worker_args: dict, retry_failed: bool
+    spec: StudySpec, store: TrackingStore, trials: list[Cell], worker_args: dict, retry_failed: bool, supersede: bool
 ) -> tuple[StudyWorker, StudyOutcome, list[Cell]]:
     """The driver's part: the parent run and each pending cell's run (SCHEDULED); finished cells skipped.
 
-    ``worker_args``: the :class:`StudyWorker` fields besides the store and runs (corpora, checkpoint_dir, progress).
+    A cell whose identity changed since its run was recorded is refused (nothing written) unless ``supersede``:
+    then its old run is kept, tagged superseded, and the cell starts as a new run. ``worker_args``: the
+    :class:`StudyWorker` fields besides the store and runs (corpora, checkpoint_dir, progress).
     """
+    corpora, checkpoint_dir = worker_args["corpora"], worker_args["checkpoint_dir"]
+    changed = changed_cells(store, spec.name, trials, corpora)
+    if changed and not supersede:
+        raise SpecError(refusal(spec.name, changed))
     experiment_id = store.experiment_id(spec.name, spec.description)
-    parent_id = study_parent_run(spec, store, experiment_id)
+    parent_id = study_parent_run(spec, store, experiment_id, relog_spec=bool(changed))
     worker = StudyWorker(spec, store, experiment_id, parent_id, **worker_args)
     outcome, pending = StudyOutcome(experiment_id, parent_id), []
     try:  # an interruption here leaves the runs created so far KILLED, like any other
         for trial in trials:
             interrupt.check()  # a safe point: between two cells' runs
             run = cell_run(store, experiment_id, trial)
+            if trial.key in changed and run is not None:
+                supersede_run(store, run, describe(changed[trial.key]))
+                cell_checkpointer(checkpoint_dir, spec, trial, corpora[corpus_key(trial)]).path.unlink(missing_ok=True)
+                run = None
             if run is not None and is_finished(run):
                 outcome.skipped.append(trial.key)
             elif run is not None and run.info.status == FAILED and not retry_failed:
@@ -240,14 +236,60 @@ def prepare_study(
     return worker, outcome, pending
 
 
-def study_parent_run(spec: StudySpec, store: TrackingStore, experiment_id: str) -> str:
-    """The study's parent run, RUNNING (again, on a rerun), with its description, matrix, spec and report settings."""
+Changes = dict[str, tuple[str | None, str | None]]
+
+
+def changed_cells(
+    store: TrackingStore, study: str, trials: list[Cell], corpora: dict[str, Corpus]
+) -> dict[str, Changes]:
+    """Cell key -> how its recorded run differs from what the cell computes now; only cells that differ.
+
+    A cell that starts from a changed cell (``init.source``) has changed too: its starting weights will.
+    Reads only: an unknown study has no recorded cells.
+    """
+    experiment = store.client.get_experiment_by_name(study)
+    if experiment is None:
+        return {}
+    changed: dict[str, Changes] = {}
+    for trial in trials:
+        run = cell_run(store, experiment.experiment_id, trial)
+        corpus = corpora[corpus_key(trial)]
+        differences = {} if run is None else changes(run, identity(trial.config, corpus), corpus.digest)
+        if trial.depends_on in changed:
+            differences = differences or {"init.source run": (trial.depends_on, "a new run")}
+        if differences and run is not None:
+            changed[trial.key] = differences
+    return changed
+
+
+def refusal(study: str, changed: dict[str, Changes]) -> str:
+    """One line: the study, the first changed cell and its keys (old -> new), how many more, and the way out."""
+    key, differences = next(iter(changed.items()))
+    more = f" (and {len(changed) - 1} more cells)" if len(changed) > 1 else ""
+    return (
+        f"study '{study}': cell {key} differs from its recorded run: {describe(differences)}{more}; "
+        f"rerun with --supersede to run changed cells as new runs (the old ones are kept, tagged superseded), "
+        f"or give the study another name"
+    )
+
+
+def supersede_run(store: TrackingStore, run: Run, what_changed: str) -> None:
+    """Take ``run`` out of its cell: its role becomes superseded (reports skip it; it stays in the UI)."""
+    if run.info.status in (RUNNING, STUDY_SCHEDULED):
+        end_run(store.client, run.info.run_id, KILLED, "superseded: its cell changed")
+    store.client.set_tag(run.info.run_id, SUPERSEDED, what_changed[:5000])
+    store.client.set_tag(run.info.run_id, ROLE, ROLE_SUPERSEDED)  # last: the one write that moves it out
+
+
+def study_parent_run(spec: StudySpec, store: TrackingStore, experiment_id: str, *, relog_spec: bool = False) -> str:
+    """The study's parent run, RUNNING (again, on a rerun), with its description, matrix, spec and report settings
+    (``relog_spec``: the spec artifact replaced by this one, whose changed cells supersede their old runs)."""
     every_cell = expand(spec)
     tags = {ROLE: ROLE_STUDY, STUDY: spec.name, "n_trials": str(len(every_cell))}
     tags["device"] = device_description(every_cell[0].config.train.device)
     tags |= {NOTE: spec.description} if spec.description else {}
     parent_id = shared_run(store, experiment_id, f"tags.`{ROLE}` = '{ROLE_STUDY}'", spec.name, tags)
-    describe_study_run(store, parent_id, spec, every_cell)
+    describe_study_run(store, parent_id, spec, every_cell, relog_spec)
     # Tags, not params: a rerun with other report settings replaces them (MLflow params cannot change).
     store.client.set_tag(parent_id, EQUIVALENCE_MARGIN, str(spec.report.equivalence_margin))
     if spec.report.reference is not None:
@@ -303,15 +345,18 @@ def run_study(
     checkpoint_dir: Path = CHECKPOINT_DIR,
     retry_failed: bool = False,
     cell_index: int | None = None,
+    *,
+    supersede: bool = False,
+    where: str = "spec",
 ) -> StudyOutcome:
     """Run the study's pending cells (or only cell ``cell_index``) one after another in this process."""
-    trials = select_cells(spec, cell_index)
-    corpora = preflight(spec, trials, checkpoint_dir)
+    trials = select_cells(spec, cell_index, where)
+    corpora = preflight(spec, trials, checkpoint_dir, where, supersede=supersede)
     store = TrackingStore(tracking_uri)  # checks a tracking server is up; nothing written before here
     name = spec.name if cell_index is None else trials[0].name
     with study_lock(lock_path(tracking_uri, checkpoint_dir, name)):
         worker_args = {"corpora": corpora, "checkpoint_dir": checkpoint_dir, "progress": progress}
-        worker, outcome, pending = prepare_study(spec, store, trials, worker_args, retry_failed)
+        worker, outcome, pending = prepare_study(spec, store, trials, worker_args, retry_failed, supersede)
         order = in_dependency_order(pending)
         try:
             for trial in tqdm(order, desc=spec.name, unit="cell", disable=not progress, file=sys.stderr):

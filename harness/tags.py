@@ -3,7 +3,10 @@
 ROLE = "harness.role"  # one of the ROLE_* values below
 ROLE_STUDY, ROLE_TRIAL = "study", "trial"  # ``harness run-study``: the study's parent run, one run per cell
 ROLE_TUNE, ROLE_TUNE_TRIAL = "tune", "tune-trial"  # ``harness tune``: the tuning parent run, one run per trial
+ROLE_SUPERSEDED = "superseded"  # a cell's run replaced by a new one after its config or data changed (--supersede)
 CELL = "harness.cell"  # the matrix cell's key: how an interrupted trial finds its run again
+FINGERPRINT = "harness.fingerprint"  # hash of what the cell computes (harness/fingerprint.py)
+SUPERSEDED = "harness.superseded"  # on a superseded run: what changed (key old -> new)
 STUDY = "harness.study"
 ERROR = "harness.error"  # why a run ended FAILED or KILLED
 SUMMARY = "harness.summary_logged"  # set with the summary metrics, in one batch: a rerun does not log them again

@@ -10,11 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from harness.checkpoint import cell_checkpointer
 from harness.cli import main
-from harness.study import checkpointer
+from harness.data import load_corpus
 from harness.trainer import Checkpointer
 from tests.conftest import free_port
 from tests.workers import REPO, harness_env, study_spec
@@ -62,6 +65,13 @@ def edited(tmp_path: Path, change: dict) -> Path:
         ({"base.moe.lora_rank": 0}, "moe.lora_rank = 0: Input should be greater than or equal to 1"),
         ({"base.moe.aux_loss_coef": -1.0}, "moe.aux_loss_coef = -1.0: Input should be greater than or equal to 0"),
         ({"base.budget.epochs": 1}, "budget needs exactly one of budget.epochs or budget.tokens"),
+        ({"base.train.batch_size": 10_000_000}, "too few for train.batch_size = 10,000,000"),
+        ({"base.train.eval_batch_size": 100_000}, "too few for train.eval_batch_size = 100,000"),
+        ({"base.budget.tokens": 10**15}, "more than 1,000 is refused (ask for it with budget.epochs)"),
+        ({"base.model.d_model": 10**9}, "the model cannot be built (Storage size calculation overflowed"),
+        ({"base.model.d_model": 60_000}, "of memory available on this machine"),
+        ({"description": "x" * 25_000}, "description has 25,000 characters; MLflow keeps at most 8,000"),
+        ({"base.model.adaptive_cutoffs": list(range(10, 20_000, 10))}, "MLflow params hold at most 6,000"),
     ],
     ids=[
         "unknown-nested",
@@ -73,6 +83,13 @@ def edited(tmp_path: Path, change: dict) -> Path:
         "rank<1",
         "neg-coef",
         "2-budgets",
+        "batch>split",
+        "eval-batch>split",
+        "1e15-tokens",
+        "d_model-overflows",
+        "d_model-out-of-memory",
+        "long-description",
+        "long-param",
     ],
 )
 def test_bad_spec_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict, message: str) -> None:
@@ -136,6 +153,18 @@ def test_corrupt_parquet(tmp_path: Path, tiny_data: Path, capsys: pytest.Capture
     assert_rejected(tmp_path, capsys, run_cli(tmp_path, spec), "not a readable parquet file")
 
 
+def test_an_empty_split_is_refused_before_anything_runs(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    test_file = data / "wikitext-2-v1" / "test-00000-of-00001.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), test_file)
+    monkeypatch.setenv("MOE_HARNESS_DATA", str(data))
+    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    assert_rejected(tmp_path, capsys, run_cli(tmp_path, spec), f"{test_file}: the test split is empty")
+
+
 def test_checkpoint_from_an_incompatible_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from harness.config import load_spec
     from harness.matrix import expand
@@ -143,7 +172,7 @@ def test_checkpoint_from_an_incompatible_config(tmp_path: Path, capsys: pytest.C
     spec_path = study_spec(tmp_path, "bad", ["baseline"], [0])
     spec = load_spec(spec_path)
     (trial,) = expand(spec)
-    path = checkpointer(tmp_path / "out" / "ck", spec, trial).path
+    path = cell_checkpointer(tmp_path / "out" / "ck", spec, trial, load_corpus(trial.config.data)).path
     other = trial.config.model_copy(update={"seed": 7})
     Checkpointer(path, other.model_dump(mode="json")).save({"step": 3})
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}

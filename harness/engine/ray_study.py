@@ -23,15 +23,15 @@ from harness import interrupt
 from harness.config import SpecError, StudySpec
 from harness.data import load_corpus
 from harness.engine.order import in_dependency_order
-from harness.engine.ray_cluster import connect, trial_resources
+from harness.engine.ray_cluster import connect, disconnect, trial_resources
 from harness.matrix import Cell
+from harness.preflight import preflight
 from harness.study import (
     StudyOutcome,
     StudyWorker,
     close_study,
     end_unfinished,
     kill_study,
-    preflight,
     prepare_study,
     select_cells,
 )
@@ -119,9 +119,11 @@ def run_study_on_ray(
     checkpoint_dir: Path = Path("mlruns/checkpoints"),
     retry_failed: bool = False,
     where: str = "spec",
+    *,
+    supersede: bool = False,
 ) -> StudyOutcome:
     trials = select_cells(spec, None, where)
-    corpora = preflight(spec, trials, checkpoint_dir)
+    corpora = preflight(spec, trials, checkpoint_dir, where, supersede=supersede)
     tracking_uri = absolute(tracking_uri)  # tasks run in other processes, with another working directory
     started = connect(address)
     try:
@@ -130,7 +132,7 @@ def run_study_on_ray(
         store = TrackingStore(tracking_uri)  # nothing written before here
         checkpoint_dir = checkpoint_dir.resolve()  # the same path on every node: shared storage
         worker_args = {"corpora": corpora, "checkpoint_dir": checkpoint_dir, "progress": False}
-        worker, outcome, pending = prepare_study(spec, store, trials, worker_args, retry_failed)
+        worker, outcome, pending = prepare_study(spec, store, trials, worker_args, retry_failed, supersede)
         study = StudyRef(spec, tracking_uri, outcome.experiment_id, outcome.parent_run_id, checkpoint_dir)
         tasks = submit(study, pending, {**options, "retry_exceptions": False})
         try:
@@ -146,4 +148,4 @@ def run_study_on_ray(
         return outcome
     finally:
         if started:
-            ray.shutdown()
+            disconnect()

@@ -8,7 +8,6 @@ Pruned trials end KILLED (``optuna.state`` PRUNED); how any other error ends the
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -20,6 +19,7 @@ import optuna
 
 from harness.config import StudySpec, TrialConfig, TuneConfig, TuneParam, resolve_trial
 from harness.data import Corpus
+from harness.fingerprint import param_value
 from harness.health import assess, validation_shares
 from harness.matrix import Cell
 from harness.metrics import perplexity
@@ -68,10 +68,6 @@ def short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _tag_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
 def open_trial(ctx: Context, trial: optuna.Trial, cell: Cell) -> str:
     """The trial's nested MLflow run, tagged with its Optuna trial; its id goes on the trial."""
     device = resolve_device(cell.config.train.device).type
@@ -87,7 +83,7 @@ def open_trial(ctx: Context, trial: optuna.Trial, cell: Cell) -> str:
         OPTUNA_TRIAL: str(trial.number),
         WORKER: WORKER_ID,
         OPTUNA_STATE: "RUNNING",
-        **{f"{OPTUNA_PARAM}{k}": _tag_value(v) for k, v in cell.assignment.items()},
+        **{f"{OPTUNA_PARAM}{k}": param_value(v) for k, v in cell.assignment.items()},
         **({OPTUNA_RETRIED_FROM: str(history[0])} if history else {}),
     }
     for key, value in tags.items():

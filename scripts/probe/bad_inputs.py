@@ -7,6 +7,7 @@ import copy
 import os
 import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,6 +101,56 @@ def bad_tune(*extra: str, **changes_: Any) -> Callable[[Place], list[str]]:
     return lambda p: p.tune(p.spec(edited(tune_spec(STUDY, 2), dotted)), *extra)
 
 
+def changed(**changes_: Any) -> Callable[[Place], list[str]]:
+    """A rerun of the existing store's study (one dense cell, finished) with ``changes_`` to its spec."""
+    dotted = {k.replace("__", "."): v for k, v in changes_.items()}
+    return lambda p: p.study(p.spec(edited(tiny_spec(STUDY, ["dense"]), dotted)))
+
+
+def changed_data(p: Place) -> list[str]:
+    """A rerun of the existing store's study, unchanged, over a validation split that lost its last line."""
+    shutil.copytree(p.data, p.folder / "data")
+    fewer_lines(p.folder / "data" / "wikitext-2-v1" / "validation-00000-of-00001.parquet")
+    p.env["MOE_HARNESS_DATA"] = str(p.folder / "data")
+    return p.study(p.spec(tiny_spec(STUDY, ["dense"])))
+
+
+def fewer_lines(path: Path, keep: int | None = -1) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = pq.read_table(path).column("text").to_pylist()[:keep]
+    pq.write_table(pa.table({"text": pa.array(lines, pa.string())}), path)
+
+
+def empty_test_split(folder: Path) -> None:
+    fewer_lines(folder / "test-00000-of-00001.parquet", keep=0)
+
+
+MOUNTS: list[Path] = []  # tmpfs mounts of the cases, unmounted when the part ends
+
+
+def no_room_for_a_checkpoint(p: Place) -> list[str]:
+    """A 2 MB tmpfs as --checkpoint-dir for a cell whose checkpoints need more (refused before training)."""
+    mount = p.subfolder("ck2m")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True, capture_output=True)
+    MOUNTS.append(mount)
+    return p.study(p.spec(edited(tiny_spec(STUDY, ["baseline"]), {"base.budget.checkpoint_every_steps": 2})), ck=mount)
+
+
+def read_only_relocate(p: Place) -> list[str]:
+    store = p.database.parent
+    for path in store.rglob("*"):
+        path.chmod(0o444 if path.is_file() else 0o555)
+    store.chmod(0o555)
+    return ["store", "relocate", str(store)]
+
+
+def report_out_is_a_file(p: Place) -> list[str]:
+    (p.folder / "report.md").write_text("an earlier report\n")
+    return ["report", STUDY, "--tracking-uri", p.uri, "--out", str(p.folder / "report.md")]
+
+
 def good_spec(p: Place) -> Path:
     return p.spec(tiny_spec(STUDY, ["baseline"]))
 
@@ -169,6 +220,7 @@ class Case:
     as_nobody: bool = False  # relies on permissions: as root, run as nobody (setpriv)
     max_s: float | None = None  # must fail within this many seconds
     needs_no_cuda: bool = False
+    needs_mount: bool = False  # mounts a tmpfs (root)
 
 
 SECTION_SPEC = "name: bad\nmatrix: {variants: [baseline], seeds: [0]}\n"
@@ -271,6 +323,24 @@ CASES: list[Case] = [
     Case("report-no-such-database", "report", lambda p: ["report", "nosuch", "--tracking-uri", p.uri]),
     Case("report-dead-server", "report", lambda p: ["report", "nosuch", "--tracking-uri", DEAD_SERVER], max_s=30),
     Case("report-no-such-study", "report", lambda p: ["report", "nosuch", "--tracking-uri", p.uri], existing=True),
+    Case("report-out-is-a-file", "report", report_out_is_a_file, existing=True),
+    Case("relocate-read-only-store", "store", read_only_relocate, existing=True, as_nobody=True),
+    # an edited spec rerun over the existing study's finished cell: refused, never "already done"
+    Case("changed-batch-size", "changed spec", changed(base__train__batch_size=4), existing=True),
+    Case("changed-token-budget", "changed spec", changed(base__budget__tokens=2000), existing=True),
+    Case("changed-cutoffs", "changed spec", changed(base__model__adaptive_cutoffs=[500, 1500]), existing=True),
+    Case("changed-eval-interval", "changed spec", changed(base__budget__eval_every_steps=3), existing=True),
+    Case("changed-data-file", "changed spec", changed_data, existing=True),
+    # knowable before training: refused before anything is written
+    Case("batch-beyond-the-split", "before training", bad(base__train__batch_size=10_000_000)),
+    Case("eval-batch-beyond-the-split", "before training", bad(base__train__eval_batch_size=100_000), existing=True),
+    Case("split-empty", "before training", lambda p: data_copy(p, empty_test_split), existing=True),
+    Case("d-model-overflows", "before training", bad(base__model__d_model=10**9)),
+    Case("d-model-beyond-memory", "before training", bad(base__model__d_model=60_000), existing=True),
+    Case("budget-1e15-tokens", "before training", bad(base__budget__tokens=10**15), max_s=60),
+    Case("description-beyond-mlflow", "before training", bad(description="x" * 25_000)),
+    Case("param-beyond-mlflow", "before training", bad(base__model__adaptive_cutoffs=list(range(10, 20_000, 10)))),
+    Case("checkpoint-dir-without-room", "before training", no_room_for_a_checkpoint, needs_mount=True),
 ]
 
 
@@ -322,12 +392,15 @@ def run_case(probe: Probe, case: Case, template: Path) -> CaseResult:
     started = time.monotonic()
     if case.needs_no_cuda and Path("/dev/nvidiactl").exists():
         return CaseResult("bad", case.name, False, "skipped: this machine has an NVIDIA device", counted=False)
+    if case.needs_mount and os.geteuid() != 0:
+        return CaseResult("bad", case.name, False, "skipped: mounting a tmpfs needs root", counted=False)
     if case.as_nobody and os.geteuid() == 0 and shutil.which("setpriv") is None:
         return CaseResult("bad", case.name, False, "skipped (root): no setpriv to drop privileges", counted=False)
     place, args, as_user = prepare(probe, case, template)
     before = digest(place.folder)
     done = run_harness(args, place.folder, probe.env(**place.env), CASE_TIMEOUT_S, as_user)
-    written = changes(before, digest(place.folder))
+    # The tokenised-data cache (keyed by the files' content, valid whatever the case) is no record of a study.
+    written = [path for path in changes(before, digest(place.folder)) if not path[1:].startswith("cache")]
     reasons = judge(done.code, done.stderr, done.seconds, written, case)
     detail = f"[{case.kind}{', existing store' if case.existing else ''}{', as nobody' if as_user else ''}] "
     detail += f"exit {done.code}, {done.seconds:.1f} s: {one_line(done.stderr, 200)}"
@@ -348,8 +421,12 @@ def restore_permissions(folder: Path) -> None:
 def run_bad_inputs(probe: Probe, report: Callable[[CaseResult], None]) -> list[CaseResult]:
     template = make_template(probe)
     results = []
-    for case in (c for c in CASES if probe.wants(c.name)):
-        result = run_case(probe, case, template)
-        report(result)
-        results.append(result)
+    try:
+        for case in (c for c in CASES if probe.wants(c.name)):
+            result = run_case(probe, case, template)
+            report(result)
+            results.append(result)
+    finally:
+        for mount in MOUNTS:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
     return results

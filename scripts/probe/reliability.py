@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Reliability probe: re-measures four figures of the ``harness`` command line, each case a real subprocess.
+"""Reliability probe: re-measures five figures of the ``harness`` command line, each case a real subprocess.
 
-1. bad input (70 cases): exit code 2, one short line on stderr, nothing written (fresh folder or existing store);
+1. bad input (every case of ``bad_inputs.CASES``): exit code 2, one short line on stderr, nothing written
+   (fresh folder or existing store);
 2. ``kill -9`` (16 on run-study, 5 on tune), then a rerun that completes cleanly;
 3. SIGTERM / SIGINT (36): the process exits, no run is left RUNNING, a rerun matches an uninterrupted run;
 4. workers started together on a fresh store (3 rounds): the same study twice (the lock lets one run it, refuses
-   the other in one line), and three ``--cell N`` array tasks (all run, one parent run).
+   the other in one line), and three ``--cell N`` array tasks (all run, one parent run);
+5. faults of the machine: a disk filled while a checkpoint is written; a SIGKILLed ``--ray local`` driver.
 
 Usage (from the repository root, with the harness's environment)::
 
-    MOE_HARNESS_DATA=/path/to/wikitext python scripts/probe/reliability.py [--only bad|kill|signal|workers]
+    MOE_HARNESS_DATA=/path/to/wikitext python scripts/probe/reliability.py [--only bad|kill|signal|workers|faults]
         [--seed N] [--keep DIR]
 
 The runs use the first lines of each WikiText-2 split ($MOE_HARNESS_DATA, as the test suite's tiny data) and
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bad_inputs
+import faults
 import interrupts
 import kills
 import signals
@@ -38,12 +41,16 @@ import workers
 from common import DATA_ENV, REPO, CaseResult, Probe, make_tiny_data, stop_children
 from tabulate import tabulate
 
-PARTS = ("bad", "kill", "signal", "workers")
+PARTS = ("bad", "kill", "signal", "workers", "faults")
 GOALS = {
-    "bad": ("bad input: one line on stderr, exit 2, nothing written", "70 of 70"),
+    "bad": (
+        "bad input: one line on stderr, exit 2, nothing written",
+        f"{len(bad_inputs.CASES)} of {len(bad_inputs.CASES)}",
+    ),
     "kill": ("kill -9 (16 run-study, 5 tune), then a clean rerun", "21 of 21"),
     "signal": ("SIGTERM/SIGINT: exits, no run RUNNING, rerun completes", "36 of 36"),
     "workers": ("workers together on a fresh store (same study x2; 3 array tasks)", "3 of 3 clean"),
+    "faults": ("a disk filled mid-save; a SIGKILLed --ray local driver's cluster gone in 10 s", "all clean"),
 }
 
 
@@ -98,8 +105,10 @@ def run_parts(probe: Probe, parts: list[str]) -> tuple[dict[str, list[CaseResult
             results[part] = kills.run_kills(probe, reference, tune_s, report)
         elif part == "signal":
             results[part] = signals.run_signals(probe, reference, report)
-        else:
+        elif part == "workers":
             results[part] = workers.run_workers(probe, report)
+        else:
+            results[part] = faults.run_faults(probe, report)
         seconds[part] = time.monotonic() - started
     return results, seconds
 
