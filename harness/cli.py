@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.bench import levers as bench_levers
     from harness.bench import moe as bench_moe
     from harness.bench import train as bench_train
+    from harness.relocate import register as register_store
     from harness.report import register as register_report
-    from harness.store import register as register_store
 
     register_report(commands)
     register_store(commands)

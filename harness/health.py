@@ -37,13 +37,13 @@ if TYPE_CHECKING:
 
 
 STALL_AFTER_SHARE = 0.5
-"""Share of the budget after which a trial must have left the unigram plateau (the quick study's healthy
-trials are 10-20% below it by then; hybrid in the issue sat above it from 10% to 100%)."""
+"""Share of the budget after which a trial must have left the unigram plateau (the shipped studies' healthy
+trials are well below it by then; a stalled one stays on it to the end)."""
 STALL_MARGIN = 0.05
 """Stalled while the best train loss from ``STALL_AFTER_SHARE`` on is above (1 - margin) x unigram entropy."""
 DEAD_EXPERT_FACTOR = 0.1
-"""An expert is dead below a tenth of the uniform share 1/E (the issue's rule; ST-MoE reports balanced
-routers within a few x of uniform, so a tenth is far outside normal imbalance)."""
+"""An expert is dead below a tenth of the uniform share 1/E (ST-MoE reports balanced routers within a few x of
+uniform, so a tenth is far outside normal imbalance)."""
 DOMINANT_SHARE = 0.5
 """Collapse onto one expert: more than half of all routed slots, and more than twice uniform (so E = 2 needs
 the dead-expert rule instead). With top-2 routing a share cannot exceed 0.5: only dead experts flag it."""
@@ -64,8 +64,8 @@ than 1% below that of the third quarter..."""
 CLIP_HOLDING = 10.0
 """...and the median gradient norm before clipping over the second half is at least this many times the clip
 bound: each step then moves a tenth of what the gradient asks, the clip is holding down a blow-up. A clip a
-little below the gradient is normal: the upcycle study's healthy continuations clip every step at 1.6x the
-bound (0.4 vs 0.25) on a loss that a short continuation barely moves (5.89 -> 5.89)."""
+little below the gradient is normal: healthy upcycled continuations clip every step a little above the bound
+on a loss that a short continuation barely moves."""
 
 
 def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:

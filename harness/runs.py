@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from harness.data import Corpus
@@ -56,7 +56,10 @@ from harness.tags import (
 )
 from harness.tracking import MlflowSink, TrackingStore, device_description, git_commit
 
-FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"  # MLflow run statuses
+FINISHED, FAILED, KILLED, RUNNING, SCHEDULED = (
+    RunStatus.to_string(status)
+    for status in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.RUNNING, RunStatus.SCHEDULED)
+)  # SCHEDULED: a study cell's run the driver created, not yet opened by an attempt
 TRIAL_ERRORS = (Exception,)  # the trial's own fault: the study goes on (interruptions are BaseExceptions)
 REASON_CHARS = 500  # a reason is shown on one line of the CLI and in the report's table
 
@@ -154,9 +157,10 @@ def cell_run(store: TrackingStore, experiment_id: str, cell: Cell) -> Run | None
 
 def open_trial_run(
     store: TrackingStore,
+    cell: Cell,
+    *,
     experiment_id: str,
     parent_id: str,
-    cell: Cell,
     study: str,
     corpus: Corpus,
     device: str,

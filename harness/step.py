@@ -73,7 +73,7 @@ def lr_factor(step: int, total_steps: int, config: TrialConfig) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepContext:
     """What a step needs besides the state it advances."""
 
@@ -125,7 +125,14 @@ def build_train_state(
         for name, params in model.parameter_groups().items()
         if (trainable := [p for p in params if p.requires_grad])
     }
-    context = StepContext(forward, device, config.train.precision, config.optim.grad_clip, moe_layers, groups)
+    context = StepContext(
+        forward=forward,
+        device=device,
+        precision=config.train.precision,
+        grad_clip=config.optim.grad_clip,
+        moe_layers=moe_layers,
+        parameter_groups=groups,
+    )
     return TrainState(model, optimizer, scheduler, device, counts), context
 
 

@@ -38,6 +38,7 @@ from harness.runs import (
     FINISHED,
     KILLED,
     RUNNING,
+    SCHEDULED,
     TrialRun,
     cell_run,
     end_run,
@@ -107,9 +108,6 @@ def describe_study_run(store: TrackingStore, run_id: str, spec: StudySpec, trial
     return run_id
 
 
-STUDY_SCHEDULED = "SCHEDULED"  # a pending cell's run, created by the driver before any attempt opens it
-
-
 @dataclass
 class StudyWorker:
     """Runs cells of one study into their MLflow runs, in this process (the loop, ``--cell N``, a Ray task)."""
@@ -129,9 +127,16 @@ class StudyWorker:
             return run.info.run_id, True
         device = resolve_device(trial.config.train.device).type
         corpus = self.corpora[corpus_key(trial)]
-        return open_trial_run(
-            self.store, self.experiment_id, self.parent_run_id, trial, self.spec.name, corpus, device
-        ), False
+        run_id = open_trial_run(
+            self.store,
+            trial,
+            experiment_id=self.experiment_id,
+            parent_id=self.parent_run_id,
+            study=self.spec.name,
+            corpus=corpus,
+            device=device,
+        )
+        return run_id, False
 
     def train_cell(self, trial: Cell, run_id: str, attempt: str, initial: dict[str, Any] | None) -> str | None:
         """Train one cell into its open MLflow run; the failure reason, or None once it finished.
@@ -228,7 +233,7 @@ def prepare_study(
                 outcome.failed[trial.key] = run.data.tags.get(ERROR, "failed")
             else:
                 run_id, _ = worker.open_cell_run(trial)
-                store.client.update_run(run_id, STUDY_SCHEDULED)
+                store.client.update_run(run_id, SCHEDULED)
                 pending.append(trial)
     except BaseException as error:
         kill_study(store, outcome, trials, error)
@@ -275,7 +280,7 @@ def refusal(study: str, changed: dict[str, Changes]) -> str:
 
 def supersede_run(store: TrackingStore, run: Run, what_changed: str) -> None:
     """Take ``run`` out of its cell: its role becomes superseded (reports skip it; it stays in the UI)."""
-    if run.info.status in (RUNNING, STUDY_SCHEDULED):
+    if run.info.status in (RUNNING, SCHEDULED):
         end_run(store.client, run.info.run_id, KILLED, "superseded: its cell changed")
     store.client.set_tag(run.info.run_id, SUPERSEDED, what_changed[:5000])
     store.client.set_tag(run.info.run_id, ROLE, ROLE_SUPERSEDED)  # last: the one write that moves it out
@@ -324,7 +329,7 @@ def end_unfinished(store: TrackingStore, experiment_id: str, trials: list[Cell],
     """Mark the runs of ``trials`` that are still RUNNING or SCHEDULED as KILLED (idempotent): nothing stays open."""
     for trial in trials:
         run = cell_run(store, experiment_id, trial)
-        if run is not None and run.info.status in ("RUNNING", STUDY_SCHEDULED):
+        if run is not None and run.info.status in (RUNNING, SCHEDULED):
             end_run(store.client, run.info.run_id, KILLED, reason)
 
 

@@ -1,4 +1,15 @@
-"""The names the harness writes on MLflow runs (and the report reads back), defined once."""
+"""The names the harness writes on MLflow runs (and the report reads back), defined once; MLflow's own tags are
+MLflow's constants."""
+
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 ROLE = "harness.role"  # one of the ROLE_* values below
 ROLE_STUDY, ROLE_TRIAL = "study", "trial"  # ``harness run-study``: the study's parent run, one run per cell
@@ -15,8 +26,8 @@ WORKER = "harness.worker"
 INIT_SOURCE_RUN = "harness.init.source_run"  # an upcycled cell's source: the run whose final weights it started from
 ATTEMPT = "harness.attempt"  # the attempt now allowed to write a trial run; an older one stops
 
-PARENT = "mlflow.parentRunId"
-RUN_NAME = "mlflow.runName"
+PARENT = MLFLOW_PARENT_RUN_ID
+RUN_NAME = MLFLOW_RUN_NAME
 
 OPTUNA_STUDY = "optuna.study_name"
 OPTUNA_STORAGE = "optuna.storage"
@@ -30,8 +41,8 @@ HEALTH_EVIDENCE = "harness.health.evidence"  # one sentence with the numbers beh
 EQUIVALENCE_MARGIN = "report.equivalence_margin"  # on the study parent run: the spec's report.equivalence_margin
 REPORT_REFERENCE = "report.reference"  # on the study parent run: the spec's report.reference, when set
 # MLflow's standard system tags: the UI's Source, Version and User columns, and the description fields
-SOURCE_NAME = "mlflow.source.name"
-SOURCE_TYPE = "mlflow.source.type"
-SOURCE_COMMIT = "mlflow.source.git.commit"
-USER = "mlflow.user"
-NOTE = "mlflow.note.content"  # a run's or an experiment's description
+SOURCE_NAME = MLFLOW_SOURCE_NAME
+SOURCE_TYPE = MLFLOW_SOURCE_TYPE
+SOURCE_COMMIT = MLFLOW_GIT_COMMIT
+USER = MLFLOW_USER
+NOTE = MLFLOW_RUN_NOTE  # a run's or an experiment's description

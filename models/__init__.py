@@ -1,7 +1,7 @@
 """MoE layers and the language-model backbones that host them.
 
 The names below load on first use (PEP 562): the harness CLI imports ``models.config`` and must
-start without importing torch (~6 s cold on the development machine, against ~0.6 s for the CLI).
+start without importing torch (which takes seconds cold, many times the CLI's own start-up).
 """
 
 from __future__ import annotations

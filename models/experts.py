@@ -15,14 +15,14 @@ from torch import Tensor, nn
 from models.config import MoEConfig
 from models.grouped import FFN_KERNELS, LOW_RANK_KERNELS, ExpertGroups, activate
 
-# ``moe.kernel: auto`` on CPU. grouped_mm was 1.15-1.3x slower than the loop kernels on a 2-core CPU
-# (fp32, T=4096, d 256 / hidden 512, E 4..64; FIELD-NOTES "torch 2.13 grouped GEMM").
+# ``moe.kernel: auto`` on CPU: grouped_mm measured slower than the loop kernels there (``harness bench moe``;
+# FIELD-NOTES "torch 2.13 grouped GEMM").
 AUTO_CPU_KERNEL = "loop"
 
 
 def resolve_kernel(requested: str, x: Tensor) -> str:
     """The kernel that runs for inputs like ``x``: ``auto`` is grouped_mm on CUDA. Not under torch.compile on
-    CPU: there grouped_mm's fake-tensor kernel accepts only bf16 (torch 2.13, measured), so the loop runs
+    CPU: there grouped_mm's fake-tensor kernel accepts only bf16 (torch 2.13), so the loop runs
     eagerly inside the compiled graph. grouped_mm has no float64, so that falls back to loop."""
     kernel = requested if requested != "auto" else ("grouped_mm" if x.is_cuda else AUTO_CPU_KERNEL)
     return "loop" if x.dtype == torch.float64 else kernel

@@ -5,11 +5,12 @@
 Make the trees with ``git worktree add --detach /tmp/before <rev>``. For each variant, each tree's own
 ``harness bench train`` trainer run (``harness.trainer.train`` with its MLflow sink, in a throwaway store)
 runs in a thread of its own; a baton handed over at every ``get_batch`` call lets one trainer loop run at a
-time, alternating step by step, so a shared machine's noise (frequency, neighbours) hits both alike; separate
-runs of ``harness bench train`` on this 2-core machine vary by 15% from one to the next. Each tree's time is
-what it spends holding the baton: its step and the loop's bookkeeping and logging, without evaluation.
-It prints after/before speed (the ratio of the summed step times, > 1 = after is faster) with a bootstrap 95%
-interval over the step pairs. Both trees need ``harness.bench.train.bench_configs`` and
+time, alternating step by step, so a shared machine's noise (frequency, neighbours) hits both alike
+(separate runs of ``harness bench train`` vary more from one to the next than the differences worth
+measuring). Each tree's time is what it spends holding the baton: its step and the loop's bookkeeping and
+logging, without evaluation. It prints after/before speed (the ratio of the summed step times, > 1 = after
+is faster) with a paired bootstrap 95% interval of that same ratio over the step pairs
+(``scipy.stats.bootstrap``, BCa). Both trees need ``harness.bench.train.bench_configs`` and
 ``trainer_tokens_per_s`` with today's signatures (every revision since ef5e6d8 has them).
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 import statistics
 import sys
 import tempfile
@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+from scipy import stats
 from tabulate import tabulate
 
 OUR_PACKAGES = ("harness", "models")
@@ -110,6 +112,11 @@ def load_tree(tree: Path, side: int, spec: str, variant: str, baton: Baton, stor
     return lambda: bench.trainer_tokens_per_s(config, corpus, baton.timed_steps, WARMUP, uri)
 
 
+def speed_ratio(before: np.ndarray, after: np.ndarray, axis: int = -1) -> np.ndarray:
+    """after/before speed: the summed time of the before steps over that of the after steps."""
+    return np.sum(before, axis=axis) / np.sum(after, axis=axis)
+
+
 def compare(trees: list[Path], spec: str, variant: str, steps: int) -> dict[str, float]:
     baton = Baton(steps)
     with tempfile.TemporaryDirectory() as store:
@@ -131,15 +138,20 @@ def compare(trees: list[Path], spec: str, variant: str, steps: int) -> dict[str,
     pairs = min(len(before), len(after))
     if pairs < steps:
         raise SystemExit(f"{variant}: only {pairs} of {steps} steps were timed on both sides (a trainer failed?)")
-    ratios = [b / a for b, a in zip(before[:pairs], after[:pairs], strict=True)]
-    rng = random.Random(0)
-    boot = sorted(statistics.fmean(rng.choices(ratios, k=pairs)) for _ in range(2000))
+    ci = stats.bootstrap(
+        (np.array(before[:pairs]), np.array(after[:pairs])),
+        speed_ratio,
+        paired=True,
+        vectorized=True,
+        n_resamples=2000,
+        rng=np.random.default_rng(0),
+    ).confidence_interval
     return {
         "variant": variant,
         "before ms/step": 1000 * statistics.median(before),
         "after ms/step": 1000 * statistics.median(after),
         "after/before speed": sum(before[:pairs]) / sum(after[:pairs]),
-        "95% CI": f"{boot[49]:.3f}–{boot[1949]:.3f}",
+        "95% CI": f"{ci.low:.3f}–{ci.high:.3f}",
     }
 
 

@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import harness.checkpoint
-import harness.store
+import harness.relocate
 from harness.checkpoint import (
     CHECKPOINT_MARGIN,
     Checkpointer,
@@ -249,7 +249,7 @@ def test_relocate_refuses_a_read_only_database_file(
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != database and real_access(path, mode))
     refused(capsys, store, f"{database} is read-only")
     monkeypatch.undo()
-    assert harness.store.relocate(store) == 2  # the same store, writable: both rows move
+    assert harness.relocate.relocate(store) == 2  # the same store, writable: both rows move
 
 
 def test_relocate_refuses_a_store_on_a_read_only_mount(
@@ -259,7 +259,7 @@ def test_relocate_refuses_a_store_on_a_read_only_mount(
     store = moved_store(mount / "mlruns")
     subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
     refused(capsys, store, "not writable (Read-only file system)")
-    monkeypatch.setattr(harness.store, "check_store_writable", lambda *args: None)
+    monkeypatch.setattr(harness.relocate, "check_store_writable", lambda *args: None)
     refused(capsys, store, "could not be updated (attempt to write a readonly database)")  # SQLite's own refusal
 
 

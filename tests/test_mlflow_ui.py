@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.store import recorded_store, relocate
+from harness.relocate import recorded_store, relocate
 from tests.conftest import free_port
 from tests.studies import run_study, tiny_spec
 from tests.workers import mlflow_server

@@ -229,7 +229,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BenchPoint:
     """One point of the sweep: the layer's shape and the precision it runs in."""
 
@@ -336,7 +336,16 @@ def run_bench(
     for expert_type in EXPERT_TYPES:
         for top_k in TOP_KS:
             for n in experts:
-                point = BenchPoint(expert_type, top_k, n, tokens, d_model, d_hidden, lora_rank, precision)
+                point = BenchPoint(
+                    expert_type=expert_type,
+                    top_k=top_k,
+                    experts=n,
+                    tokens=tokens,
+                    d_model=d_model,
+                    d_hidden=d_hidden,
+                    lora_rank=lora_rank,
+                    precision=precision,
+                )
                 rows += _bench_point(point, x, grad, repeats, device, peak, bandwidth)
     return rows
 

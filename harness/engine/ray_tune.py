@@ -17,7 +17,7 @@ from harness.engine.ray_cluster import connect, disconnect, trial_resources
 
 @ray.remote
 def tune_worker(spec: StudySpec, tracking_uri: str, storage_url: str, n_trials: int | None) -> None:
-    from harness.tune.engine import run_tune
+    from harness.tune.search import run_tune
 
     run_tune(spec, tracking_uri, storage_url, n_trials, progress=False)
 

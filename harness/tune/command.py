@@ -1,4 +1,4 @@
-"""``harness tune SPEC``: the command line face; the search itself is :mod:`harness.tune.engine`.
+"""``harness tune SPEC``: the command line face; the search itself is :mod:`harness.tune.search`.
 
 This module only wires the command into the CLI (``register``), so ``harness --help`` and the other
 commands don't pay for importing Optuna, MLflow and torch. See docs/tuning.md.
@@ -17,8 +17,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import optuna  # heavy (torch, MLflow, Optuna): only when the command runs
 
     from harness.tracking import check_tracking_uri, resolve_tracking_uri
-    from harness.tune.engine import run_tune
     from harness.tune.results import summary_lines
+    from harness.tune.search import run_tune
     from harness.tune.storage import default_storage
     from harness.urls import redact
 

@@ -43,7 +43,7 @@ OBJECTIVE_METRICS = {"val_ppl": "final_val_ppl", "time_per_mtok": "time_per_mtok
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Context:
     spec: StudySpec
     store: TrackingStore
@@ -73,7 +73,14 @@ def open_trial(ctx: Context, trial: optuna.Trial, cell: Cell) -> str:
     device = resolve_device(cell.config.train.device).type
     run_name = f"trial-{trial.number}"
     run_id = open_trial_run(
-        ctx.store, ctx.experiment_id, ctx.parent_id, cell, ctx.spec.name, ctx.corpus, device, run_name
+        ctx.store,
+        cell,
+        experiment_id=ctx.experiment_id,
+        parent_id=ctx.parent_id,
+        study=ctx.spec.name,
+        corpus=ctx.corpus,
+        device=device,
+        run_name=run_name,
     )
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     history = frozen.system_attrs.get(RETRY_HISTORY, [])

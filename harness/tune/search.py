@@ -194,7 +194,15 @@ def run_tune(
     parent_id = tune_parent_run(store, spec, study, storage_url)
     study.set_user_attr(PARENT_ATTR, parent_id)
     corpus = load_corpus(resolve_trial(spec, tune.variant, tune.seeds[0]).data)
-    ctx = Context(spec, store, store.experiment_id(spec.name), parent_id, corpus, Budget(n_trials), progress)
+    ctx = Context(
+        spec=spec,
+        store=store,
+        experiment_id=store.experiment_id(spec.name),
+        parent_id=parent_id,
+        corpus=corpus,
+        budget=Budget(n_trials),
+        progress=progress,
+    )
     if n_trials is not None and counted(study.get_trials(deepcopy=False)) >= n_trials:
         print(f"study '{spec.name}' already has {n_trials} trials", file=sys.stderr)
     path = out or export_folder(storage_url) / f"{spec.name}-best.yaml"
