@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.bench.moe import layer_cost
+from harness.bench.roofline import layer_cost
 from models import losses
 from models.config import MoEConfig
 from models.dispatch import capacity_for, plan_dispatch
@@ -443,9 +443,9 @@ def test_bench_moe_quick_writes_the_required_json(tmp_path: Path) -> None:
 
 def test_layer_cost_counts_flops_and_bytes_from_the_shapes() -> None:
     # MLP, k=1, E=2, T=10, d=4, h=8: experts 3 x (fwd 2*T*d*h*2); router 3 x 2*T*d*E.
-    flops, moved = layer_cost(10, 2, 1, "mlp", 4, 8, 3, itemsize=4)
+    flops, moved = layer_cost(tokens=10, experts=2, top_k=1, expert_type="mlp", d=4, h=8, rank=3, itemsize=4)
     assert flops == 3 * 2 * 10 * 4 * 8 * 2 + 3 * 2 * 10 * 4 * 2
     weights = 3 * 2 * (2 * 4 * 8 + 8 + 4) + 3 * 2 * 4  # experts, router: read fwd, read bwd, gradient written
     assert moved == 4 * (weights + 4 * 10 * (2 * 4 + 8))
-    lora_flops, _ = layer_cost(10, 2, 2, "lora", 4, 8, 3, itemsize=4)
+    lora_flops, _ = layer_cost(tokens=10, experts=2, top_k=2, expert_type="lora", d=4, h=8, rank=3, itemsize=4)
     assert lora_flops == 2 * (2 * 10 * 4 * 8 * 2) + 3 * (2 * 20 * 4 * 3 * 2) + 3 * 2 * 10 * 4 * 2

@@ -11,7 +11,7 @@ drift on a shared machine hits all cases alike:
 Each figure is the median milliseconds of forward+backward (gradients for the input and every
 parameter) after one warm-up round (naive: at most ``NAIVE_REPEATS`` timed rounds).
 
-Roofline: the same run measures the GEMM peak (``harness.bench.train.gemm_peak_flops``) and the
+Roofline: the same run measures the GEMM peak (``harness.bench.roofline.gemm_peak_flops``) and the
 memory bandwidth (a tensor copy, read + write) for the precision and thread count in use. Each row
 carries its FLOPs and bytes moved (:func:`layer_cost`), the lower bound
 ``max(FLOPs / peak, bytes / bandwidth)`` and time / bound.
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+from harness.bench.roofline import gemm_peak_flops, layer_cost, memory_bandwidth, sync
 from harness.config import MoEConfig
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that building the CLI parser stays fast
@@ -56,7 +57,6 @@ MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 * 1024**3
 NAIVE_REPEATS = 3  # compute-every-expert at E=64 costs seconds per step; its median needs fewer rounds
 TARGETS = {"moe_over_dense": 1.5, "e64_over_e4": 1.5, "hybrid_over_base": 1.3, "time_over_bound": 1.5}
 KERNELS = ("loop", "grouped_mm")
-COPY_BYTES = 256 * 1024**2  # large enough to leave every cache
 
 
 def register(bench_subparsers: Any) -> None:
@@ -140,48 +140,6 @@ def _layer_config(experts: int, top_k: int, expert_type: str, d_hidden: int, lor
     )
 
 
-def memory_bandwidth(device: torch.device, precision: str, repeats: int = 5) -> float:
-    """Bytes/s of a ``COPY_BYTES`` tensor copy (read + write), median of ``repeats``."""
-    import torch
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    src = torch.ones(COPY_BYTES // dtype.itemsize, device=device, dtype=dtype)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return 2.0 * COPY_BYTES / statistics.median(times)
-
-
-def layer_cost(
-    tokens: int, experts: int, top_k: int, expert_type: str, d: int, h: int, rank: int, itemsize: int
-) -> tuple[float, float]:
-    """``(FLOPs, bytes)`` of one MoE layer's forward + backward (input and every trainable weight).
-
-    FLOPs: 2 per multiply-add; a trainable matmul costs 3x its forward (forward, input gradient,
-    weight gradient), the frozen LoRA base 2x; the router is included. Bytes: every expert weight
-    read in forward and in backward and its gradient written (3x; the frozen base: 2 reads), plus
-    each routed row's activations (input d, pre-activation h or rank, output d) written and read
-    once in forward and again as gradients in backward (4x).
-    """
-    rows = tokens * top_k
-    router_flops = 3 * 2.0 * tokens * d * experts
-    if expert_type == "lora":
-        flops = router_flops + 2 * (2.0 * tokens * d * h * 2) + 3 * (2.0 * rows * d * rank * 2)
-        weights = 2 * (2 * d * h + h + d) + 3 * experts * (2 * d * rank)
-        activations = 4 * (rows * (2 * d + rank) + tokens * (2 * d + h))
-    else:
-        flops = router_flops + 3 * (2.0 * rows * d * h * 2)
-        weights = 3 * experts * (2 * d * h + h + d)
-        activations = 4 * rows * (2 * d + h)
-    return flops, float(itemsize * (weights + activations + 3 * experts * d))  # + the router's weights
-
-
 def naive_forward(layer: MoELayer, x: Tensor) -> Tensor:
     """Every expert on every token, weighted by the (mostly zero) dense gates."""
     routing = layer.router(x)
@@ -213,20 +171,13 @@ def _time_interleaved(
             if name == "naive" and round_ > NAIVE_REPEATS:
                 continue
             with torch.autocast(x.device.type, dtype=dtype, enabled=precision == "bf16"):
-                _sync(x.device)
+                sync(x.device)
                 start = time.perf_counter()
                 _step(module, forward, x, grad)
-                _sync(x.device)
+                sync(x.device)
             if round_:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _sync(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,7 +234,16 @@ def _bench_point(
     summary = " ".join(f"{name}={value:.1f}ms" for name, value in ms.items())
     print(f"  {p.expert_type} E={p.experts} k={p.top_k}: {summary}", file=sys.stderr, flush=True)  # progress
     itemsize = 2 if p.precision == "bf16" else 4
-    flops, moved = layer_cost(p.tokens, p.experts, p.top_k, p.expert_type, p.d_model, p.d_hidden, p.lora_rank, itemsize)
+    flops, moved = layer_cost(
+        tokens=p.tokens,
+        experts=p.experts,
+        top_k=p.top_k,
+        expert_type=p.expert_type,
+        d=p.d_model,
+        h=p.d_hidden,
+        rank=p.lora_rank,
+        itemsize=itemsize,
+    )
     bound_ms = 1e3 * max(flops / peak, moved / bandwidth)
     shared = {
         "experts": p.experts,
@@ -324,8 +284,6 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """One row per (expert type, k, E, kernel); the roofline's peak and bandwidth are measured first."""
     import torch
-
-    from harness.bench.train import gemm_peak_flops
 
     peak, bandwidth = gemm_peak_flops(device, precision), memory_bandwidth(device, precision)
     print(f"  GEMM peak {peak / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)

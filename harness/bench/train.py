@@ -25,6 +25,7 @@ import yaml
 from pydantic import ValidationError
 from tabulate import tabulate
 
+from harness.bench.roofline import gemm_peak_flops, sync
 from harness.config import VARIANTS, SpecError, TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import Corpus, batchify, get_batch, load_corpus
 from harness.flops import train_flops_per_token
@@ -32,26 +33,6 @@ from harness.step import build_train_state, resolve_device, seed_everything, set
 from harness.trainer import MetricSink, NullSink, steps_per_epoch, total_steps, train
 
 EVAL_TOKENS = 4096  # the bench's final evaluation is not timed; keep it short
-
-
-def gemm_peak_flops(device: torch.device, precision: str, size: int = 2048, repeats: int = 10) -> float:
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 2):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return 2.0 * size**3 / statistics.median(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def minimal_loop_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, warmup: int) -> float:
@@ -67,11 +48,11 @@ def minimal_loop_tokens_per_s(config: TrialConfig, corpus: Corpus, steps: int, w
     state.recurrent = state.model.initial_state(t.batch_size)
     for i in range(warmup + steps):
         if i == warmup:
-            _sync(device)
+            sync(device)
             start, tokens_before = time.perf_counter(), state.tokens
         x, y = get_batch(rows, (i % per_epoch) * t.seq_len, t.seq_len)
         train_step(state, context, x, y)
-    _sync(device)
+    sync(device)
     return (state.tokens - tokens_before) / (time.perf_counter() - start)
 
 
