@@ -1,7 +1,9 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
+RELIABILITY_SEED ?= 0
+RELIABILITY_SLICE ?= 1
 
-.PHONY: setup quick results test test-fast lint
+.PHONY: setup quick results test test-fast reliability lint
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -19,12 +21,19 @@ quick: $(VENV)/.installed
 results: $(VENV)/.installed
 	$(BIN)/python scripts/check_results.py $(RESULTS)
 
-## Every test, the slow end-to-end ones included (what CI runs).
+## Every test, the slow end-to-end ones included, then RELIABILITY_SLICE reliability cases per part drawn with
+## RELIABILITY_SEED (what CI runs).
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m reliability --reliability-seed $(RELIABILITY_SEED) --reliability-slice $(RELIABILITY_SLICE) tests/reliability
 
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not reliability"
+
+## Every reliability case (tests/reliability): the command line as subprocesses fed bad input, killed, signalled,
+## started together and hit by faults of the machine; a table per part at the end. RELIABILITY_SEED=N: other moments.
+reliability: $(VENV)/.installed
+	$(BIN)/python -m pytest -m reliability --reliability-seed $(RELIABILITY_SEED) tests/reliability
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

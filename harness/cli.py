@@ -8,12 +8,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from harness import interrupt
-from harness.config import DEFAULT_DATA_PATH, SpecError, load_spec
+from harness.config import DEFAULT_DATA_PATH, SpecError, StudySpec, load_spec
 from harness.tune import command as tune
 from models.config import ModelError
+
+if TYPE_CHECKING:
+    from harness.matrix import Cell
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
@@ -34,19 +37,17 @@ def cmd_run_study(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     trials = expand(spec, where=args.spec)
+    if args.list_cells and spec.matrix.sequential is not None:  # the current round's cells, from the store
+        from harness.study import select_cells
+        from harness.tracking import resolve_tracking_uri
+
+        trials = select_cells(spec, None, args.spec, resolve_tracking_uri(args.tracking_uri))
+    if args.dry_run and spec.matrix.sequential is not None:
+        from harness.rounds import describe_design
+
+        print("\n".join(describe_design(spec)))
     if args.dry_run or args.list_cells:
-        for index, trial in enumerate(trials):
-            c = trial.config
-            budget = f"{c.budget.tokens:,} tokens" if c.budget.tokens else f"{c.budget.epochs:g} epochs"
-            moe = f"router={c.moe.router} expert={c.moe.expert}"
-            block = {"dense": "dense FFN", "none": "no block"}.get(c.model.ffn, moe)
-            after = f" after {trial.depends_on}" if trial.depends_on else ""
-            print(
-                f"{index:3d} {trial.key}"
-                if args.list_cells
-                else f"{trial.key:40s} backbone={c.model.backbone} {block} budget={budget}{after}"
-            )
-        print(f"{len(trials)} trials in study '{spec.name}'")
+        print_cells(spec, trials, numbered=args.list_cells, at_most=spec.matrix.sequential is not None and args.dry_run)
         return 0
     if args.ray and args.cell is not None:
         raise SpecError("--cell runs one cell in this process (a Slurm array task); it does not take --ray")
@@ -79,6 +80,22 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     for key, verdict in outcome.flagged.items():
         print(f"WARNING {key}: {verdict.label}: {verdict.evidence}")
     return EXIT_TRIALS_FAILED if outcome.failed else 0
+
+
+def print_cells(spec: StudySpec, trials: list[Cell], *, numbered: bool, at_most: bool) -> None:
+    """``--list-cells`` (each cell with the index ``--cell`` takes) or ``--dry-run`` (each cell's setup)."""
+    for index, trial in enumerate(trials):
+        c = trial.config
+        budget = f"{c.budget.tokens:,} tokens" if c.budget.tokens else f"{c.budget.epochs:g} epochs"
+        moe = f"router={c.moe.router} expert={c.moe.expert}"
+        block = {"dense": "dense FFN", "none": "no block"}.get(c.model.ffn, moe)
+        after = f" after {trial.depends_on}" if trial.depends_on else ""
+        print(
+            f"{index:3d} {trial.key}"
+            if numbered
+            else f"{trial.key:40s} backbone={c.model.backbone} {block} budget={budget}{after}"
+        )
+    print(f"{'at most ' if at_most else ''}{len(trials)} trials in study '{spec.name}'")
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from harness.data import Corpus
 
 
+UNTRAINED = frozenset({"saturated", "stalled", "unstable"})  # verdicts whose trial says nothing of its design
 STALL_AFTER_SHARE = 0.5
 """Share of the budget after which a trial must have left the unigram plateau (the shipped studies' healthy
 trials are well below it by then; a stalled one stays on it to the end)."""

@@ -1,10 +1,10 @@
 """Ctrl-C and SIGTERM as a flag the harness checks at safe points, never an exception raised mid-call.
 
 A handler that raises can land anywhere, inside a garbage-collection callback too, where Python
-prints "Exception ignored" and swallows it (issue 13: SIGTERM ignored in 2 of 36 tries). So the
-handler only records the signal; the trainer calls :func:`check` at each step and the study and
-tuning loops between trials, and :class:`Interrupted` unwinds from there: the run is marked KILLED,
-the checkpoint stays, and the command exits ``128 + signal``. A second signal while the first is
+prints "Exception ignored" and swallows it: the signal would be lost. So the handler only records
+the signal; the trainer calls :func:`check` at each step and the study and tuning loops between
+trials, and :class:`Interrupted` unwinds from there: the run is marked KILLED, the checkpoint
+stays, and the command exits ``128 + signal``. A second signal while the first is
 being handled raises at once, for a user who does not want to wait.
 """
 

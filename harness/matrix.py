@@ -32,8 +32,11 @@ def cell_key(variant: str, seed: int, assignment: dict[str, Any]) -> str:
 
 
 def expand(spec: StudySpec, where: str = "spec") -> list[Cell]:
-    """Every cell of the matrix in a deterministic order (variant, sweep point, seed), sources before the cells
-    that start from them. A source cell logs its final weights (``train.save_checkpoint``) for its dependents."""
+    """Every cell of the matrix in the order cells run: matrix order (variant, sweep point, seed), except that the
+    variants a variant starts from come before it (:func:`~harness.config.source_order`). The one place cells are
+    ordered: any subset keeps every source before its dependents, so callers run what is pending as listed.
+
+    A source cell logs its final weights (``train.save_checkpoint``) for its dependents."""
     trials = resolve_matrix(spec, where)
     order = source_order(trials, where)
     trials.sort(key=lambda t: order.index(t.variant))  # stable: keeps (sweep point, seed) order per variant

@@ -141,14 +141,19 @@ class RoutingTally:
         """``[layers, experts]`` share of routed slots per expert."""
         return self.counts / self.counts.sum(-1, keepdim=True).clamp_min(1.0)
 
-    def means(self) -> dict[str, float]:
-        """Router loss terms, entropy and dropped fraction averaged over calls (one host sync)."""
+    def sums(self) -> dict[str, Tensor]:
+        """Router loss terms, entropy and dropped fraction summed over calls, on the device (none before a call)."""
         if not self.calls:
             return {}
-        values = {name: float(total) / self.calls for name, total in self.loss_sums.items()}
-        values["routing_entropy"] = float(self.entropy_sum) / self.calls
-        values["dropped_fraction"] = float(self.dropped_sum) / self.calls
-        return values
+        return {**self.loss_sums, "routing_entropy": self.entropy_sum, "dropped_fraction": self.dropped_sum}
+
+    def means(self) -> dict[str, float]:
+        """The sums averaged over calls (one device-to-host copy)."""
+        sums = self.sums()
+        if not sums:
+            return {}
+        totals = torch.stack([total.double() for total in sums.values()]).tolist()  # float64: exact for fp32/bf16
+        return {name: total / self.calls for name, total in zip(sums, totals, strict=True)}
 
 
 def utilisation_summary(fractions: Tensor, prefix: str) -> dict[str, float]:

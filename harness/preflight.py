@@ -1,12 +1,15 @@
 """Everything about a study's cells that is knowable before training, checked before anything is written.
 
-Each problem is one :class:`~harness.config.SpecError` line naming the key, the file or the option: data files
-and splits too short for the batch, a model that cannot be built or does not fit in memory, a token budget far
-beyond the data, strings longer than MLflow keeps, a checkpoint folder without room for one checkpoint.
+Each problem is one :class:`~harness.config.SpecError` line naming the key, the file or the option: a CUDA device
+or a data folder this machine lacks, data files and splits too short for the batch, a model that cannot be built or
+does not fit in memory, a token budget far beyond the data, strings longer than MLflow keeps, a checkpoint folder
+without room for one checkpoint.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -19,8 +22,8 @@ from mlflow.utils.validation import (
 )
 
 from harness.checkpoint import cell_checkpointer, check_room, checkpoint_bytes, human_bytes
-from harness.config import SpecError, StudySpec, TrialConfig, shorten
-from harness.data import Corpus, load_corpus, split_files
+from harness.config import DATA_ENV, SpecError, StudySpec, TrialConfig, shorten
+from harness.data import Corpus, DataError, load_corpus, split_files
 from harness.fingerprint import run_params
 from harness.matrix import Cell
 from harness.step import resolve_device
@@ -43,6 +46,7 @@ def preflight(
     checkpoint goes with its old run: :func:`harness.study.prepare_study`).
     """
     check_strings(spec, where)
+    check_host((trial.config for trial in trials), where)
     corpora: dict[str, Corpus] = {}
     for trial in trials:
         if corpus_key(trial) not in corpora:
@@ -56,6 +60,23 @@ def preflight(
             cell_checkpointer(checkpoint_dir, spec, trial, corpus).load()  # SpecError: another config's checkpoint
     check_checkpoint_room(spec, trials, corpora, checkpoint_dir)
     return corpora
+
+
+def check_host(configs: Iterable[TrialConfig], where: str) -> None:
+    """This machine has what the configs ask for: a CUDA device for ``train.device: cuda``, the data folder.
+
+    Not part of loading a spec: listing cells and reporting work on a machine without either (a login node)."""
+    for config in configs:
+        try:
+            resolve_device(config.train.device)
+        except SpecError as error:
+            raise SpecError(f"{where}: {config.variant}: {error} on this machine (use auto or cpu)") from None
+        folder = config.data.root() / config.data.name
+        if not folder.is_dir():
+            source = f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "data.path"
+            raise DataError(
+                f"{where}: data folder '{folder}' does not exist (set {source}, or run 'harness data download')"
+            )
 
 
 def check_splits(config: TrialConfig, corpus: Corpus) -> None:

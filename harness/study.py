@@ -9,30 +9,30 @@ MLflow run. A trial that fails (divergence, out of memory, bad data) is marked f
 reason and the study goes on. Bad input (data, checkpoints, servers) is rejected before anything
 is written; a study lock keeps a second invocation on this machine from running the same cells.
 """
+# Over 350 lines: the study driver's one flow: preflight, prepare, run (rounds), close, interrupt.
 
 from __future__ import annotations
 
-import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from mlflow.entities import Param, Run
 from tqdm import tqdm
 
-from harness import interrupt, runs
+from harness import interrupt
+from harness.changes import changed_cells, refusal, supersede_run
 from harness.checkpoint import cell_checkpointer
 from harness.config import SpecError, StudySpec
 from harness.data import Corpus
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.engine.lock import lock_path, study_lock
-from harness.engine.order import in_dependency_order
-from harness.fingerprint import changes, describe, identity
+from harness.fingerprint import describe
 from harness.health import HealthVerdict, assess, validation_shares
 from harness.matrix import Cell, expand
 from harness.preflight import corpus_key, preflight
+from harness.rounds import current_plan, record_plan, round_cells
 from harness.runs import (
     FAILED,
     FINISHED,
@@ -47,24 +47,16 @@ from harness.runs import (
     is_finished,
     oldest,
     open_trial_run,
-    shared_run,
 )
+from harness.study_run import study_parent_run
 from harness.tags import (
     CELL,
-    EQUIVALENCE_MARGIN,
     ERROR,
     HEALTH,
     HEALTH_EVIDENCE,
     INIT_SOURCE_RUN,
-    NOTE,
-    REPORT_REFERENCE,
-    ROLE,
-    ROLE_STUDY,
-    ROLE_SUPERSEDED,
-    STUDY,
-    SUPERSEDED,
 )
-from harness.tracking import TrackingStore, device_description
+from harness.tracking import TrackingStore, check_tracking_uri
 from harness.trainer import resolve_device, train
 
 CHECKPOINT_DIR = Path("mlruns") / "checkpoints"
@@ -79,6 +71,13 @@ class StudyOutcome:
     failed: dict[str, str] = field(default_factory=dict)
     flagged: dict[str, HealthVerdict] = field(default_factory=dict)  # finished cells judged unhealthy
 
+    def absorb(self, other: StudyOutcome) -> StudyOutcome:
+        """This outcome with another round's added (the same study)."""
+        self.finished += other.finished
+        self.skipped += other.skipped
+        self.failed |= other.failed
+        return self
+
     def record(self, key: str, reason: str | None) -> None:
         """A cell's end as the runner saw it: None when it finished, else why it failed."""
         if reason is None:
@@ -86,26 +85,6 @@ class StudyOutcome:
         else:
             self.failed[key] = reason
             print(f"  {key} failed: {reason}", file=sys.stderr, flush=True)
-
-
-def describe_study_run(store: TrackingStore, run_id: str, spec: StudySpec, trials: list[Cell], relog: bool) -> str:
-    """Give a new parent run the resolved matrix as params and the spec as an artifact (a rerun keeps the first,
-    unless ``relog``: the spec artifact is then this one; params cannot change)."""
-    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
-    if store.client.get_run(run_id).data.params:
-        if relog:
-            store.client.log_text(run_id, spec_yaml, "spec.yaml")
-        return run_id
-    matrix = spec.matrix
-    params = {
-        "matrix.variants": ",".join(matrix.variants),
-        "matrix.seeds": ",".join(str(seed) for seed in matrix.seeds),
-        "n_trials": str(len(trials)),
-        **{f"matrix.sweep.{key}": json.dumps(values) for key, values in matrix.sweep.items()},
-    }
-    store.client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()])
-    store.client.log_text(run_id, spec_yaml, "spec.yaml")
-    return run_id
 
 
 @dataclass
@@ -241,81 +220,58 @@ def prepare_study(
     return worker, outcome, pending
 
 
-Changes = dict[str, tuple[str | None, str | None]]
-
-
-def changed_cells(
-    store: TrackingStore, study: str, trials: list[Cell], corpora: dict[str, Corpus]
-) -> dict[str, Changes]:
-    """Cell key -> how its recorded run differs from what the cell computes now; only cells that differ.
-
-    A cell that starts from a changed cell (``init.source``) has changed too: its starting weights will.
-    Reads only: an unknown study has no recorded cells.
-    """
-    experiment = store.client.get_experiment_by_name(study)
-    if experiment is None:
-        return {}
-    changed: dict[str, Changes] = {}
-    for trial in trials:
-        run = cell_run(store, experiment.experiment_id, trial)
-        corpus = corpora[corpus_key(trial)]
-        differences = {} if run is None else changes(run, identity(trial.config, corpus), corpus.digest)
-        if trial.depends_on in changed:
-            differences = differences or {"init.source run": (trial.depends_on, "a new run")}
-        if differences and run is not None:
-            changed[trial.key] = differences
-    return changed
-
-
-def refusal(study: str, changed: dict[str, Changes]) -> str:
-    """One line: the study, the first changed cell and its keys (old -> new), how many more, and the way out."""
-    key, differences = next(iter(changed.items()))
-    more = f" (and {len(changed) - 1} more cells)" if len(changed) > 1 else ""
-    return (
-        f"study '{study}': cell {key} differs from its recorded run: {describe(differences)}{more}; "
-        f"rerun with --supersede to run changed cells as new runs (the old ones are kept, tagged superseded), "
-        f"or give the study another name"
-    )
-
-
-def supersede_run(store: TrackingStore, run: Run, what_changed: str) -> None:
-    """Take ``run`` out of its cell: its role becomes superseded (reports skip it; it stays in the UI)."""
-    if run.info.status in (RUNNING, SCHEDULED):
-        end_run(store.client, run.info.run_id, KILLED, "superseded: its cell changed")
-    store.client.set_tag(run.info.run_id, SUPERSEDED, what_changed[:5000])
-    store.client.set_tag(run.info.run_id, ROLE, ROLE_SUPERSEDED)  # last: the one write that moves it out
-
-
-def study_parent_run(spec: StudySpec, store: TrackingStore, experiment_id: str, *, relog_spec: bool = False) -> str:
-    """The study's parent run, RUNNING (again, on a rerun), with its description, matrix, spec and report settings
-    (``relog_spec``: the spec artifact replaced by this one, whose changed cells supersede their old runs)."""
-    every_cell = expand(spec)
-    tags = {ROLE: ROLE_STUDY, STUDY: spec.name, "n_trials": str(len(every_cell))}
-    tags["device"] = device_description(every_cell[0].config.train.device)
-    tags |= {NOTE: spec.description} if spec.description else {}
-    parent_id = shared_run(store, experiment_id, f"tags.`{ROLE}` = '{ROLE_STUDY}'", spec.name, tags)
-    describe_study_run(store, parent_id, spec, every_cell, relog_spec)
-    # Tags, not params: a rerun with other report settings replaces them (MLflow params cannot change).
-    store.client.set_tag(parent_id, EQUIVALENCE_MARGIN, str(spec.report.equivalence_margin))
-    if spec.report.reference is not None:
-        store.client.set_tag(parent_id, REPORT_REFERENCE, spec.report.reference)
-    runs.resume(store.client, parent_id)  # a rerun: RUNNING again until its cells are done
-    return parent_id
-
-
 def close_study(spec: StudySpec, store: TrackingStore, outcome: StudyOutcome) -> None:
     """Every unhealthy finished cell into ``outcome.flagged`` (from its run's tags, whoever ran it), and the parent
     run ended FINISHED (FAILED when a cell failed) once every cell of the study has ended; else it stays RUNNING
-    (``--cell N``: the other array tasks are not done yet)."""
-    done = True
-    for cell in expand(spec):
+    (``--cell N``: the other array tasks are not done yet). A sequential study is done when its next round has no
+    cells; its cells that no round needed never run."""
+    cells = expand(spec)
+    plan = None if spec.matrix.sequential is None else current_plan(spec, store, cells)
+    done = plan is None or not plan.next_cells
+    for cell in cells:
         run = cell_run(store, outcome.experiment_id, cell)
-        done = done and run is not None and run.info.status in (FINISHED, FAILED)
-        label = run.data.tags.get(HEALTH, "ok") if run is not None and is_finished(run) else "ok"
+        if run is None:
+            done = done and plan is not None
+            continue
+        done = done and run.info.status in (FINISHED, FAILED)
+        label = run.data.tags.get(HEALTH, "ok") if is_finished(run) else "ok"
         if label != "ok":
             outcome.flagged[cell.key] = HealthVerdict(tuple(label.split(",")), run.data.tags.get(HEALTH_EVIDENCE, ""))
+    if plan is not None:
+        record_plan(store, outcome.parent_run_id, spec, plan)
     if done:
         finish_study_run(store, outcome.parent_run_id, FAILED if outcome.failed else FINISHED)
+
+
+Execute = Callable[[StudyWorker, StudyOutcome, list[Cell]], None]
+
+
+def drive_study(
+    spec: StudySpec,
+    store: TrackingStore,
+    trials: list[Cell],
+    worker_args: dict,
+    *,
+    retry_failed: bool,
+    supersede: bool,
+    rounds: bool,
+    execute: Execute,
+) -> StudyOutcome:
+    """Prepare the cells and ``execute`` the pending ones: all of ``trials`` at once, or (``rounds``: a sequential
+    design) round after round, each round's cells chosen from the results of the rounds before
+    (:mod:`harness.rounds`), until no comparison is open or ``max`` seeds ran."""
+    cells = round_cells(current_plan(spec, store, trials), trials) if rounds else trials
+    total: StudyOutcome | None = None
+    while True:
+        worker, outcome, pending = prepare_study(spec, store, cells, worker_args, retry_failed, supersede)
+        total = outcome if total is None else total.absorb(outcome)
+        execute(worker, total, pending)
+        following = round_cells(current_plan(spec, store, trials), trials) if rounds else []
+        if not following or following == cells:  # done, or a round that could not change anything
+            break
+        cells = following
+    close_study(spec, store, total)
+    return total
 
 
 def kill_study(store: TrackingStore, outcome: StudyOutcome, trials: list[Cell], error: BaseException) -> None:
@@ -333,14 +289,29 @@ def end_unfinished(store: TrackingStore, experiment_id: str, trials: list[Cell],
             end_run(store.client, run.info.run_id, KILLED, reason)
 
 
-def select_cells(spec: StudySpec, cell_index: int | None, where: str = "spec") -> list[Cell]:
-    """All cells, or the one at ``cell_index`` (``--cell N``, a Slurm array index)."""
+def select_cells(
+    spec: StudySpec, cell_index: int | None, where: str = "spec", tracking_uri: str | None = None
+) -> list[Cell]:
+    """Every cell, or the one at ``cell_index`` (``--cell N``, a Slurm array index). Given ``tracking_uri``: the
+    cells ``--list-cells`` numbers, which for a sequential study are its current round's (by what the store
+    holds; a Slurm user submits one array per round)."""
     trials = expand(spec, where)
+    if spec.matrix.sequential is not None and tracking_uri is not None:
+        trials = round_cells(current_plan(spec, existing_store(tracking_uri), trials), trials)
     if cell_index is None:
         return trials
     if not 0 <= cell_index < len(trials):
         raise SpecError(f"--cell {cell_index}: study '{spec.name}' has cells 0..{len(trials) - 1}")
     return [trials[cell_index]]
+
+
+def existing_store(tracking_uri: str) -> TrackingStore | None:
+    """The store at ``tracking_uri`` when it exists (an embedded one is never created here)."""
+    try:
+        check_tracking_uri(tracking_uri, create=False)
+    except SpecError:
+        return None
+    return TrackingStore(tracking_uri)
 
 
 def run_study(
@@ -355,23 +326,33 @@ def run_study(
     where: str = "spec",
 ) -> StudyOutcome:
     """Run the study's pending cells (or only cell ``cell_index``) one after another in this process."""
-    trials = select_cells(spec, cell_index, where)
+    trials = select_cells(spec, cell_index, where, tracking_uri if cell_index is not None else None)
     corpora = preflight(spec, trials, checkpoint_dir, where, supersede=supersede)
     store = TrackingStore(tracking_uri)  # checks a tracking server is up; nothing written before here
     name = spec.name if cell_index is None else trials[0].name
     with study_lock(lock_path(tracking_uri, checkpoint_dir, name)):
         worker_args = {"corpora": corpora, "checkpoint_dir": checkpoint_dir, "progress": progress}
-        worker, outcome, pending = prepare_study(spec, store, trials, worker_args, retry_failed, supersede)
-        order = in_dependency_order(pending)
-        try:
-            for trial in tqdm(order, desc=spec.name, unit="cell", disable=not progress, file=sys.stderr):
-                interrupt.check()  # a safe point: between cells, nothing half-written
-                try:
-                    outcome.record(trial.key, worker.run_cell(trial))
-                except AttemptSuperseded as superseded:
-                    print(f"  {trial.key}: {superseded}", file=sys.stderr, flush=True)
-        except BaseException as error:
-            kill_study(store, outcome, order, error)
-            raise
-        close_study(spec, store, outcome)
-    return outcome
+
+        def execute(worker: StudyWorker, outcome: StudyOutcome, pending: list[Cell]) -> None:
+            try:  # in expand's order: a source cell before the cells that start from it
+                for trial in tqdm(pending, desc=spec.name, unit="cell", disable=not progress, file=sys.stderr):
+                    interrupt.check()  # a safe point: between cells, nothing half-written
+                    try:
+                        outcome.record(trial.key, worker.run_cell(trial))
+                    except AttemptSuperseded as superseded:
+                        print(f"  {trial.key}: {superseded}", file=sys.stderr, flush=True)
+            except BaseException as error:
+                kill_study(store, outcome, pending, error)
+                raise
+
+        rounds = spec.matrix.sequential is not None and cell_index is None
+        return drive_study(
+            spec,
+            store,
+            trials,
+            worker_args,
+            retry_failed=retry_failed,
+            supersede=supersede,
+            rounds=rounds,
+            execute=execute,
+        )

@@ -36,6 +36,9 @@ OPTUNA_TRIAL = "optuna.trial_number"
 OPTUNA_RETRIED_FROM = "optuna.retried_from"
 OPTUNA_PARAM = "optuna.param."  # prefix of one tag per tuned parameter
 
+SEQUENTIAL_DESIGN = "harness.sequential.design"  # on a sequential study's run: initial, max, alpha, spending (JSON)
+SEQUENTIAL_DECISION = "harness.sequential.decision"  # e.g. switch:worse@3,lora:equivalent@5,hybrid:open@10
+SEQUENTIAL_SAVED = "harness.sequential.trials_saved"  # against running max seeds for every variant
 HEALTH = "harness.health"  # "ok" or comma-joined collapsed,saturated,stalled,unstable (harness/health.py)
 HEALTH_EVIDENCE = "harness.health.evidence"  # one sentence with the numbers behind the verdict
 EQUIVALENCE_MARGIN = "report.equivalence_margin"  # on the study parent run: the spec's report.equivalence_margin

@@ -4,9 +4,11 @@ Seeded and deterministic on CPU; truncated BPTT with the recurrent state carried
 (reset at each epoch start); periodic evaluation (with a hook a tuner can use to prune); final
 validation and test perplexity on the full splits; periodic checkpoints from which an interrupted
 trial resumes bit-for-bit on CPU. The step itself is ``harness.step.train_step``; the state it
-advances and checkpoints is ``harness.checkpoint.TrainState``. Host syncs happen only at logging
-steps, so bookkeeping stays off the hot path.
+advances and checkpoints is ``harness.checkpoint.TrainState``. The loop's bookkeeping (losses, routing,
+gradient figures) stays on the device between logging steps and is read to the host in one copy at each
+(``LogWindow.close``), so it stays off the hot path.
 """
+# Over 350 lines: the training loop and the window bookkeeping it reads top to bottom, kept in one place.
 
 from __future__ import annotations
 
@@ -140,19 +142,29 @@ class Validation:
         return val_loss
 
 
-def _long_table(fractions: Tensor, **columns: Any) -> list[dict[str, Any]]:
+def _long_table(fractions: list[list[float]], **columns: Any) -> list[dict[str, Any]]:
     return [
         {**columns, "layer": layer, "expert": expert, "share": share}
-        for layer, row in enumerate(fractions.cpu().tolist())
+        for layer, row in enumerate(fractions)
         for expert, share in enumerate(row)
     ]
 
 
+def to_host(scalars: dict[str, Tensor], table: Tensor) -> tuple[dict[str, float], list[list[float]]]:
+    """0-d device tensors and a ``[rows, columns]`` table in one device-to-host copy (float64 holds every
+    float32 and bf16 value exactly, so the floats are those each tensor would read alone)."""
+    flat = torch.cat([torch.stack([value.double() for value in scalars.values()]), table.double().flatten()])
+    values, n = flat.tolist(), len(scalars)
+    width = table.size(-1)
+    rows = [values[n + row * width : n + (row + 1) * width] for row in range(table.size(0))]
+    return dict(zip(scalars, values[:n], strict=True)), rows
+
+
 class LogWindow:
-    """The steps since the last logging step: losses, routing and clipped steps accumulate on device, read
-    once at close. ``clip_fraction`` is the share of the window's steps whose gradient was clipped; the
-    ``grad_norm_*`` figures (before clipping) and ``backbone_spread`` (``models.base.token_spread``) are the
-    values at the logging step, not window means."""
+    """The steps since the last logging step: losses, routing and clipped steps accumulate on device and are
+    read to the host in one copy at close, with the logging step's own figures. ``clip_fraction`` is the share
+    of the window's steps whose gradient was clipped; the ``grad_norm_*`` figures (before clipping) and
+    ``backbone_spread`` (``models.base.token_spread``) are the values at the logging step, not window means."""
 
     def __init__(self, n_layers: int, n_experts: int, device: torch.device, drops: bool = False) -> None:
         self.drops = drops  # a capacity is set: the dropped fraction can be non-zero, so it is logged
@@ -175,35 +187,38 @@ class LogWindow:
         self.steps += 1
         self.tokens += tokens
 
-    def step_metrics(self) -> dict[str, float]:
-        """``clip_fraction``, and the logging step's ``grad_norm_*`` and ``backbone_spread``, in one host sync."""
+    def step_figures(self) -> dict[str, Tensor]:
+        """``clip_fraction``, and the logging step's ``grad_norm_*`` and ``backbone_spread``, still on the device."""
         figures = {"clip_fraction": self.clipped / self.steps, **self.grad_norms}
         if self.backbone_output is not None:  # computed here, not every step: only logging steps read it
             figures[BACKBONE_SPREAD] = token_spread(self.backbone_output)
-        values = torch.stack([value.float() for value in figures.values()]).tolist()
-        return dict(zip(figures, values, strict=True))
+        return figures
 
     def close(self, state: TrainState, elapsed: float) -> dict[str, float]:
-        """The window's metrics (one host sync); its time and routing join the run's totals; then it is empty."""
+        """The window's metrics (one device-to-host copy); its time and routing join the run's totals; then it
+        is empty."""
         state.train_time += elapsed
-        mean_loss = float(self.loss) / self.steps
+        routing, figures = self.routing.sums(), self.step_figures()
+        sums = {TRAIN_LOSS: self.loss, "aux_loss": self.aux, **routing}
+        host, fractions = to_host(sums | figures, self.routing.fractions())
+        mean_loss = host[TRAIN_LOSS] / self.steps
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(f"non-finite training loss at step {state.step}")
         metrics = {
             TRAIN_LOSS: mean_loss,
             "train_ppl": perplexity(mean_loss),
-            "aux_loss": float(self.aux) / self.steps,
+            "aux_loss": host["aux_loss"] / self.steps,
             "lr": state.scheduler.get_last_lr()[0],
             "tokens_per_s": self.tokens / elapsed,
             "tokens": float(state.tokens),
-            **self.routing.means(),
-            **self.step_metrics(),
+            **{name: host[name] / self.routing.calls for name in routing},
+            **{name: host[name] for name in figures},
         }
         if not self.drops:
             metrics.pop("dropped_fraction", None)
         if self.routing.n_layers:
             state.train_counts += self.routing.counts
-            state.history.extend(_long_table(self.routing.fractions(), step=state.step, tokens=state.tokens))
+            state.history.extend(_long_table(fractions, step=state.step, tokens=state.tokens))
         self.routing.reset()
         self.loss.zero_()
         self.aux.zero_()
@@ -300,7 +315,8 @@ def trial_result(
         summary |= utilisation_summary(val_tally.fractions(), "util_val")
         summary |= {f"val_{k}": v for k, v in val_tally.means().items() if k != "dropped_fraction" or drops}
         utilisation = pd.DataFrame(
-            _long_table(train_fractions, split="train") + _long_table(val_tally.fractions(), split="validation")
+            _long_table(train_fractions.tolist(), split="train")
+            + _long_table(val_tally.fractions().tolist(), split="validation")
         )
     return TrialResult(summary, utilisation, pd.DataFrame(state.history), state.model)
 

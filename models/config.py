@@ -16,9 +16,12 @@ class ModelError(ValueError):
 
 
 class StrictConfig(BaseModel):
-    """Unknown keys, NaN/inf and wrongly typed assignments are errors, not silently kept."""
+    """Unknown keys, NaN/inf and wrongly typed assignments are errors, not silently kept. A field's docstring is
+    its description (``FieldInfo.description``), from which the README's key table is generated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class ModelConfig(StrictConfig):
@@ -30,8 +33,8 @@ class ModelConfig(StrictConfig):
     """How the residual block's output projection starts (dense FFN, every expert bank, shared experts):
     ``scaled``: normal with std 0.02 / sqrt(2 * n_layers), as GPT-2's residual projections, bias zero;
     ``zero``: zero weight and bias (the block starts as the identity); ``default``: PyTorch's Linear init.
-    Near-identity keeps a fresh block from destabilising the residual stream (the classic LSTM recipe's
-    dense FFN rose above ln V at step 25 under ``default``)."""
+    Near-identity keeps a fresh block from destabilising the residual stream (under ``default`` the classic LSTM
+    recipe's dense FFN diverged early)."""
     d_model: int = Field(200, ge=1)
     n_layers: int = Field(2, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)

@@ -1,7 +1,7 @@
 """Regenerate the committed study results and fail when a verdict changed (``make results``).
 
 Each folder ``docs/results/<study>/`` holds a report of ``studies/<study>.yaml`` and its ``verdicts.json``
-(every trial's health and each variant's answers, ``harness/report/verdict.py``). For each, this runs the
+(every trial's health and each variant's answers, ``harness.report.statistics.verdicts``). For each, this runs the
 study through the CLI into a fresh store in a temporary folder, writes its report there and compares the
 new verdicts with the committed ones: exit 1 naming every decision that changed, 0 when all hold. With
 ``--update`` it copies the new report over the committed one instead (how a result is committed).

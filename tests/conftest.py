@@ -28,17 +28,30 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Here, not in tests/reliability/conftest.py: pytest reads options only from the conftest files it loads first.
+    group = parser.getgroup("reliability", "the reliability cases (tests/reliability, run with -m reliability)")
+    group.addoption("--reliability-seed", type=int, default=0, help="seed of the random moments and of the slice")
+    group.addoption(
+        "--reliability-slice", type=int, default=0, metavar="N", help="run N cases per part, drawn with the seed"
+    )
+
+
+def write_tiny_data(source: Path, root: Path) -> Path:
+    """The first lines of each WikiText-2 split under ``source``, in the same parquet layout under ``root``."""
+    folder = root / "wikitext-2-v1"
+    folder.mkdir(parents=True)
+    for split, n_lines in TINY_LINES.items():
+        name = f"{split}-00000-of-00001.parquet"
+        table = pq.read_table(source / "wikitext-2-v1" / name).slice(0, n_lines)
+        pq.write_table(pa.table({"text": table.column("text")}), folder / name)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first lines of each real WikiText-2 split, in the same parquet layout."""
-    root = tmp_path_factory.mktemp("data")
-    folder = root / "wikitext-2-v1"
-    folder.mkdir()
-    for split, n_lines in TINY_LINES.items():
-        name = f"{split}-00000-of-00001.parquet"
-        table = pq.read_table(shared_data / "wikitext-2-v1" / name).slice(0, n_lines)
-        pq.write_table(pa.table({"text": table.column("text")}), folder / name)
-    return root
+    return write_tiny_data(shared_data, tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(autouse=True)

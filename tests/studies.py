@@ -1,8 +1,12 @@
-"""Helpers for tests that run tiny real studies in-process through the CLI."""
+"""The one builder of tiny study specs (studies/tiny.yaml renamed and resized), and helpers for tests that run
+tiny real studies in-process through the CLI."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -13,23 +17,82 @@ from mlflow.tracking import MlflowClient
 from harness.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "studies" / "tiny.yaml"
+GOOD_LR, BAD_LR = 1.0e-2, 1.0e-7  # the ends of the tune spec's learning-rate range
 
 
-def tiny_spec(
-    folder: Path, name: str, variants: list[str], seeds: list[int], overrides: dict | None = None, **base: dict
-) -> Path:
-    """studies/tiny.yaml under another name and matrix, 1,500 tokens, with ``base`` sections and ``overrides``."""
-    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
+def tiny_config(
+    name: str, variants: Sequence[str], seeds: Sequence[int] = (0,), overrides: dict | None = None, **base: dict
+) -> dict[str, Any]:
+    """studies/tiny.yaml under another name and matrix, 1,500 tokens, ``base`` sections merged in, ``overrides``."""
+    spec = yaml.safe_load(TINY.read_text())
     spec["name"] = name
-    spec["matrix"] = {"variants": variants, "seeds": seeds}
+    spec["matrix"] = {"variants": list(variants), "seeds": list(seeds)}
     spec["base"]["budget"]["tokens"] = 1500
     for section, values in base.items():
         spec["base"].setdefault(section, {}).update(values)
     if overrides:
         spec["overrides"] = overrides
-    path = folder / f"{name}.yaml"
+    return spec
+
+
+def with_keys(spec: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``spec`` with each dotted key of ``changes`` set (missing sections created)."""
+    spec = copy.deepcopy(spec)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = spec
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return spec
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def tiny_spec(
+    folder: Path,
+    name: str,
+    variants: Sequence[str],
+    seeds: Sequence[int] = (0,),
+    overrides: dict | None = None,
+    **base: dict,
+) -> Path:
+    """``tiny_config(...)`` written to ``folder/<name>.yaml``."""
+    return write_spec(folder / f"{name}.yaml", tiny_config(name, variants, seeds, overrides, **base))
+
+
+def tune_config(name: str, tune: dict[str, Any] | None = None, tokens: int = 1500) -> dict[str, Any]:
+    """The tiny spec with a hybrid tune section (softmax top-k router, so top_k can vary); ``tune`` replaces keys."""
+    overrides = {"hybrid": {"moe": {"router": "softmax_topk"}}}
+    spec = tiny_config(name, ["hybrid"], overrides=overrides, budget={"tokens": tokens, "eval_every_steps": 2})
+    spec["tune"] = {
+        "variant": "hybrid",
+        "n_trials": 3,
+        "space": {
+            "moe.lora_rank": {"type": "int", "low": 1, "high": 8, "log": True},
+            "moe.top_k": {"type": "int", "low": 1, "high": 2},
+            "moe.aux_loss_coef": {"type": "float", "low": 1.0e-4, "high": 0.1, "log": True},
+            "optim.lr": {"type": "float", "low": BAD_LR, "high": GOOD_LR, "log": True},
+        },
+        "pruner": "median",
+        "pruner_startup_trials": 2,
+        "pruner_warmup_steps": 2,
+        "seeds": [3, 4],
+        "heartbeat_interval_s": 1,
+        "grace_period_s": 3,
+        **(tune or {}),
+    }
+    return spec
+
+
+def tune_spec(folder: Path, name: str, tune: dict[str, Any] | None = None, tokens: int = 1500) -> Path:
+    """``tune_config(...)`` written to ``folder/<name>.yaml``."""
+    return write_spec(folder / f"{name}.yaml", tune_config(name, tune, tokens))
 
 
 def run_study(folder: Path, spec: Path, uri: str, *extra: str) -> int:

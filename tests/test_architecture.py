@@ -112,6 +112,22 @@ def test_models_import_nothing_from_harness() -> None:
     assert not [u for u in used if u.split(": ")[1].split(".")[0] == "harness"]
 
 
+def in_config(module: str) -> bool:
+    return module == "harness.config" or module.startswith("harness.config.")
+
+
+def test_config_is_the_bottom_layer_of_the_harness() -> None:
+    """Specs are read and checked anywhere (a login node without a GPU, ``harness report``): ``harness.config`` uses
+    no other module of the project than ``models.config``; what the machine has is ``harness.preflight``'s."""
+    modules = module_files(REPO, PACKAGES)
+    config = {module: path for module, path in modules.items() if in_config(module)}
+    assert len(config) > 1  # the package and its parts
+    used = {source for module, path in config.items() for source, _ in imported_names(module, path)}
+    assert "harness.config.schema" in used  # imports are seen
+    outside = {source for source in used if source.split(".")[0] in PACKAGES and not in_config(source)}
+    assert outside == {"models.config"}
+
+
 def test_no_module_uses_another_modules_private_names() -> None:
     modules = module_files(REPO, (*PACKAGES, "tests"))
     assert private_imports(modules, (*PACKAGES, "tests")) == []
@@ -119,10 +135,15 @@ def test_no_module_uses_another_modules_private_names() -> None:
 
 @pytest.mark.parametrize(
     ("statement", "heavy"),
-    [("import harness.cli", ("torch", "mlflow", "optuna")), ("import models.config", ("torch", "harness"))],
+    [
+        ("import harness.cli", ("torch", "mlflow", "optuna")),
+        ("import harness.config", ("torch", "mlflow", "optuna")),
+        ("import models.config", ("torch", "harness")),
+    ],
 )
 def test_light_imports_stay_light(statement: str, heavy: tuple[str, ...]) -> None:
-    """The CLI parser starts without torch/MLflow/Optuna (seconds to import); model configs need no harness."""
+    """The CLI parser and spec loading start without torch/MLflow/Optuna (seconds to import); model configs need
+    no harness."""
     probe = f"import sys; {statement}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r}))"
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"

@@ -13,14 +13,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from harness.checkpoint import cell_checkpointer
 from harness.cli import main
 from harness.data import load_corpus
 from harness.trainer import Checkpointer
 from tests.conftest import free_port
-from tests.workers import REPO, harness_env, study_spec
+from tests.studies import tiny_config, tiny_spec, with_keys, write_spec
+from tests.workers import REPO, harness_env
 
 
 def run_cli(tmp_path: Path, spec: Path, *extra: str) -> int:
@@ -41,16 +41,7 @@ def assert_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str], code: in
 
 
 def edited(tmp_path: Path, change: dict) -> Path:
-    spec = yaml.safe_load(study_spec(tmp_path, "bad", ["baseline"], [0]).read_text())
-    for dotted, value in change.items():
-        *parents, leaf = dotted.split(".")
-        node = spec
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    path = tmp_path / "edited.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_spec(tmp_path / "edited.yaml", with_keys(tiny_config("bad", ["baseline"]), change))
 
 
 @pytest.mark.parametrize(
@@ -106,7 +97,7 @@ def test_bad_spec_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], cha
 def test_bad_command_line_arguments_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], message: str
 ) -> None:
-    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = tiny_spec(tmp_path, "bad", ["baseline"])
     with pytest.raises(SystemExit) as stop:
         run_cli(tmp_path, spec, *extra)
     assert_rejected(tmp_path, capsys, stop.value.code, message)
@@ -119,7 +110,7 @@ def test_malformed_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_unreachable_tracking_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = tiny_spec(tmp_path, "bad", ["baseline"])
     code = run_cli(tmp_path, spec, "--tracking-uri", f"http://127.0.0.1:{free_port()}")
     assert_rejected(tmp_path, capsys, code, "is unreachable")
 
@@ -149,7 +140,7 @@ def test_corrupt_parquet(tmp_path: Path, tiny_data: Path, capsys: pytest.Capture
     train = data / "wikitext-2-v1" / "train-00000-of-00001.parquet"
     train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])  # truncated download
     monkeypatch.setenv("MOE_HARNESS_DATA", str(data))
-    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = tiny_spec(tmp_path, "bad", ["baseline"])
     assert_rejected(tmp_path, capsys, run_cli(tmp_path, spec), "not a readable parquet file")
 
 
@@ -161,7 +152,7 @@ def test_an_empty_split_is_refused_before_anything_runs(
     test_file = data / "wikitext-2-v1" / "test-00000-of-00001.parquet"
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), test_file)
     monkeypatch.setenv("MOE_HARNESS_DATA", str(data))
-    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = tiny_spec(tmp_path, "bad", ["baseline"])
     assert_rejected(tmp_path, capsys, run_cli(tmp_path, spec), f"{test_file}: the test split is empty")
 
 
@@ -169,7 +160,7 @@ def test_checkpoint_from_an_incompatible_config(tmp_path: Path, capsys: pytest.C
     from harness.config import load_spec
     from harness.matrix import expand
 
-    spec_path = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec_path = tiny_spec(tmp_path, "bad", ["baseline"])
     spec = load_spec(spec_path)
     (trial,) = expand(spec)
     path = cell_checkpointer(tmp_path / "out" / "ck", spec, trial, load_corpus(trial.config.data)).path
@@ -184,7 +175,7 @@ def test_checkpoint_from_an_incompatible_config(tmp_path: Path, capsys: pytest.C
 
 @pytest.mark.slow
 def test_unreachable_servers_from_the_real_command_line_print_one_line(tmp_path: Path) -> None:
-    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = tiny_spec(tmp_path, "bad", ["baseline"])
     for extra, message in [
         (["--tracking-uri", f"http://127.0.0.1:{free_port()}"], "tracking server"),
         (["--ray", f"127.0.0.1:{free_port()}"], "no Ray cluster answers there"),
@@ -282,19 +273,34 @@ def test_bad_places_are_refused_up_front(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], store_template: Path, extra: list[str], message: str
 ) -> None:
     shutil.copytree(store_template, tmp_path / "out" / "mlruns")
-    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = tiny_spec(tmp_path, "bad", ["baseline"])
     before = digest(tmp_path / "out")
     rejected_once(capsys, run_cli(tmp_path, spec, *(e.format(spec=spec) for e in extra)), message)
     assert digest(tmp_path / "out") == before
 
 
+RUNS = {"in-process": (), "one-cell": ("--cell", "0"), "ray": ("--ray", "local")}  # each does its own preflight
+
+
+@pytest.mark.parametrize("extra", RUNS.values(), ids=RUNS.keys())
 def test_cuda_without_cuda_is_refused_before_the_store_is_touched(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...]
 ) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert_rejected(tmp_path, capsys, run_cli(tmp_path, edited(tmp_path, {"base.train.device": "cuda"})), "no CUDA")
+    code = run_cli(tmp_path, edited(tmp_path, {"base.train.device": "cuda"}), *extra)
+    assert_rejected(tmp_path, capsys, code, "edited.yaml: baseline: train.device = 'cuda' but no CUDA device")
+
+
+@pytest.mark.parametrize("extra", RUNS.values(), ids=RUNS.keys())
+def test_a_missing_data_folder_is_refused_before_the_store_is_touched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("MOE_HARNESS_DATA", str(tmp_path / "nowhere"))
+    folder = tmp_path / "nowhere" / "wikitext-2-v1"
+    message = f"data folder '{folder}' does not exist (set $MOE_HARNESS_DATA, or run 'harness data download')"
+    assert_rejected(tmp_path, capsys, run_cli(tmp_path, tiny_spec(tmp_path, "bad", ["baseline"]), *extra), message)
 
 
 def test_parquet_without_text_column(tmp_path: Path, tiny_data: Path, capsys, monkeypatch) -> None:  # noqa: ANN001
@@ -305,7 +311,7 @@ def test_parquet_without_text_column(tmp_path: Path, tiny_data: Path, capsys, mo
     shutil.copytree(tiny_data, data)
     pq.write_table(pa.table({"words": ["a b"] * 10}), data / "wikitext-2-v1" / "test-00000-of-00001.parquet")
     monkeypatch.setenv("MOE_HARNESS_DATA", str(data))
-    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = tiny_spec(tmp_path, "bad", ["baseline"])
     assert_rejected(tmp_path, capsys, run_cli(tmp_path, spec), "with a 'text' column")
 
 
@@ -318,7 +324,7 @@ def test_a_full_disk_is_one_line_not_a_traceback(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(harness.study, "run_study", full)
-    spec = study_spec(tmp_path, "bad", ["baseline"], [0])
+    spec = tiny_spec(tmp_path, "bad", ["baseline"])
     rejected_once(capsys, run_cli(tmp_path, spec), "No space left on device")
 
 

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from harness.cli import main
 from harness.config import load_spec
 from harness.matrix import expand
-from tests.studies import runs_by_variant
+from tests.studies import runs_by_variant, tiny_config
 
 UPCYCLE = {
     "name": "up",
@@ -93,8 +93,7 @@ def test_bad_dependencies_are_one_line_errors_with_nothing_written(
 def test_a_dependent_starts_from_its_source_run_or_fails_with_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml").read_text())
-    spec["name"], spec["base"]["budget"]["tokens"] = "up", 8 * 16 * 6
+    spec = tiny_config("up", ["switch_up", "hybrid_up", "dense", "bad"], budget={"tokens": 8 * 16 * 6})
     spec["variants"] = {
         "switch_up": {"preset": "switch"},
         "hybrid_up": {"preset": "hybrid"},
@@ -105,7 +104,6 @@ def test_a_dependent_starts_from_its_source_run_or_fails_with_it(
         "hybrid_up": {"init": {"source": "bad"}},
         "bad": {"optim": {"name": "sgd", "lr": 1.0e6, "grad_clip": None}},  # diverges: NaN/inf loss
     }
-    spec["matrix"] = {"variants": ["switch_up", "hybrid_up", "dense", "bad"], "seeds": [0]}
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     args = ["run-study", str(write(tmp_path, spec)), "--tracking-uri", uri, "--no-progress"]
     assert main([*args, "--checkpoint-dir", str(tmp_path)]) == 1

@@ -16,7 +16,7 @@ from harness.engine.lock import study_lock
 from harness.runs import finish_study_run, shared_run
 from harness.tracking import TrackingStore
 from tests.studies import run_study, tiny_spec, trial_runs
-from tests.workers import start_worker, study_spec, wait_for
+from tests.workers import start_worker, wait_for
 
 
 def test_a_second_invocation_of_the_study_is_refused_naming_the_holder(
@@ -52,7 +52,8 @@ def test_cell_n_for_every_n_gives_the_same_store_as_one_run(tmp_path: Path, caps
 
 @pytest.mark.slow
 def test_sigterm_leaves_no_running_run(tmp_path: Path) -> None:
-    spec = study_spec(tmp_path, "term", ["dense", "baseline"], [0], tokens=20_000 * 128)  # long: lands mid-trial
+    long = {"tokens": 20_000 * 128}  # lands mid-trial
+    spec = tiny_spec(tmp_path, "term", ["dense", "baseline"], [0], budget=long)
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     log = tmp_path / "worker.log"
     worker = start_worker(spec, log, "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck"))
@@ -110,7 +111,7 @@ def test_a_parent_run_created_while_another_process_looks_is_never_deleted_under
 
 @pytest.mark.slow
 def test_array_tasks_started_together_on_a_fresh_store_share_one_parent_run(tmp_path: Path) -> None:
-    spec = study_spec(tmp_path, "array", ["baseline", "switch", "dense"], [0])
+    spec = tiny_spec(tmp_path, "array", ["baseline", "switch", "dense"], [0])
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     common = ("--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck"))
     logs = [tmp_path / f"task{index}.log" for index in range(3)]

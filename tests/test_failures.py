@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 import harness.study
@@ -18,19 +17,15 @@ from harness.data import batchify, load_corpus
 from harness.metric_names import TRAIN_LOSS
 from harness.runs import TrialRun
 from harness.tracking import TrackingStore
-from tests.studies import runs_by_variant
-from tests.workers import study_spec
+from tests.studies import runs_by_variant, tiny_spec
 
 
 def test_failed_trials_are_contained_recorded_and_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec_path = study_spec(tmp_path, "faults", ["baseline", "switch", "lora", "hybrid", "dense"], [0], tokens=24 * 128)
-    spec = yaml.safe_load(spec_path.read_text())
-    spec["overrides"] = {
-        "dense": {"optim": {"name": "sgd", "lr": 1.0e6, "grad_clip": None}},  # diverges: NaN/inf loss
-    }
-    spec_path.write_text(yaml.safe_dump(spec))
+    overrides = {"dense": {"optim": {"name": "sgd", "lr": 1.0e6, "grad_clip": None}}}  # diverges: NaN/inf loss
+    variants = ["baseline", "switch", "lora", "hybrid", "dense"]
+    spec_path = tiny_spec(tmp_path, "faults", variants, [0], overrides, budget={"tokens": 24 * 128})
 
     real_train = harness.study.train
 

@@ -128,11 +128,18 @@ def test_every_parameter_belongs_to_exactly_one_component(backbone: str) -> None
     assert {id(p) for p in model.moe_layers()[0].router.parameters()} == {id(p) for p in groups["router"]}
 
 
-def test_non_log_steps_do_no_host_sync_for_the_gradient_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tiny_config("dense")  # dense: the CPU expert loop kernel reads its group sizes on the host
+@pytest.mark.parametrize(
+    ("variant", "moe"),
+    [("dense", {}), ("hybrid", {"kernel": "grouped_mm", "capacity_factor": 1.0})],
+    ids=["dense", "hybrid-grouped_mm"],  # not the CPU expert loop kernel: it reads its group sizes on the host
+)
+def test_non_log_steps_do_no_host_sync_for_the_gradient_bookkeeping(
+    variant: str, moe: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TrialConfig.model_validate(deep_merge(tiny_config(variant).model_dump(), {"moe": moe}))
     corpus = load_corpus(config.data)
     state, context = build_train_state(config, corpus.train_counts(), torch.device("cpu"), 10)
-    window = LogWindow(*state.train_counts.shape, state.device)
+    window = LogWindow(*state.train_counts.shape, state.device, drops=config.moe.capacity_factor is not None)
     state.recurrent = state.model.initial_state(config.train.batch_size)
     x = corpus.train[: 8 * 16].view(8, 16)
     y = corpus.train[1 : 8 * 16 + 1].view(8, 16)
@@ -151,12 +158,15 @@ def test_non_log_steps_do_no_host_sync_for_the_gradient_bookkeeping(monkeypatch:
     assert syncs == [] and grads.norms == {} and grads.clipped is not None
     out, grads = train_step(state, context, x, y, measure=True)
     window.add(out, grads, y.numel())
-    metrics = window.step_metrics()
-    assert syncs == ["tolist"]  # the logging step reads them all at once
-    assert set(metrics) == {"clip_fraction", "grad_norm_total", "backbone_spread"} | {
-        f"grad_norm_{c}"
-        for c in ("embedding", "backbone", "experts", "head")  # dense: no router
+    metrics = window.close(state, elapsed=1.0)
+    assert syncs == ["tolist"]  # the logging step reads the whole window at once
+    components = {"embedding", "backbone", "experts", "head"} | ({"router"} if variant != "dense" else set())
+    assert {k for k in metrics if k.startswith("grad_norm_")} == {"grad_norm_total"} | {
+        f"grad_norm_{c}" for c in components
     }
+    assert {"0_train_loss", "aux_loss", "clip_fraction", "backbone_spread"} <= set(metrics)
+    if variant != "dense":  # routing means, the dropped fraction and the window's expert shares, in the same copy
+        assert {"routing_entropy", "dropped_fraction", "balance_switch"} <= set(metrics) and state.history
     parts = [metrics[k] ** 2 for k in metrics if k.startswith("grad_norm_") and k != "grad_norm_total"]
     assert metrics["grad_norm_total"] == pytest.approx(math.sqrt(sum(parts)), rel=1e-4)
     assert 0.0 <= metrics["clip_fraction"] <= 1.0

@@ -20,11 +20,10 @@ from mlflow.tracking import MlflowClient
 
 from harness.config import SpecError, load_spec
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
-from harness.engine.order import in_dependency_order
-from harness.matrix import Cell
 from harness.metric_names import TRAIN_LOSS
 from tests.conftest import free_port
-from tests.workers import REPO, harness_env, study_spec, wait_for
+from tests.studies import tiny_spec
+from tests.workers import REPO, harness_env, wait_for
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
@@ -39,15 +38,6 @@ def test_a_superseded_attempt_stops_at_its_next_log_step(tmp_path: Path) -> None
         sink.log_metrics({"loss": 0.9}, 2)
     sink.flush()
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
-
-
-def test_sources_run_before_their_dependents() -> None:
-    cells = [
-        Cell("upcycled", "hybrid", 0, depends_on="dense"),
-        Cell("baseline", "baseline", 0),
-        Cell("dense", "dense", 0),
-    ]
-    assert [c.key for c in in_dependency_order(cells)] == ["baseline", "dense", "upcycled"]
 
 
 @pytest.fixture
@@ -90,7 +80,7 @@ def test_six_cells_on_two_gpu_nodes_each_finish_once(cluster, tmp_path: Path) ->
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
-    path = study_spec(tmp_path, "six", ["baseline", "switch", "dense"], [0, 1], tokens=24 * 128)
+    path = tiny_spec(tmp_path, "six", ["baseline", "switch", "dense"], [0, 1], budget={"tokens": 24 * 128})
     spec, uri = load_spec(path), f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     too_big = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus_per_trial": 2})})
     with pytest.raises(SpecError, match="gpus_per_trial=2 but no node"):
@@ -117,7 +107,7 @@ def test_a_lost_node_s_cell_resumes_on_another_node_into_the_same_run(cluster, t
 
     victim = cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
-    path = study_spec(tmp_path, "lost", ["switch"], [0], tokens=300 * 128, checkpoint_every_steps=5)
+    path = tiny_spec(tmp_path, "lost", ["switch"], [0], budget={"tokens": 300 * 128, "checkpoint_every_steps": 5})
     spec, uri = load_spec(path), f"sqlite:///{tmp_path / 'ray' / 'mlflow.db'}"
     result = {}
     driver = threading.Thread(
@@ -150,9 +140,8 @@ def test_a_sigkilled_driver_s_rerun_skips_finished_cells_and_resumes_the_rest(cl
 
     cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
-    spec = study_spec(
-        tmp_path, "rerun", ["dense", "switch", "baseline"], [0], tokens=80 * 128, checkpoint_every_steps=5
-    )
+    budget = {"tokens": 80 * 128, "checkpoint_every_steps": 5}
+    spec = tiny_spec(tmp_path, "rerun", ["dense", "switch", "baseline"], [0], budget=budget)
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     args = ["--ray", cluster.address, "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck")]
     first = harness(spec, *args, env=harness_env())
@@ -186,7 +175,7 @@ def test_the_cli_on_a_two_node_cluster_started_with_ray_start(tmp_path: Path) ->
         nodes.append(
             subprocess.Popen([*ray, "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--num-gpus", "1"], env=env)
         )
-        spec = study_spec(tmp_path, "cli", ["dense", "switch"], [0], tokens=16 * 128)
+        spec = tiny_spec(tmp_path, "cli", ["dense", "switch"], [0], budget={"tokens": 16 * 128})
         uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
         args = ["--ray", f"127.0.0.1:{port}", "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck")]
         out, _ = harness(spec, *args, env=env).communicate(timeout=400)

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.workers import REPO, harness_env, study_spec, wait_for
+from tests.studies import tiny_spec
+from tests.workers import REPO, harness_env, wait_for
 
 AFTER_KILL_S = 10.0
 RAY_NAMES = ("ray::", "raylet", "gcs_server", f"{os.sep}ray{os.sep}")
@@ -77,7 +78,7 @@ def kill_all(processes: list[psutil.Process]) -> None:
 
 @pytest.mark.slow
 def test_a_sigkilled_local_driver_s_cluster_is_gone_10_s_later(tmp_path: Path) -> None:
-    spec = study_spec(tmp_path, "orphans", ["switch"], [0], tokens=40_000 * 128)  # far longer than the test
+    spec = tiny_spec(tmp_path, "orphans", ["switch"], [0], budget={"tokens": 40_000 * 128})  # far longer than the test
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     command = [sys.executable, "-m", "harness", "run-study", str(spec), "--no-progress", "--ray", "local"]
     command += ["--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck")]

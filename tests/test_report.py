@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from pypdf import PdfReader
 from scipy import stats
 
 from harness.cli import main
-from harness.report.significance import compare, describe
+from harness.report.blocks import Block, Heading, Table
+from harness.report.document import build_document
+from harness.report.gather import load_study
+from harness.report.render import table_markdown
+from harness.report.statistics import analyse, compare, describe
 from harness.tags import HEALTH
 from tests.studies import run_study, tiny_spec, trial_runs
 
@@ -63,14 +69,40 @@ def failed_single_seed(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path
     return uri, folder / "reports" / "onefail"
 
 
-def section(markdown: str, title: str) -> str:
-    """The text of the section headed ``## title``, up to the next section."""
-    return markdown.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+def document(uri: str, study: str) -> list[Block]:
+    """The blocks ``harness report`` lays out for ``study`` (without its figures)."""
+    data = load_study(study, uri)
+    return build_document(data, analyse(data), [], generated=datetime.now(UTC))
 
 
-def markdown_rows(markdown: str, variant: str) -> list[list[str]]:
-    rows = [line for line in markdown.splitlines() if line.startswith(f"| {variant} |")]
-    return [[cell.strip().strip("*") for cell in row.strip("|").split("|")] for row in rows]
+def tables(doc: list[Block], title: str | None = None) -> list[Table]:
+    """The tables of the section headed ``## title`` (every table without a title), in order."""
+    if title is not None:
+        start = next(i for i, b in enumerate(doc) if isinstance(b, Heading) and b.level == 2 and b.text == title)
+        later = (i for i, b in enumerate(doc) if i > start and isinstance(b, Heading) and b.level <= 2)
+        doc = doc[start : next(later, len(doc))]
+    return [block for block in doc if isinstance(block, Table)]
+
+
+def records(table: Table) -> list[dict[str, str]]:
+    """The table's rows as {header: cell}."""
+    return [dict(zip(table.header, row, strict=True)) for row in table.rows]
+
+
+def row(table: Table, first: str) -> dict[str, str]:
+    """The row whose first cell is ``first`` as {header: cell}."""
+    (found,) = [record for record in records(table) if record[table.header[0]] == first]
+    return found
+
+
+def is_bold(table: Table, first: str, column: str) -> bool:
+    index = next(i for i, r in enumerate(table.rows) if r[0] == first)
+    return (index, table.header.index(column)) in table.bold
+
+
+@pytest.fixture(scope="module")
+def study_document(study: tuple[str, Path]) -> list[Block]:
+    return document(study[0], "rep")
 
 
 @pytest.mark.slow
@@ -85,35 +117,36 @@ def test_markdown_references_only_figures_that_exist(study: tuple[str, Path]) ->
 
 
 @pytest.mark.slow
-def test_table_mean_sd_and_ci_match_values_computed_from_mlflow(study: tuple[str, Path]) -> None:
+def test_table_mean_sd_and_ci_match_values_computed_from_mlflow(
+    study: tuple[str, Path], study_document: list[Block]
+) -> None:
     uri, out = study
-    markdown = (out / "report.md").read_text()
     runs = trial_runs(uri, "rep")
     pdf = squash("".join(pdf_text(out / "report.pdf")))
+    quality = tables(study_document, "Main comparison")[0]
+    assert table_markdown(quality) in (out / "report.md").read_text()  # the report shows these very blocks
     for variant, rows in runs[runs["tags.variant"] != "dense"].groupby("tags.variant"):
-        table = markdown_rows(section(markdown, "Main comparison"), variant)[0]  # the first table: quality
-        for metric, column in [("final_val_ppl", 2), ("test_ppl", 4)]:
+        cells = row(quality, variant)
+        for metric, column in [("final_val_ppl", "Val PPL"), ("test_ppl", "Test PPL")]:
             values = rows[f"metrics.{metric}"]
             expected = f"{values.mean():,.2f} ± {values.std(ddof=1):,.2f}"
-            assert table[column] == expected, (variant, metric)
+            assert cells[f"{column} (mean ± sd)"] == expected, (variant, metric)
             low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
-            assert table[column + 1] == f"[{low:,.2f}, {high:,.2f}]"
+            assert cells[f"{column} 95% CI"] == f"[{low:,.2f}, {high:,.2f}]"
             assert squash(expected) in pdf
-        assert table[1] == str(len(rows)) == "2"
+        assert cells["n"] == str(len(rows)) == "2"
 
 
 @pytest.mark.slow
-def test_best_value_per_column_is_marked(study: tuple[str, Path]) -> None:
+def test_best_value_per_column_is_marked(study: tuple[str, Path], study_document: list[Block]) -> None:
     uri, out = study
-    markdown = (out / "report.md").read_text()
     runs = trial_runs(uri, "rep")
-    main = section(markdown, "Main comparison")
+    quality, cost = tables(study_document, "Main comparison")
     best = runs.groupby("tags.variant")["metrics.test_ppl"].mean().idxmin()
-    row = [line for line in main.splitlines() if line.startswith(f"| {best} |")][0]
-    assert row.split("|")[5].strip().startswith("**")  # test PPL mean ± sd in bold
+    assert is_bold(quality, best, "Test PPL (mean ± sd)")
     fastest = runs.groupby("tags.variant")["metrics.train_tokens_per_s"].mean().idxmax()
-    row = [line for line in main.splitlines() if line.startswith(f"| {fastest} |")][1]  # cost table
-    assert row.split("|")[6].strip().startswith("**")
+    assert is_bold(cost, fastest, "Tokens / s")
+    assert f"| **{row(cost, fastest)['Tokens / s']}** |" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -124,17 +157,18 @@ def test_significance_is_paired_by_seed_with_p_value_and_statement(study: tuple[
     base = runs[runs["tags.variant"] == "baseline"]["metrics.test_ppl"].to_numpy()
     switch = runs[runs["tags.variant"] == "switch"]["metrics.test_ppl"].to_numpy()
     p = stats.ttest_rel(switch, base).pvalue
-    row = [line for line in markdown.splitlines() if line.startswith("| switch | paired t-test |")]
-    assert row, "switch row of the significance table"
-    cells = [c.strip() for c in row[0].strip("|").split("|")]
-    assert cells[5] == ("< 0.001" if p < 0.001 else f"{p:.3f}") and cells[6].startswith("d_z = ")
+    cells = row(tables(document(uri, "rep"), "Significance")[0], "switch")
+    assert cells["Test"] == "paired t-test" and cells["n"] == "2"
+    assert cells["p"] == ("< 0.001" if p < 0.001 else f"{p:.3f}") and cells["Effect size"].startswith("d_z = ")
     assert "At the 5% level" in markdown
     assert ("significant: switch" in markdown) == (p < 0.05)
     assert "no significance can be claimed" not in markdown
 
 
 @pytest.mark.slow
-def test_header_records_study_data_matrix_counts_and_compute(study: tuple[str, Path]) -> None:
+def test_header_records_study_data_matrix_counts_and_compute(
+    study: tuple[str, Path], study_document: list[Block]
+) -> None:
     uri, out = study
     markdown = (out / "report.md").read_text()
     runs = trial_runs(uri, "rep")
@@ -147,10 +181,10 @@ def test_header_records_study_data_matrix_counts_and_compute(study: tuple[str, P
     assert "variants baseline, switch, dense × seeds 0, 1" in markdown
     assert "finished 5, failed 0" in markdown
     assert "None: all 5 trials finished." in markdown
-    dense = markdown_rows(section(markdown, "Main comparison"), "dense")
+    quality, cost = (row(table, "dense") for table in tables(study_document, "Main comparison"))
     dense_val = runs[runs["tags.variant"] == "dense"]["metrics.final_val_ppl"].iloc[0]
-    assert dense[0][1] == "1" and dense[0][2] == f"{dense_val:,.2f}"
-    assert dense[1][-2:] == ["–", "–"]  # no router: no aux loss, no load CV
+    assert quality["n"] == "1" and quality["Val PPL (mean ± sd)"] == f"{dense_val:,.2f}"
+    assert cost["Aux loss"] == cost["Load CV"] == "–"  # no router: no aux loss, no load CV
     assert "Too few seeds to test: dense." in markdown
 
 
@@ -193,7 +227,10 @@ def test_failed_trial_and_single_seed_render_with_the_right_statements(failed_si
     assert "finished 1, failed 1" in markdown
     failed = markdown.split("## Failed trials", 1)[1]
     assert "switch/seed=0" in failed and "FAILED" in failed and "NonFiniteLoss" in failed
-    assert markdown_rows(markdown, "switch") == []  # not in the tables: it has no final numbers
+    doc = document(uri, "onefail")
+    failed_rows = records(tables(doc, "Failed trials")[0])
+    assert [(r["Trial"], r["Status"]) for r in failed_rows] == [("switch/seed=0", "FAILED")]
+    assert not [r for table in tables(doc) for r in records(table) if r[table.header[0]] == "switch"]  # no numbers
     text = squash("".join(pdf_text(out / "report.pdf")))
     assert squash("no significance can be claimed") in text and "NonFiniteLoss" in text
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
@@ -251,7 +288,9 @@ def test_tuning_study_adds_optuna_history_importances_and_pareto_front(tmp_path:
     assert main(["report", "tuned", "--tracking-uri", uri, "--out", str(out)]) == 0
     markdown = (out / "report.md").read_text()
     assert "holds only tuning trials (1)" in markdown and "## Main comparison" not in markdown
-    assert "pruned 1" in markdown and "| PRUNED | pruned at step 4 |" in markdown
+    assert "pruned 1" in markdown
+    failed = records(tables(document(uri, "tuned"), "Failed trials")[0])
+    assert [(r["Status"], r["Error"]) for r in failed] == [("PRUNED", "pruned at step 4")]
     assert {p.name for p in out.glob("*.png")} == set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown))
 
 
@@ -264,6 +303,11 @@ def test_statistics_welch_when_seeds_differ_and_nothing_with_one_value() -> None
     assert compare({"0": 1.0}, {"0": 2.0}) is None
     single = describe([5.0])
     assert single.n == 1 and single.mean == 5.0 and math.isnan(single.sd) and math.isnan(single.ci_low)
+    summary = describe([10.0, 12.0, 11.5])
+    expected = stats.t.interval(0.95, 2, loc=np.mean([10.0, 12.0, 11.5]), scale=stats.sem([10.0, 12.0, 11.5]))
+    assert (summary.ci_low, summary.ci_high) == pytest.approx(expected, rel=1e-12)
+    constant = describe([5.0, 5.0])  # no spread: a point interval, not scipy's nan for a zero scale
+    assert (constant.sd, constant.ci_low, constant.ci_high) == (0.0, 5.0, 5.0)
     paired = compare({"0": 10.0, "1": 12.0, "2": 11.0}, {"0": 11.0, "1": 12.5, "2": 12.5})
     assert paired.test == "paired t-test" and paired.n == 3
     assert paired.p_value == pytest.approx(stats.ttest_rel([11.0, 12.5, 12.5], [10.0, 12.0, 11.0]).pvalue)

@@ -20,15 +20,23 @@ from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from harness.config import SpecError, TrialConfig, load_spec, resolve_trial
 from harness.metric_names import TRAIN_LOSS, VAL_SUBSET_PPL
-from harness.report.comparison import reference_variant
-from harness.report.equivalence import holm, seeds_for_power, t_test_power, tost
-from harness.report.gather import StudyData
-from harness.report.health import flag_note
-from harness.report.matched import matched_points, ppl_at
-from harness.report.pipeline import write_report
-from harness.report.significance import Comparison, compare
+from harness.report import write_report
+from harness.report.blocks import Block
+from harness.report.gather import StudyData, reference_variant
+from harness.report.overview import flag_note
+from harness.report.statistics import (
+    Comparison,
+    compare,
+    holm,
+    matched_points,
+    ppl_at,
+    seeds_for_power,
+    t_test_power,
+    tost,
+)
 from harness.tags import EQUIVALENCE_MARGIN, HEALTH, HEALTH_EVIDENCE, PARENT, ROLE, ROLE_STUDY, ROLE_TRIAL
 from tests.studies import tiny_spec
+from tests.test_report import document, records, row, tables
 
 BASE = {"0": 100.0, "1": 104.0, "2": 101.0}
 CLOSE = {"0": 101.0, "1": 104.5, "2": 102.5}
@@ -74,7 +82,9 @@ def test_seeds_for_power_equal_statsmodels_paired_and_independent() -> None:
 def test_seeds_for_power_where_statsmodels_root_finder_gives_up() -> None:
     """The upcycle study's baseline_up vs dense_long (d_z = 5.44): solve_power returns nan with a warning; the
     answer is the smallest n whose power (statsmodels' own) reaches 0.8."""
-    upcycled = Comparison("paired t-test", 2, 0.62, 7.69, 0.082, 5.44, "d_z")
+    upcycled = Comparison(
+        test="paired t-test", n=2, difference=0.62, statistic=7.69, p_value=0.082, effect=5.44, effect_name="d_z"
+    )
     with pytest.warns(Warning):
         assert math.isnan(TTestPower().solve_power(effect_size=5.44, alpha=0.05, power=0.8))
     assert seeds_for_power(upcycled) == 3
@@ -122,7 +132,7 @@ def _trial(client: MlflowClient, eid: str, parent: str, config: TrialConfig, tes
 
 
 @pytest.fixture
-def flagged_study(tmp_path: Path, tracking_uri: str) -> Path:
+def flagged_study(tmp_path: Path, tracking_uri: str) -> tuple[Path, list[Block]]:
     """baseline and switch healthy over 3 seeds, hybrid stalled in both of its seeds, lora from an older store."""
     spec = load_spec(tiny_spec(tmp_path, "claims", ["baseline"], [0]))
     client = MlflowClient(tracking_uri)
@@ -133,11 +143,15 @@ def flagged_study(tmp_path: Path, tracking_uri: str) -> Path:
     for variant, by_seed in values.items():
         for seed, ppl in by_seed.items():
             _trial(client, eid, parent, resolve_trial(spec, variant, int(seed)), ppl, health[variant])
-    return write_report("claims", tracking_uri, tmp_path / "out", log_artifacts=False)
+    out = write_report("claims", tracking_uri, tmp_path / "out", log_artifacts=False)
+    return out, document(tracking_uri, "claims")
 
 
-def test_the_verdict_answers_each_healthy_variant_and_verdicts_json_holds_the_decisions(flagged_study: Path) -> None:
-    verdicts = json.loads((flagged_study / "verdicts.json").read_text())
+def test_the_verdict_answers_each_healthy_variant_and_verdicts_json_holds_the_decisions(
+    flagged_study: tuple[Path, list[Block]],
+) -> None:
+    out, doc = flagged_study
+    verdicts = json.loads((out / "verdicts.json").read_text())
     assert (
         verdicts["health"]["hybrid seed 0 (lstm)"] == "stalled" and verdicts["health"]["baseline seed 2 (lstm)"] == "ok"
     )
@@ -160,40 +174,54 @@ def test_the_verdict_answers_each_healthy_variant_and_verdicts_json_holds_the_de
         "faster": "undecided",
         "answer": "undecided",
     }
-    section = (flagged_study / "report.md").read_text().split("## Verdict against the reference", 1)[1]
-    switch = [line for line in section.splitlines() if line.startswith("| switch |")][0]
-    assert "| 0.900 |" in switch and "| no |" in switch and "| yes / yes / no | **no** |" in switch
+    switch = row(tables(doc, "Verdict against the reference")[0], "switch")
+    assert switch["Params ratio"] == "0.900" and switch["Significantly worse"] == "no"
+    assert switch["Smaller / no loss / faster"] == "yes / yes / no" and switch["Answer"] == "**no**"
+    # one TOST, stated twice: the verdict reads the equivalence section's figure
+    assert switch["TOST p (Holm)"] == row(tables(doc, "Equivalence to the reference")[0], "switch")["TOST p (Holm)"]
 
 
-def test_flagged_trials_are_named_and_left_out_of_rankings_and_tests(flagged_study: Path) -> None:
-    markdown = (flagged_study / "report.md").read_text()
-    health = markdown.split("## Training health", 1)[1].split("## Main comparison", 1)[0]
+def test_flagged_trials_are_named_and_left_out_of_rankings_and_tests(flagged_study: tuple[Path, list[Block]]) -> None:
+    out, doc = flagged_study
+    markdown = (out / "report.md").read_text()
+    health = markdown.split("\n## Training health\n", 1)[1].split("\n## ", 1)[0]
     assert "Flagged: hybrid seed 0 (stalled), hybrid seed 1 (stalled)" in health
-    assert (
-        "| hybrid seed 0 | stalled | 6.500 | 6.250 | 6.000 | 7.000 | 0.50 | 4.000 | train loss 1030 evidence |"
-        in health
-    )
-    assert "| lora seed 0 | unknown |" in health and "![Gradient norm per component](grad_norms.png)" in health
+    assert "![Gradient norm per component](grad_norms.png)" in health
+    (table,) = tables(doc, "Training health")
+    assert row(table, "hybrid seed 0") == {
+        "Trial": "hybrid seed 0",
+        "Health": "stalled",
+        "Train loss 25%": "6.500",
+        "Train loss 50%": "6.250",
+        "Train loss 100%": "6.000",
+        "Unigram loss": "7.000",
+        "Clip fraction": "0.50",
+        "Grad norm": "4.000",
+        "Evidence": "train loss 1030 evidence",
+    }
+    assert row(table, "lora seed 0")["Health"] == "unknown"
+    ranked = [r[t.header[0]] for t in tables(doc) if t is not table for r in records(t)]
+    assert "hybrid" not in ranked and "baseline" in ranked  # in no table but Training health
     rest = markdown.split("## Main comparison", 1)[1]
-    assert not [line for line in rest.splitlines() if line.startswith("| hybrid |")]  # in no table
     assert rest.count("flagged in Training health:** hybrid seed 0 (stalled), hybrid seed 1 (stalled)") == 4
     assert "hybrid" not in rest.split("## Significance", 1)[1].split("**Left out", 1)[0]
 
 
-def test_equivalence_and_compute_matched_tables_carry_the_library_figures(flagged_study: Path) -> None:
-    markdown = (flagged_study / "report.md").read_text()
+def test_equivalence_and_compute_matched_tables_carry_the_library_figures(
+    flagged_study: tuple[Path, list[Block]],
+) -> None:
+    out, doc = flagged_study
     bound = math.log(1.1)  # the parent run's report.equivalence_margin
     x1, x2 = np.log(list(CLOSE.values())), np.log(list(BASE.values()))
     p = ttost_paired(x1, x2, -bound, bound)[0]
-    row = [line for line in markdown.splitlines() if line.startswith("| switch | paired TOST |")][0]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[5] == ("< 0.001" if p < 0.001 else f"{p:.3f}") and "±10%" in markdown
-    matched = markdown.split("## Compute-matched comparison", 1)[1]
+    cells = row(tables(doc, "Equivalence to the reference")[0], "switch")
+    assert cells["Test"] == "paired TOST" and cells["TOST p"] == ("< 0.001" if p < 0.001 else f"{p:.3f}")
+    assert "±10%" in (out / "report.md").read_text()
     # baseline reached 4,000 tokens in 4 s, switch in 8 s: at 4 s switch has seen 2,000 tokens (step 20).
-    switch = [line for line in matched.splitlines() if line.startswith("| switch |")][0]
+    switch = row(tables(doc, "Compute-matched comparison")[0], "switch")
     expected = np.array(list(CLOSE.values())) * 40 / 20
-    assert f"{expected.mean():,.2f} ± {expected.std(ddof=1):,.2f}" in switch
-    assert (flagged_study / "grad_norms.png").stat().st_size > 5000
+    assert switch["Val PPL at 0 min 04 s"] == f"{expected.mean():,.2f} ± {expected.std(ddof=1):,.2f}"
+    assert (out / "grad_norms.png").stat().st_size > 5000
 
 
 def test_equivalence_margin_is_a_validated_spec_key(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from harness.metric_names import TRAIN_LOSS, VAL_LOSS, VAL_SUBSET_LOSS
-from tests.workers import start_worker, study_spec, wait_for
+from tests.studies import tiny_spec
+from tests.workers import start_worker, wait_for
 
 
 def trial_runs(uri: str, study: str) -> list:
@@ -27,9 +28,8 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_sigkilled_study_resumes_from_its_checkpoint_to_identical_results(tmp_path: Path) -> None:
     # 80 steps; a checkpoint every 6 (on logging steps); dropout on so the RNG state matters.
-    spec = study_spec(
-        tmp_path, "resume", ["baseline"], [0], tokens=80 * 128, checkpoint_every_steps=6, eval_every_steps=10
-    )
+    budget = {"tokens": 80 * 128, "checkpoint_every_steps": 6, "eval_every_steps": 10}
+    spec = tiny_spec(tmp_path, "resume", ["baseline"], [0], budget=budget)
     text = spec.read_text().replace("dropout: 0.0", "dropout: 0.3")
     spec.write_text(text)
     killed_uri = f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}"

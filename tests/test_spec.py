@@ -10,6 +10,7 @@ import yaml
 from harness.cli import main
 from harness.config import load_spec
 from harness.matrix import expand
+from tests.studies import run_study, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {
@@ -52,6 +53,19 @@ def test_matrix_expands_variants_seeds_and_sweeps_with_presets_and_overrides(tmp
     assert {t.config.seed for t in trials} == {1, 2}
 
 
+def test_cells_keep_matrix_order_with_each_source_moved_before_its_first_dependent(tmp_path: Path) -> None:
+    spec = {
+        **MINIMAL,
+        "variants": {"switch_up": {"preset": "switch"}},
+        "overrides": {"switch_up": {"init": {"source": "dense"}}},
+        "matrix": {"variants": ["switch_up", "baseline", "dense"], "seeds": [1, 2]},
+    }
+    keys = [cell.key for cell in expand(load_spec(write_spec(tmp_path, spec)))]
+    assert keys == [f"{v}/seed={s}" for v in ("dense", "switch_up", "baseline") for s in (1, 2)]
+    spec["matrix"]["variants"] = ["dense", "switch_up", "baseline"]  # sources already first: the matrix's order
+    assert [cell.key for cell in expand(load_spec(write_spec(tmp_path, spec)))] == keys
+
+
 def test_dry_run_lists_every_trial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run-study", str(write_spec(tmp_path, MINIMAL)), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -92,18 +106,61 @@ def test_bad_specs_exit_2_with_one_line_naming_key_and_value(
     assert not (tmp_path / "db").exists(), "nothing may be written for a bad spec"
 
 
-def test_malformed_yaml_and_missing_file_and_missing_data(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_malformed_yaml_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: t\nmatrix: [unclosed\n")
     assert main(["run-study", str(bad)]) == 2
     assert "malformed YAML at line" in capsys.readouterr().err
     assert main(["run-study", str(tmp_path / "absent.yaml")]) == 2
     assert "no such study spec" in capsys.readouterr().err
+
+
+def lacking(what: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A spec that asks this machine for what it lacks: a CUDA device (``cuda``) or the data folder (``data``).
+    How to run it is checked before a run (tests/test_bad_input.py), not when the spec is read."""
+    if what == "cuda":
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        return with_base(train={"device": "cuda"})
     monkeypatch.setenv("MOE_HARNESS_DATA", str(tmp_path / "nowhere"))
-    assert main(["run-study", str(write_spec(tmp_path, MINIMAL))]) == 2
-    assert "data folder" in capsys.readouterr().err
+    return MINIMAL
+
+
+@pytest.mark.parametrize("option", ["--dry-run", "--list-cells"])
+@pytest.mark.parametrize("lacks", ["cuda", "data"])
+def test_cells_are_listed_on_a_machine_without_a_gpu_or_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, lacks: str, option: str
+) -> None:
+    """What a Slurm user runs on a login node before submitting ``--cell N`` array tasks."""
+    spec = write_spec(tmp_path, lacking(lacks, tmp_path, monkeypatch))
+    assert main(["run-study", str(spec), option]) == 0
+    out = capsys.readouterr().out
+    assert "hybrid/seed=2" in out and "4 trials in study 't'" in out
+
+
+@pytest.mark.parametrize("lacks", ["cuda", "data"])
+def test_report_reads_the_spec_on_a_machine_without_a_gpu_or_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, lacks: str
+) -> None:
+    spec = write_spec(tmp_path, lacking(lacks, tmp_path, monkeypatch))
+    database = tmp_path / "none" / "mlflow.db"
+    assert main(["report", str(spec), "--tracking-uri", f"sqlite:///{database}", "--out", str(tmp_path / "r")]) == 2
+    assert "no such database" in capsys.readouterr().err  # past the spec: only the store is missing
+
+
+@pytest.mark.slow
+def test_a_study_whose_spec_asks_for_cuda_is_reported_on_a_machine_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert run_study(tmp_path, tiny_spec(tmp_path, "anywhere", ["dense"]), uri) == 0
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = tiny_spec(tmp_path / "cuda", "anywhere", ["dense"], train={"device": "cuda"})
+    assert main(["report", str(spec), "--tracking-uri", uri, "--out", str(tmp_path / "report"), "--no-log"]) == 0
+    assert "anywhere" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_console_entry_point_runs_as_a_module(tmp_path: Path) -> None:

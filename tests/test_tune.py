@@ -21,39 +21,9 @@ from harness.config import load_spec
 from harness.tracking import TrackingStore
 from harness.tune.attrs import INTERRUPTED_ATTR, RUN_ID_ATTR, SURPLUS_ATTR
 from harness.tune.budget import counted
+from tests.studies import BAD_LR, GOOD_LR, tune_spec
 
 REPO = Path(__file__).resolve().parents[1]
-GOOD_LR, BAD_LR = 1.0e-2, 1.0e-7
-
-
-def tune_spec(tmp_path: Path, name: str, tune: dict[str, Any] | None = None, tokens: int = 1500) -> Path:
-    """The tiny spec with a hybrid tune section (softmax top-k router, so top_k can vary)."""
-    tmp_path.mkdir(exist_ok=True)
-    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
-    spec["name"] = name
-    spec["matrix"] = {"variants": ["hybrid"], "seeds": [0]}
-    spec["base"]["budget"].update(tokens=tokens, eval_every_steps=2)
-    spec["overrides"] = {"hybrid": {"moe": {"router": "softmax_topk"}}}
-    spec["tune"] = {
-        "variant": "hybrid",
-        "n_trials": 3,
-        "space": {
-            "moe.lora_rank": {"type": "int", "low": 1, "high": 8, "log": True},
-            "moe.top_k": {"type": "int", "low": 1, "high": 2},
-            "moe.aux_loss_coef": {"type": "float", "low": 1.0e-4, "high": 0.1, "log": True},
-            "optim.lr": {"type": "float", "low": BAD_LR, "high": GOOD_LR, "log": True},
-        },
-        "pruner": "median",
-        "pruner_startup_trials": 2,
-        "pruner_warmup_steps": 2,
-        "seeds": [3, 4],
-        "heartbeat_interval_s": 1,
-        "grace_period_s": 3,
-        **(tune or {}),
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def env() -> dict[str, str]:

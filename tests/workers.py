@@ -11,20 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-def study_spec(folder: Path, name: str, variants: list[str], seeds: list[int], **budget: int) -> Path:
-    """studies/tiny.yaml under another name, matrix and budget."""
-    spec = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
-    spec["name"] = name
-    spec["matrix"] = {"variants": variants, "seeds": seeds}
-    spec["base"]["budget"].update(budget)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def harness_env(**extra: str) -> dict[str, str]:

@@ -99,7 +99,7 @@ def cmd_bench_levers(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.variant not in spec.matrix.variants and args.variant != "dense":
         raise SpecError(f"--variant {args.variant!r} is not in {args.spec}'s matrix {spec.matrix.variants}")
-    fast = resolve_trial(spec, args.variant, spec.matrix.seeds[0])
+    fast = resolve_trial(spec, args.variant, spec.matrix.all_seeds()[0])
     plain = with_settings(fast, PLAIN)
     corpus = load_corpus(fast.data)
     corpus = dataclasses.replace(

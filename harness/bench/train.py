@@ -115,7 +115,7 @@ def bench_configs(spec_path: str, variants: list[str] | None, settings: list[str
     configs = []
     for variant in chosen:
         try:
-            configs.append(resolve_trial(spec, variant, spec.matrix.seeds[0], assignment))
+            configs.append(resolve_trial(spec, variant, spec.matrix.all_seeds()[0], assignment))
         except ValidationError as error:
             raise SpecError(f"{spec_path} with --set {' '.join(settings)}: {error.errors()[0]['msg']}") from None
     return configs

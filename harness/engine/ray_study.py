@@ -22,17 +22,15 @@ from tqdm import tqdm
 from harness import interrupt
 from harness.config import SpecError, StudySpec
 from harness.data import load_corpus
-from harness.engine.order import in_dependency_order
 from harness.engine.ray_cluster import connect, disconnect, trial_resources
 from harness.matrix import Cell
 from harness.preflight import preflight
 from harness.study import (
     StudyOutcome,
     StudyWorker,
-    close_study,
+    drive_study,
     end_unfinished,
     kill_study,
-    prepare_study,
     select_cells,
 )
 from harness.tracking import TrackingStore
@@ -81,10 +79,11 @@ def cell_task(study: StudyRef, trial: Cell, *sources: str | None) -> str | None:
 
 
 def submit(study: StudyRef, pending: list[Cell], options: dict) -> dict[ray.ObjectRef, Cell]:
-    """One task per pending cell, sources first; a dependent gets its source's ObjectRef as an argument."""
+    """One task per pending cell, in expand's order (sources first); a dependent gets its source's ObjectRef as an
+    argument."""
     refs: dict[str, ray.ObjectRef] = {}
     tasks: dict[ray.ObjectRef, Cell] = {}
-    for trial in in_dependency_order(pending):
+    for trial in pending:
         sources = [refs[trial.depends_on]] if trial.depends_on in refs else []
         refs[trial.key] = cell_task.options(**options).remote(study, trial, *sources)
         tasks[refs[trial.key]] = trial
@@ -132,18 +131,29 @@ def run_study_on_ray(
         store = TrackingStore(tracking_uri)  # nothing written before here
         checkpoint_dir = checkpoint_dir.resolve()  # the same path on every node: shared storage
         worker_args = {"corpora": corpora, "checkpoint_dir": checkpoint_dir, "progress": False}
-        worker, outcome, pending = prepare_study(spec, store, trials, worker_args, retry_failed, supersede)
-        study = StudyRef(spec, tracking_uri, outcome.experiment_id, outcome.parent_run_id, checkpoint_dir)
-        tasks = submit(study, pending, {**options, "retry_exceptions": False})
-        try:
-            collect(worker, outcome, tasks, progress)
-        except BaseException as error:  # Ctrl-C, SIGTERM: stop the tasks (they end their runs KILLED), then sweep
-            for ref in tasks:
-                ray.cancel(ref)
-            ray.wait(list(tasks), num_returns=len(tasks), timeout=30)
-            kill_study(store, outcome, pending, error)
-            raise
-        close_study(spec, store, outcome)
+
+        def execute(worker: StudyWorker, outcome: StudyOutcome, pending: list[Cell]) -> None:
+            study = StudyRef(spec, tracking_uri, outcome.experiment_id, outcome.parent_run_id, checkpoint_dir)
+            tasks = submit(study, pending, {**options, "retry_exceptions": False})
+            try:
+                collect(worker, outcome, tasks, progress)
+            except BaseException as error:  # Ctrl-C, SIGTERM: stop the tasks (they end their runs KILLED), then sweep
+                for ref in tasks:
+                    ray.cancel(ref)
+                ray.wait(list(tasks), num_returns=len(tasks), timeout=30)
+                kill_study(store, outcome, pending, error)
+                raise
+
+        outcome = drive_study(
+            spec,
+            store,
+            trials,
+            worker_args,
+            retry_failed=retry_failed,
+            supersede=supersede,
+            rounds=spec.matrix.sequential is not None,
+            execute=execute,
+        )
         ray.kill(guard)
         return outcome
     finally:

@@ -1,37 +1,108 @@
-"""``harness report``: a study's Markdown + PDF report, built only from the MLflow tracking store.
+"""``harness report``: a study's Markdown + PDF report and its ``verdicts.json``, built only from the MLflow store.
 
 Modules, each depending only on those above it:
 
-- ``significance``: mean ± sd with a 95% CI over seeds; each variant tested against the baseline.
-- ``blocks``: the document model's blocks (heading, paragraph, bullets, table, figure).
-- ``formatting``: how numbers read in tables and sentences.
 - ``gather``: the study's runs, curves and utilisation tables read from MLflow (``StudyData``).
+- ``statistics``: every figure the report states, computed once: summaries over seeds, the tests against the
+  reference (t-tests, TOST, Holm), compute-matched points, the verdict's answers.
+- ``blocks``: the document model's blocks (heading, paragraph, bullets, table, figure) and how numbers read.
 - ``figures``: the PNG figures (matplotlib, seaborn heatmaps, Optuna's views).
-- ``overview``, ``comparison``, ``tuning``: the sections, each a function returning blocks.
+- ``overview``, ``findings``: the sections, each a function returning blocks.
 - ``document``: which sections the report has, in order.
-- ``markdown``, ``pdf``: the two writers; both lay out the same blocks.
-- ``pipeline``: ``write_report``, gather -> figures -> document -> writers -> MLflow artifacts.
-- ``command``: the ``harness report`` command line.
+- ``render``: the Markdown and PDF writers; both lay out the same blocks.
+
+This module is the entry point: the ``harness report`` command and :func:`write_report`. The CLI imports it on
+every start to register the command, so it imports the modules above (mlflow, matplotlib, reportlab) only when a
+report is made.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import argparse
+import json
+from datetime import UTC, datetime
+from pathlib import Path
 
-from harness.report.command import register
-
-if TYPE_CHECKING:
-    from harness.report.pipeline import write_report
+from harness.config import SpecError
 
 __all__ = ["register", "write_report"]
 
+VERDICTS = "verdicts.json"  # the report's decisions, for a program to compare (statistics.verdicts)
 
-def __getattr__(name: str) -> Any:
-    # The CLI imports this package on every start to register the command; mlflow, matplotlib and seaborn
-    # would add ~1.5x the CLI's start-up time (measured: cli 13 s, +8 s mlflow, +6-9 s matplotlib/seaborn on the
-    # loaded 2-core box), so ``write_report`` and its modules load only when a report is made.
-    if name == "write_report":
-        from harness.report.pipeline import write_report
 
-        return write_report
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def write_report(
+    target: str,
+    tracking_uri: str,
+    out: Path | None = None,
+    *,
+    log_artifacts: bool = True,
+    optuna_storage: str | None = None,
+) -> Path:
+    """Gather, analyse, plot and render; returns the folder holding report.md, report.pdf and verdicts.json.
+
+    ``target``: a study name, or its spec file (whose ``report`` settings then override the recorded ones).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from harness.config import load_spec
+    from harness.report.document import build_document
+    from harness.report.figures import make_figures
+    from harness.report.gather import load_study, study_name, tuning_study
+    from harness.report.render import to_markdown, to_pdf
+    from harness.report.statistics import analyse, verdicts
+
+    name = study_name(target)
+    data = load_study(name, tracking_uri)
+    if target.endswith((".yaml", ".yml")):  # the spec at hand states the margin, whatever the study run recorded
+        report = load_spec(target).report
+        data.equivalence_margin, data.reference = report.equivalence_margin, report.reference
+    out = Path(out) if out is not None else Path("reports") / name
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    tuning = tuning_study(data, optuna_storage)
+    tests = analyse(data)
+    figures = make_figures(data, out, tuning)
+    document = build_document(data, tests, figures, generated=datetime.now(UTC), tuning=tuning)
+    (out / "report.md").write_text(to_markdown(document))
+    (out / VERDICTS).write_text(json.dumps(verdicts(data, tests), indent=2, sort_keys=True) + "\n")
+    to_pdf(document, out / "report.pdf", base=out)
+    if log_artifacts and data.parent is not None:
+        client = MlflowClient(tracking_uri)
+        for file in ["report.md", "report.pdf", VERDICTS, *(figure.file for figure in figures)]:
+            client.log_artifact(data.parent.info.run_id, str(out / file), "report")
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report.gather import study_name  # here, not at the top: see the module docstring
+    from harness.tracking import check_tracking_uri, resolve_tracking_uri
+
+    out = Path(args.out) if args.out else Path("reports") / study_name(args.study)
+    check_out_folder(out, "--out" if args.out else "report folder")  # before anything is read or written
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_uri(uri, create=False)  # fails fast on a dead server; never creates a store to report on
+    out = write_report(args.study, uri, out, log_artifacts=not args.no_log, optuna_storage=args.optuna_storage)
+    print(f"wrote {out / 'report.md'} and {out / 'report.pdf'}")
+    return 0
+
+
+def check_out_folder(out: Path, what: str) -> None:
+    """SpecError unless the report's files can go into ``out``: a folder, or one that can be created."""
+    from harness.tracking import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"{what} {out}: is a file, not a folder")
+    check_writable(out, what)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser("report", help="Markdown + PDF report of a study, built from the MLflow store")
+    report.add_argument("study", help="study name, or the study spec YAML")
+    report.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
+    )
+    report.add_argument("--out", help="output folder (default: reports/<study>/)")
+    report.add_argument("--optuna-storage", help="Optuna storage URL of a tuning study (default: the parent run's tag)")
+    report.add_argument("--no-log", action="store_true", help="do not log the report to the study's parent run")
+    report.set_defaults(func=cmd_report)

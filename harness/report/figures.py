@@ -3,6 +3,7 @@
 Colours are the Okabe-Ito palette, one fixed colour per variant so every figure agrees; heatmaps
 use a diverging map centred on the uniform share (blue below, red above, white = uniform).
 """
+# Over 350 lines: every figure of the report, each a short function of its own; split they would only share imports.
 
 from __future__ import annotations
 

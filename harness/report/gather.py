@@ -1,12 +1,16 @@
 """Gather a study from the MLflow tracking store: trial runs, validation curves and utilisation tables.
 
 Everything comes from the tracking store (``search_runs``, metric histories, run artifacts), so the
-report reads the same from a local SQLite store and from a shared server filled by many workers.
+report reads the same from a local SQLite store and from a shared server filled by many workers. The one
+other input is each run's corpus, read for its training FLOPs per token (:func:`with_flops`).
 """
+# Over 350 lines: everything read from the tracking store, and the study data the sections share.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +20,15 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+import torch
 import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from harness.config import VARIANTS, ReportConfig, SpecError, TrialConfig, load_spec
+from harness.config import VARIANTS, DataConfig, ReportConfig, SpecError, TrialConfig, load_spec
+from harness.data import load_corpus
+from harness.flops import train_flops_per_token
+from harness.health import UNTRAINED  # verdicts that keep a run out of rankings and tests
 from harness.metric_names import VAL_PPL, VAL_SUBSET_PPL
 from harness.tags import (
     EQUIVALENCE_MARGIN,
@@ -38,7 +46,6 @@ BASELINE = "baseline"
 VARIANT_ORDER = list(VARIANTS)
 ARTIFACT_TABLES = {"utilisation": "utilisation.csv", "history": "utilisation_history.csv"}
 GRAD_COMPONENTS = ["embedding", "backbone", "router", "experts", "head", "total"]  # step metrics grad_norm_<name>
-UNTRAINED = {"saturated", "stalled", "unstable"}  # verdicts that keep a run out of rankings and tests
 HEALTH_OK, HEALTH_UNKNOWN = "ok", "unknown"  # unknown: a run from before health was judged (no tag)
 
 
@@ -91,6 +98,11 @@ class StudyData:
     def backbones(self) -> list[str]:
         return sorted(self.runs["tags.backbone"].dropna().unique()) if "tags.backbone" in self.runs else []
 
+    @property
+    def finished_backbones(self) -> list[str]:
+        """The backbones with at least one finished trial: the ones the tables and tests cover."""
+        return [b for b in self.backbones if not self.finished[self.finished["tags.backbone"] == b].empty]
+
     def tag(self, key: str) -> str | None:
         run = self.tune_parent if key.startswith("optuna.") else self.parent
         return None if run is None else run.data.tags.get(key)
@@ -107,6 +119,57 @@ def study_name(target: str) -> str:
     if target.endswith((".yaml", ".yml")) or path.is_file():
         return load_spec(path).name
     return target
+
+
+def reference_variant(variants: list[str], preferred: str | None = None) -> str | None:
+    """The spec's ``report.reference`` when it ran, else ``baseline``, else the first variant."""
+    for name in (preferred, BASELINE):
+        if name is not None and name in variants:
+            return name
+    return variants[0] if variants else None
+
+
+def by_seed(runs: pd.DataFrame, metric: str) -> dict[str, float]:
+    """{seed: value} of a summary metric; empty where the runs did not log it (an older store)."""
+    column = f"metrics.{metric}"
+    if column not in runs:
+        return {}
+    return {str(s): float(v) for s, v in zip(runs["tags.seed"], runs[column], strict=True) if pd.notna(v)}
+
+
+def metric_values(rows: pd.DataFrame, name: str) -> list[float]:
+    """The values of a summary metric over ``rows`` (runs), those that logged it."""
+    column = f"metrics.{name}"
+    return rows[column].dropna().astype(float).tolist() if column in rows else []
+
+
+def load_cv(rows: pd.DataFrame) -> list[float]:
+    """Per run: the validation load CV averaged over MoE layers (util_val_cv_l<layer>)."""
+    columns = [c for c in rows.columns if re.fullmatch(r"metrics\.util_val_cv_l\d+", c)]
+    if not columns:
+        return []
+    return rows[columns].mean(axis=1, skipna=True).dropna().tolist()
+
+
+def peak_memory(data: StudyData) -> str:
+    """The peak-memory metric to compare: the GPU's where any run measured it, else the process's RSS."""
+    runs = data.finished
+    if "metrics.gpu_mem_peak_nvml_mb" in runs and runs["metrics.gpu_mem_peak_nvml_mb"].notna().any():
+        return "gpu_mem_peak_nvml_mb"
+    return "peak_rss_mb"
+
+
+def is_routed(runs: pd.DataFrame) -> bool:
+    """Whether the variant's model has an MoE layer (its ``model.ffn`` param; older stores: not dense)."""
+    if "params.model.ffn" in runs and runs["params.model.ffn"].notna().any():
+        return bool((runs["params.model.ffn"] == "moe").any())
+    return runs["tags.variant"].iloc[0] != "dense"
+
+
+def health_of(run: pd.Series) -> str:
+    """A trial's training-health verdict (``harness.health``'s tag); unknown for runs from before the checks."""
+    value = run.get(f"tags.{HEALTH}")
+    return str(value) if value is not None and pd.notna(value) else HEALTH_UNKNOWN
 
 
 def variant_key(name: str) -> tuple[int, str]:
@@ -263,3 +326,30 @@ def tuning_study(data: StudyData, storage: str | None = None) -> optuna.Study | 
     except Exception as error:  # unreachable storage: the report says so rather than failing
         print(f"harness report: could not load Optuna study {name} from {storage}: {error}")
         return None
+
+
+@functools.cache
+def _unigram(data_json: str) -> tuple[int, torch.Tensor]:
+    """Vocabulary size and training-split unigram of a data config (the adaptive head's FLOPs depend on it)."""
+    corpus = load_corpus(DataConfig.model_validate_json(data_json))
+    counts = torch.bincount(corpus.train, minlength=corpus.vocab_size).double()
+    return corpus.vocab_size, counts / counts.sum()
+
+
+def flops_per_token(config: TrialConfig) -> float:
+    """Training FLOPs per token of a run's config; nan when its data cannot be read here."""
+    try:
+        vocab_size, unigram = _unigram(config.data.model_dump_json())
+    except (OSError, ValueError) as error:  # DataError is a ValueError: data moved or absent on this machine
+        print(f"harness report: no FLOP count for {config.variant} seed {config.seed} ({error})")
+        return math.nan
+    return train_flops_per_token(config, vocab_size, unigram)
+
+
+def with_flops(data: StudyData, curves: pd.DataFrame) -> pd.DataFrame:
+    """``curves`` plus a ``flops`` column (training FLOPs so far); nan for runs without a readable config.
+
+    FLOPs are ``harness.flops``' analytic count per token x tokens.
+    """
+    per_token = {run_id: flops_per_token(config) for run_id, config in data.configs.items()}
+    return curves.assign(flops=curves["tokens"] * curves["run_id"].map(per_token).astype(float))

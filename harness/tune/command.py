@@ -10,12 +10,13 @@ import argparse
 import os
 from pathlib import Path
 
-from harness.config import SpecError, load_spec
+from harness.config import SpecError, load_spec, resolve_trial
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     import optuna  # heavy (torch, MLflow, Optuna): only when the command runs
 
+    from harness.preflight import check_host
     from harness.tracking import check_tracking_uri, resolve_tracking_uri
     from harness.tune.results import summary_lines
     from harness.tune.search import run_tune
@@ -29,6 +30,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise SpecError(f"--workers must be at least 1, got {args.workers}")
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials must be at least 1, got {args.n_trials}")
+    check_host([resolve_trial(spec, spec.tune.variant, spec.tune.seeds[0])], args.spec)  # CUDA, data: before writing
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
     storage = args.storage or os.environ.get("OPTUNA_STORAGE") or default_storage(spec, uri)

@@ -1,37 +1,23 @@
-"""Bad input: each case must end with exit code 2, exactly one short non-empty line on stderr, and nothing written
-(a fresh case's folder, or an existing store's bytes, exactly as before)."""
+"""The bad-input cases: each must end with exit code 2, exactly one short non-empty line on stderr, and nothing
+written (a fresh case's folder, or an existing store's bytes, exactly as before). Each case builds its input in
+its own folder (a ``Place``) and returns the harness's arguments."""
 
 from __future__ import annotations
 
-import copy
-import os
 import shutil
-import stat
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import (
-    NOBODY,
-    CaseResult,
-    Probe,
-    changes,
-    chown_tree,
-    digest,
-    one_line,
-    run_harness,
-    sqlite_uri,
-    tiny_spec,
-    tune_spec,
-    write_yaml,
-)
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.reliability.processes import sqlite_uri
+from tests.studies import tiny_config, tune_config, with_keys, write_spec
 
 STUDY = "bad"  # the existing store's study: the bad specs name it too
-MAX_LINE = 500
-CASE_TIMEOUT_S = 120.0
 DEAD_SERVER = "http://127.0.0.1:1"
 
 
@@ -41,7 +27,8 @@ class Place:
 
     folder: Path
     data: Path
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # what the case changes in the harness's environment
+    mounts: list[Path] = field(default_factory=list)  # tmpfs mounts to undo when the case ends
 
     @property
     def database(self) -> Path:
@@ -54,7 +41,7 @@ class Place:
     def spec(self, content: dict[str, Any] | str | bytes, name: str = "spec.yaml") -> Path:
         path = self.folder / name
         if isinstance(content, dict):
-            return write_yaml(path, content)
+            return write_spec(path, content)
         if isinstance(content, bytes):
             path.write_bytes(content)
         else:
@@ -74,22 +61,10 @@ class Place:
         return path
 
 
-def edited(base: dict[str, Any], changes_: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with each dotted key set (intermediate mappings created)."""
-    spec = copy.deepcopy(base)
-    for dotted, value in changes_.items():
-        *parents, leaf = dotted.split(".")
-        node = spec
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return spec
-
-
 def bad(**changes_: Any) -> Callable[[Place], list[str]]:
     """A run-study case: the tiny spec with ``changes_`` (``__`` in a keyword stands for a dot)."""
     dotted = {k.replace("__", "."): v for k, v in changes_.items()}
-    return lambda p: p.study(p.spec(edited(tiny_spec(STUDY, ["baseline"]), dotted)))
+    return lambda p: p.study(p.spec(with_keys(tiny_config(STUDY, ["baseline"]), dotted)))
 
 
 def bad_text(text: str | bytes) -> Callable[[Place], list[str]]:
@@ -98,52 +73,32 @@ def bad_text(text: str | bytes) -> Callable[[Place], list[str]]:
 
 def bad_tune(*extra: str, **changes_: Any) -> Callable[[Place], list[str]]:
     dotted = {k.replace("__", "."): v for k, v in changes_.items()}
-    return lambda p: p.tune(p.spec(edited(tune_spec(STUDY, 2), dotted)), *extra)
+    return lambda p: p.tune(p.spec(with_keys(tune_config(STUDY), dotted)), *extra)
 
 
 def changed(**changes_: Any) -> Callable[[Place], list[str]]:
     """A rerun of the existing store's study (one dense cell, finished) with ``changes_`` to its spec."""
     dotted = {k.replace("__", "."): v for k, v in changes_.items()}
-    return lambda p: p.study(p.spec(edited(tiny_spec(STUDY, ["dense"]), dotted)))
-
-
-def changed_data(p: Place) -> list[str]:
-    """A rerun of the existing store's study, unchanged, over a validation split that lost its last line."""
-    shutil.copytree(p.data, p.folder / "data")
-    fewer_lines(p.folder / "data" / "wikitext-2-v1" / "validation-00000-of-00001.parquet")
-    p.env["MOE_HARNESS_DATA"] = str(p.folder / "data")
-    return p.study(p.spec(tiny_spec(STUDY, ["dense"])))
-
-
-def fewer_lines(path: Path, keep: int | None = -1) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    lines = pq.read_table(path).column("text").to_pylist()[:keep]
-    pq.write_table(pa.table({"text": pa.array(lines, pa.string())}), path)
-
-
-def empty_test_split(folder: Path) -> None:
-    fewer_lines(folder / "test-00000-of-00001.parquet", keep=0)
-
-
-MOUNTS: list[Path] = []  # tmpfs mounts of the cases, unmounted when the part ends
+    return lambda p: p.study(p.spec(with_keys(tiny_config(STUDY, ["dense"]), dotted)))
 
 
 def no_room_for_a_checkpoint(p: Place) -> list[str]:
     """A 2 MB tmpfs as --checkpoint-dir for a cell whose checkpoints need more (refused before training)."""
     mount = p.subfolder("ck2m")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True, capture_output=True)
-    MOUNTS.append(mount)
-    return p.study(p.spec(edited(tiny_spec(STUDY, ["baseline"]), {"base.budget.checkpoint_every_steps": 2})), ck=mount)
+    p.mounts.append(mount)
+    return p.study(p.spec(tiny_config(STUDY, ["baseline"], budget={"checkpoint_every_steps": 2})), ck=mount)
+
+
+def read_only(folder: Path) -> Path:
+    for path in folder.rglob("*"):
+        path.chmod(0o444 if path.is_file() else 0o555)
+    folder.chmod(0o555)
+    return folder
 
 
 def read_only_relocate(p: Place) -> list[str]:
-    store = p.database.parent
-    for path in store.rglob("*"):
-        path.chmod(0o444 if path.is_file() else 0o555)
-    store.chmod(0o555)
-    return ["store", "relocate", str(store)]
+    return ["store", "relocate", str(read_only(p.database.parent))]
 
 
 def report_out_is_a_file(p: Place) -> list[str]:
@@ -152,30 +107,35 @@ def report_out_is_a_file(p: Place) -> list[str]:
 
 
 def good_spec(p: Place) -> Path:
-    return p.spec(tiny_spec(STUDY, ["baseline"]))
+    return p.spec(tiny_config(STUDY, ["baseline"]))
 
 
-def custom_variants(variants: dict[str, Any], matrix: list[str], overrides: dict[str, Any]) -> Callable[[Place], Any]:
+def damaged_data(damage: Callable[[Path], None], variant: str = "baseline") -> Callable[[Place], list[str]]:
+    """The tiny spec over a copy of the tiny data damaged by ``damage(its wikitext-2-v1 folder)``."""
+
     def make(p: Place) -> list[str]:
-        spec = tiny_spec(STUDY, matrix)
-        spec.update(variants=variants, overrides=overrides)
-        return p.study(p.spec(spec))
+        shutil.copytree(p.data, p.folder / "data")
+        damage(p.folder / "data" / "wikitext-2-v1")
+        p.env["MOE_HARNESS_DATA"] = str(p.folder / "data")
+        return p.study(p.spec(tiny_config(STUDY, [variant])))
 
     return make
 
 
-def data_copy(p: Place, damage: Callable[[Path], None]) -> list[str]:
-    """A copy of the tiny data, damaged by ``damage(wikitext-2-v1 folder)``, as $MOE_HARNESS_DATA."""
-    shutil.copytree(p.data, p.folder / "data")
-    damage(p.folder / "data" / "wikitext-2-v1")
-    p.env["MOE_HARNESS_DATA"] = str(p.folder / "data")
-    return p.study(good_spec(p))
+def fewer_lines(path: Path, keep: int | None = -1) -> None:
+    lines = pq.read_table(path).column("text").to_pylist()[:keep]
+    pq.write_table(pa.table({"text": pa.array(lines, pa.string())}), path)
+
+
+def validation_one_line_short(folder: Path) -> None:
+    fewer_lines(folder / "validation-00000-of-00001.parquet")
+
+
+def empty_test_split(folder: Path) -> None:
+    fewer_lines(folder / "test-00000-of-00001.parquet", keep=0)
 
 
 def no_text_column(folder: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.table({"words": ["a b"] * 10}), folder / "test-00000-of-00001.parquet")
 
 
@@ -184,11 +144,17 @@ def truncated(folder: Path) -> None:
     train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
 
 
+def custom_variants(variants: dict[str, Any], matrix: list[str], overrides: dict[str, Any]) -> Callable[[Place], Any]:
+    def make(p: Place) -> list[str]:
+        spec = tiny_config(STUDY, matrix)
+        spec.update(variants=variants, overrides=overrides)
+        return p.study(p.spec(spec))
+
+    return make
+
+
 def read_only_store(p: Place) -> list[str]:
-    store = p.database.parent
-    for path in store.rglob("*"):
-        path.chmod(0o444 if path.is_file() else 0o555)
-    store.chmod(0o555)
+    read_only(p.database.parent)
     return p.study(good_spec(p))
 
 
@@ -201,7 +167,7 @@ def read_only_checkpoints(p: Place) -> list[str]:
 def read_only_storage(p: Place) -> list[str]:
     folder = p.subfolder("ro_storage")
     folder.chmod(0o555)
-    spec = p.spec(tune_spec(STUDY, 2))
+    spec = p.spec(tune_config(STUDY))
     return p.tune(spec, "--storage", sqlite_uri(folder / "tune.db"))
 
 
@@ -307,8 +273,8 @@ CASES: list[Case] = [
     Case("read-only-tune-storage", "read-only", read_only_storage, as_nobody=True),
     # machine and data
     Case("cuda-without-cuda", "device/data", bad(base__train__device="cuda"), existing=True, needs_no_cuda=True),
-    Case("parquet-no-text-column", "device/data", lambda p: data_copy(p, no_text_column)),
-    Case("parquet-truncated", "device/data", lambda p: data_copy(p, truncated), existing=True),
+    Case("parquet-no-text-column", "device/data", damaged_data(no_text_column)),
+    Case("parquet-truncated", "device/data", damaged_data(truncated), existing=True),
     # command lines
     Case("run-study-cell-out-of-range", "CLI", lambda p: p.study(good_spec(p), "--cell", "99"), existing=True),
     Case("run-study-unknown-option", "CLI", lambda p: p.study(good_spec(p), "--bogus")),
@@ -330,11 +296,11 @@ CASES: list[Case] = [
     Case("changed-token-budget", "changed spec", changed(base__budget__tokens=2000), existing=True),
     Case("changed-cutoffs", "changed spec", changed(base__model__adaptive_cutoffs=[500, 1500]), existing=True),
     Case("changed-eval-interval", "changed spec", changed(base__budget__eval_every_steps=3), existing=True),
-    Case("changed-data-file", "changed spec", changed_data, existing=True),
+    Case("changed-data-file", "changed spec", damaged_data(validation_one_line_short, "dense"), existing=True),
     # knowable before training: refused before anything is written
     Case("batch-beyond-the-split", "before training", bad(base__train__batch_size=10_000_000)),
     Case("eval-batch-beyond-the-split", "before training", bad(base__train__eval_batch_size=100_000), existing=True),
-    Case("split-empty", "before training", lambda p: data_copy(p, empty_test_split), existing=True),
+    Case("split-empty", "before training", damaged_data(empty_test_split), existing=True),
     Case("d-model-overflows", "before training", bad(base__model__d_model=10**9)),
     Case("d-model-beyond-memory", "before training", bad(base__model__d_model=60_000), existing=True),
     Case("budget-1e15-tokens", "before training", bad(base__budget__tokens=10**15), max_s=60),
@@ -342,91 +308,3 @@ CASES: list[Case] = [
     Case("param-beyond-mlflow", "before training", bad(base__model__adaptive_cutoffs=list(range(10, 20_000, 10)))),
     Case("checkpoint-dir-without-room", "before training", no_room_for_a_checkpoint, needs_mount=True),
 ]
-
-
-def make_template(probe: Probe) -> Path:
-    """The existing store: one tiny finished study ("bad", one dense cell), copied into each such case."""
-    folder = probe.folder("bad", "_template")
-    spec = write_yaml(folder / "template.yaml", tiny_spec(STUDY, ["dense"]))
-    store = folder / "mlruns"
-    args = ["run-study", str(spec), "--tracking-uri", sqlite_uri(store / "mlflow.db")]
-    done = run_harness([*args, "--checkpoint-dir", str(folder / "ck"), "--no-progress"], folder, probe.env())
-    if done.code != 0:
-        raise RuntimeError(f"the template store did not build (exit {done.code}): {done.stderr[-2000:]}")
-    return store
-
-
-def judge(code: int | None, stderr: str, seconds: float, written: list[str], case: Case) -> list[str]:
-    """Why the case failed (empty: it passed)."""
-    reasons = []
-    if code != 2:
-        reasons.append("timed out" if code is None else f"exit code {code}")
-    lines = stderr.strip().splitlines()
-    if len(lines) != 1:
-        shown = " | ".join(one_line(line, 90) for line in lines[:3])
-        reasons.append(f"{len(lines)} lines on stderr: {shown}")
-    elif len(lines[0]) >= MAX_LINE:
-        reasons.append(f"the line has {len(lines[0]):,} characters")
-    if written:
-        reasons.append(f"wrote {len(written)} path(s): {', '.join(written[:4])}")
-    if case.max_s is not None and seconds > case.max_s:
-        reasons.append(f"took {seconds:.0f} s (limit {case.max_s:.0f} s)")
-    return reasons
-
-
-def prepare(probe: Probe, case: Case, template: Path) -> tuple[Place, list[str], int | None]:
-    """The case's folder, its harness arguments and the user to run as (None: this process's)."""
-    place = Place(probe.folder("bad", case.name), probe.data)
-    if case.existing:
-        shutil.copytree(template, place.database.parent, symlinks=True)
-    as_user = None
-    if case.as_nobody and os.geteuid() == 0:
-        chown_tree(place.folder, NOBODY)  # the case's folder is nobody's; what the case makes read-only is not
-        as_user = NOBODY
-    args = case.make(place)
-    place.env.setdefault("MOE_HARNESS_CACHE", str(place.folder / "cache"))
-    return place, args, as_user
-
-
-def run_case(probe: Probe, case: Case, template: Path) -> CaseResult:
-    started = time.monotonic()
-    if case.needs_no_cuda and Path("/dev/nvidiactl").exists():
-        return CaseResult("bad", case.name, False, "skipped: this machine has an NVIDIA device", counted=False)
-    if case.needs_mount and os.geteuid() != 0:
-        return CaseResult("bad", case.name, False, "skipped: mounting a tmpfs needs root", counted=False)
-    if case.as_nobody and os.geteuid() == 0 and shutil.which("setpriv") is None:
-        return CaseResult("bad", case.name, False, "skipped (root): no setpriv to drop privileges", counted=False)
-    place, args, as_user = prepare(probe, case, template)
-    before = digest(place.folder)
-    done = run_harness(args, place.folder, probe.env(**place.env), CASE_TIMEOUT_S, as_user)
-    # The tokenised-data cache (keyed by the files' content, valid whatever the case) is no record of a study.
-    written = [path for path in changes(before, digest(place.folder)) if not path[1:].startswith("cache")]
-    reasons = judge(done.code, done.stderr, done.seconds, written, case)
-    detail = f"[{case.kind}{', existing store' if case.existing else ''}{', as nobody' if as_user else ''}] "
-    detail += f"exit {done.code}, {done.seconds:.1f} s: {one_line(done.stderr, 200)}"
-    restore_permissions(place.folder)
-    result = CaseResult("bad", case.name, not reasons, "; ".join(reasons), detail, folder=place.folder)
-    result.seconds = time.monotonic() - started
-    return result
-
-
-def restore_permissions(folder: Path) -> None:
-    """Give root's probe back full access to a case's folder (to copy it under --keep and remove it)."""
-    for path in [folder, *folder.rglob("*")]:
-        if not path.is_symlink():
-            mode = path.stat().st_mode
-            path.chmod(stat.S_IMODE(mode) | (0o700 if path.is_dir() else 0o600))
-
-
-def run_bad_inputs(probe: Probe, report: Callable[[CaseResult], None]) -> list[CaseResult]:
-    template = make_template(probe)
-    results = []
-    try:
-        for case in (c for c in CASES if probe.wants(c.name)):
-            result = run_case(probe, case, template)
-            report(result)
-            results.append(result)
-    finally:
-        for mount in MOUNTS:
-            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-    return results

@@ -1,4 +1,4 @@
-"""What the probe reads back from a study's MLflow store (and a tuning study's Optuna storage) after a run."""
+"""What the reliability cases read back from a study's MLflow store (and a tuning study's Optuna storage)."""
 
 from __future__ import annotations
 

@@ -1,69 +1,29 @@
-"""Typed, validated configuration: the one place that knows what a study spec may contain.
+"""What a study spec may contain: the typed, validated trial config, the study spec around it, the variant presets.
 
 A study spec (YAML) has a name, a ``base`` trial config, a ``matrix`` (variants x seeds x
 optional sweeps) and per-variant ``overrides``. Every trial that runs is a fully resolved
 :class:`TrialConfig`; nothing downstream reads raw dicts.
 """
+# Over 350 lines: the whole spec schema, every section beside the others, so a reader sees what a spec may contain.
 
 from __future__ import annotations
 
-import copy
-import difflib
-import itertools
 import os
 import re
-from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, get_args
+from typing import Annotated, Any, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, model_validator
 
-from models.config import ModelConfig, MoEConfig, StrictConfig, upcycle_mismatch
+from harness.config.errors import shorten
+from models.config import ModelConfig, MoEConfig, StrictConfig
 
-__all__ = [
-    "DATA_ENV",
-    "DEFAULT_DATA_PATH",
-    "VARIANTS",
-    "VARIANT_PRESETS",
-    "BudgetConfig",
-    "CustomVariant",
-    "DataConfig",
-    "InitConfig",
-    "MatrixConfig",
-    "ModelConfig",  # re-exported: the models' own config, part of every trial config
-    "MoEConfig",  # re-exported, as ModelConfig
-    "OptimConfig",
-    "ReportConfig",
-    "ResolvedTrial",
-    "SpecError",
-    "StudySpec",
-    "TrainConfig",
-    "TrialConfig",
-    "TuneConfig",
-    "TuneParam",
-    "Variant",
-    "check_spec",
-    "check_tune",
-    "deep_merge",
-    "describe_error",
-    "load_spec",
-    "resolve_matrix",
-    "resolve_trial",
-    "set_dotted",
-    "source_order",
-]
 Variant = Literal["baseline", "switch", "lora", "hybrid", "dense", "plain"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 DATA_ENV = "MOE_HARNESS_DATA"
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer; numpy gets it modulo 2**32
 MAX_THREADS = 1024  # far above any CPU here; torch aborts the process trying to start a million
-VALUE_CHARS = 200  # an offending value is echoed up to this many characters
 DEFAULT_DATA_PATH = "../shared/data/wikitext"
-
-
-class SpecError(ValueError):
-    """A study spec or CLI input that cannot be used; the message is one line for the user."""
 
 
 class DataConfig(StrictConfig):
@@ -89,12 +49,12 @@ class OptimConfig(StrictConfig):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     block_lr_scale: float = Field(1.0, gt=0.0)
     """The residual block's parameters (router, experts, a dense FFN) train at ``lr`` x this. A linear block
-    between the LSTM and a tied softmax is unstable at the classic recipe's SGD lr 20 whatever its init
-    (its loss oscillates to 15-33 while the plain LSTM's stays below ln V); 0.05 (lr 1 for the block) keeps
-    every variant below ln V after step 10 (``tests/test_references.py``)."""
+    between the LSTM and a tied softmax is unstable at the classic recipe's SGD lr 20 whatever its init, while
+    the plain LSTM is not; 0.05 (lr 1 for the block) keeps every variant stable (``tests/test_references.py``;
+    figures in docs/references.md)."""
     fused: bool = True
-    """AdamW: torch's fused kernel (one pass over all parameters; ~25% more tokens/s on the quick
-    config's CPU path, where the unfused update was ~20% of a step). A speed lever only."""
+    """AdamW: torch's fused kernel (one pass over all parameters instead of one per tensor). A speed lever only:
+    it changes no result beyond rounding."""
 
 
 class BudgetConfig(StrictConfig):
@@ -184,19 +144,55 @@ SECTIONS = tuple(
 )  # data, model, moe, optim, budget, train: keys whose value must be a mapping
 
 
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicate entries in {values}")
+    return values
+
+
+class SequentialSeeds(StrictConfig):
+    """A group-sequential design: the ``initial`` seeds first, then one more seed per round for each comparison
+    still undecided, up to ``max`` seeds (``report.sequential`` sets its error rates)."""
+
+    initial: Annotated[list[Seed], AfterValidator(_unique)] = Field(min_length=2)
+    """The first round's seeds (at least 2: a paired t statistic needs two)."""
+    max: int = Field(ge=2, le=1000)
+    """The most seeds any variant runs; later rounds use the integers after the largest initial seed."""
+
+    @model_validator(mode="after")
+    def _max_covers_initial(self) -> SequentialSeeds:
+        if self.max < len(self.initial):
+            raise ValueError(f"max = {self.max} is fewer than the {len(self.initial)} initial seeds")
+        return self
+
+    def order(self) -> list[int]:
+        """Every seed a round may use, in the order rounds use them."""
+        extra = range(max(self.initial) + 1, max(self.initial) + 1 + self.max - len(self.initial))
+        return [*self.initial, *extra]
+
+
 class MatrixConfig(StrictConfig):
-    variants: list[str] = Field(min_length=1)
+    variants: Annotated[list[str], AfterValidator(_unique)] = Field(min_length=1)
     """Preset names (``VARIANT_PRESETS``) or the spec's own ``variants``."""
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
+    seeds: Annotated[
+        Annotated[Annotated[list[Seed], AfterValidator(_unique), Field(min_length=1)], Tag("list")]
+        | Annotated[SequentialSeeds, Tag("sequential")],
+        Discriminator(lambda value: "sequential" if isinstance(value, dict | SequentialSeeds) else "list"),
+    ]
+    """A list (a fixed design: every variant runs every seed) or ``{initial: [...], max: N}`` (sequential)."""
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     """Extra axes: dotted key (e.g. ``moe.n_experts``) -> values."""
 
-    @field_validator("variants", "seeds")
-    @classmethod
-    def _unique(cls, values: list[Any]) -> list[Any]:
-        if len(set(values)) != len(values):
-            raise ValueError(f"duplicate entries in {values}")
-        return values
+    @property
+    def sequential(self) -> SequentialSeeds | None:
+        return self.seeds if isinstance(self.seeds, SequentialSeeds) else None
+
+    def all_seeds(self) -> list[int]:
+        """Every seed a cell of the matrix may have (a sequential design's: up to its ``max``)."""
+        return self.seeds.order() if isinstance(self.seeds, SequentialSeeds) else list(self.seeds)
 
 
 class TuneParam(StrictConfig):
@@ -274,6 +270,16 @@ class TuneConfig(StrictConfig):
         return self
 
 
+class SequentialConfig(StrictConfig):
+    """Family-wise error rate and spending function of a group-sequential design (``harness/sequential.py``)."""
+
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    """Family-wise: split equally (Bonferroni) across the comparisons with the reference, for the difference test
+    and, separately, for the equivalence test."""
+    spending: Literal["obrien_fleming", "pocock"] = "obrien_fleming"
+    """Lan-DeMets alpha spending: O'Brien-Fleming type (little early, most at the last look) or Pocock type."""
+
+
 class ReportConfig(StrictConfig):
     """How ``harness report`` judges the study's claims."""
 
@@ -283,6 +289,8 @@ class ReportConfig(StrictConfig):
     reference: str | None = None
     """The variant every other is tested against; unset: ``baseline`` when the matrix has it, else its first
     variant. (An upcycling study compares against dense trained for the same total tokens.)"""
+    sequential: SequentialConfig | None = None
+    """The error rates of a sequential design (``matrix.seeds: {initial, max}``); set by default for one."""
 
 
 class CustomVariant(StrictConfig):
@@ -321,6 +329,18 @@ class StudySpec(StrictConfig):
             for key, value in tree.items():
                 if key in SECTIONS and not isinstance(value, dict):
                     raise ValueError(f"{where}.{key} = {shorten(value)}: a section must be a mapping of keys")
+        return self
+
+    @model_validator(mode="after")
+    def _sequential_design(self) -> StudySpec:
+        if self.matrix.sequential is None:
+            if self.report.sequential is not None:
+                raise ValueError("report.sequential needs a sequential design: matrix.seeds = {initial: [...], max: N}")
+            return self
+        if self.matrix.sweep:
+            raise ValueError("matrix.sweep cannot be combined with a sequential design (matrix.seeds.initial/max)")
+        if self.report.sequential is None:  # the design's defaults; assigning re-runs this validator once
+            self.report = self.report.model_copy(update={"sequential": SequentialConfig()})
         return self
 
     @model_validator(mode="after")
@@ -367,212 +387,3 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    """Return a copy of ``tree`` with ``a.b.c`` set to ``value``."""
-    head, *rest = dotted.split(".")
-    out = dict(tree)
-    out[head] = set_dotted(dict(out.get(head) or {}), ".".join(rest), value) if rest else value
-    return out
-
-
-def resolve_trial(spec: StudySpec, variant: str, seed: int, assignment: dict[str, Any] | None = None) -> TrialConfig:
-    """base -> variant preset -> per-variant overrides -> sweep assignment -> variant/preset/seed."""
-    preset = spec.preset(variant)
-    tree = deep_merge(spec.base, VARIANT_PRESETS[preset])
-    tree = deep_merge(tree, spec.overrides.get(variant, {}))
-    for key, value in (assignment or {}).items():
-        tree = set_dotted(tree, key, value)
-    tree.update(variant=variant, preset=preset, seed=seed)
-    return TrialConfig.model_validate(tree)
-
-
-class ResolvedTrial(NamedTuple):
-    variant: str
-    seed: int
-    assignment: dict[str, Any]
-    config: TrialConfig
-
-
-def resolve_matrix(spec: StudySpec, where: str = "spec") -> list[ResolvedTrial]:
-    """Every trial of the matrix, in a deterministic order (variant, sweep point, seed)."""
-    sweep_keys = sorted(spec.matrix.sweep)
-    points = [
-        dict(zip(sweep_keys, values, strict=True))
-        for values in itertools.product(*(spec.matrix.sweep[k] for k in sweep_keys))
-    ]
-    trials = []
-    for variant in spec.matrix.variants:
-        for assignment in points:
-            for seed in spec.matrix.seeds:
-                try:
-                    config = resolve_trial(spec, variant, seed, assignment)
-                except ValidationError as error:
-                    raise SpecError(f"{describe_error(error, TrialConfig, where)} (variant {variant})") from None
-                except (TypeError, AttributeError):  # set_dotted into a value that is no mapping
-                    raise SpecError(f"{where}: matrix.sweep key in {sweep_keys} is not a config value") from None
-                trials.append(ResolvedTrial(variant, seed, assignment, config))
-    return trials
-
-
-def shorten(value: Any) -> str:
-    """``repr(value)``, cut to :data:`VALUE_CHARS` characters (a 15 MB string is not one line)."""
-    text = repr(value)
-    return text if len(text) <= VALUE_CHARS else f"{text[:VALUE_CHARS]}... ({len(text):,} characters)"
-
-
-def source_order(trials: list[ResolvedTrial], where: str) -> list[str]:
-    """The trials' variants, each after the variant it starts from (``init.source``).
-
-    A source that is not a variant of the matrix, a cycle, or a source whose model cannot be upcycled into the
-    dependent's is a one-line ``SpecError``."""
-    variants = list(dict.fromkeys(t.variant for t in trials))
-    graph: dict[str, set[str]] = {v: set() for v in variants}
-    for trial in trials:
-        source = trial.config.init.source
-        if source is not None and source not in variants:
-            raise SpecError(f"{where}: {trial.variant}: init.source = {source!r} is not a variant of the matrix")
-        graph[trial.variant] |= {source} if source is not None else set()
-    try:
-        order = list(TopologicalSorter(graph).static_order())
-    except CycleError as error:
-        raise SpecError(f"{where}: init.source forms a cycle: {' -> '.join(reversed(error.args[1]))}") from None
-    by_cell = {(t.variant, t.seed, str(t.assignment)): t.config for t in trials}
-    for trial in (t for t in trials if t.config.init.source is not None):
-        source = by_cell[(trial.config.init.source, trial.seed, str(trial.assignment))]
-        problem = upcycle_mismatch(source.model, source.moe, trial.config.model, trial.config.moe)
-        if problem:
-            raise SpecError(f"{where}: {trial.variant} cannot start from {trial.config.init.source}: {problem}")
-    return sorted(variants, key=order.index)  # sources first, the matrix's order otherwise
-
-
-def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Valid keys at ``loc`` (for 'did you mean')."""
-    current: Any = model
-    for part in loc[:-1]:
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        annotation = fields[part].annotation
-        current = next((a for a in getattr(annotation, "__args__", (annotation,)) if hasattr(a, "model_fields")), None)
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def describe_error(error: ValidationError, model: type[BaseModel], where: str) -> str:
-    """One line for the user: where, which key, what is wrong (with a 'did you mean' for unknown keys)."""
-    first = error.errors()[0]
-    loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(str(loc[-1]), _field_names(model, loc), n=1)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        return f"{where}: unknown key '{key}'{suggestion}"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "missing":
-        return f"{where}: missing key '{key}'"
-    if not loc:  # a check across keys: its message names them
-        return f"{where}: {message}"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" = {shorten(value)}"
-    return f"{where}: {key}{shown}: {message}"
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error, not "the last wins"."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {shorten(key)}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: Path) -> Any:
-    """The YAML document in ``path``; SpecError (one line) for a missing, unreadable or malformed file."""
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such study spec") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, not a study spec") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text file (a study spec is YAML)") from None
-    except OSError as error:
-        raise SpecError(f"{path}: unreadable ({error.strerror or error})") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SpecError(f"{path}: malformed YAML{at}: {problem}") from None
-
-
-def load_spec(path: str | Path) -> StudySpec:
-    """Parse and fully validate a study spec, including every trial it expands to."""
-    path = Path(path)
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a study spec must be a YAML mapping, got {type(raw).__name__}")
-    try:
-        spec = StudySpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(describe_error(error, StudySpec, str(path))) from None
-    check_spec(spec, str(path))
-    if spec.tune is not None:
-        check_tune(spec, str(path))
-    return spec
-
-
-def check_tune(spec: StudySpec, where: str) -> None:
-    """Every edge of the search space must give a valid trial config for the tuned variant."""
-    tune = spec.tune
-    assert tune is not None
-    if tune.variant in PRESET_FFN:
-        raise SpecError(f"{where}: tune.variant = {tune.variant!r} has no MoE layer to tune")
-    edges = {key: param.extremes() for key, param in tune.space.items()}
-    candidates = [{key: value} for key, values in edges.items() for value in values]
-    candidates.append({key: values[0] for key, values in edges.items()})
-    candidates.append({key: values[-1] for key, values in edges.items()})
-    for assignment in candidates:
-        try:
-            resolve_trial(spec, tune.variant, tune.seeds[0], assignment)
-        except ValidationError as error:
-            shown = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
-            raise SpecError(f"{describe_error(error, TrialConfig, where)} (tune.space at {shown})") from None
-        except (AttributeError, TypeError):
-            raise SpecError(f"{where}: tune.space key in {sorted(assignment)} is not a config value") from None
-
-
-def check_spec(spec: StudySpec, where: str) -> None:
-    """Validate the trial configs a spec expands to and that its data exists."""
-    trials = resolve_matrix(spec, where=where)
-    source_order(trials, where)
-    if any(t.config.train.device == "cuda" for t in trials):
-        import torch  # here: the CLI's parser starts without torch
-
-        if not torch.cuda.is_available():
-            raise SpecError(f"{where}: train.device = 'cuda' but this machine has no CUDA device (use auto or cpu)")
-    data = trials[0].config.data
-    folder = data.root() / data.name
-    if not folder.is_dir():
-        source = f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "data.path"
-        raise SpecError(
-            f"{where}: data folder '{folder}' does not exist (set {source}, or run 'harness data download')"
-        )
