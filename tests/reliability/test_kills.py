@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,11 @@ def test_a_killed_study_reruns_to_the_uninterrupted_figures(
 
 
 def test_a_killed_tune_reruns_to_complete_trials(
-    share: float, tmp_path: Path, cli_env: dict[str, str], tune_seconds: float
+    share: float,
+    tmp_path: Path,
+    cli_env: dict[str, str],
+    tune_seconds: float,
+    record_property: Callable[[str, object], None],
 ) -> None:
     delay, where = EARLIEST_S + share * (tune_seconds - EARLIEST_S), tmp_path / "first"
     delivered, code = kill_tune(where, cli_env, delay)
@@ -85,6 +90,7 @@ def test_a_killed_tune_reruns_to_complete_trials(
     if not delivered:
         pytest.skip(f"inconclusive, the tune had ended: {detail}")
     detail += f"; before the rerun: {stores.state(where / 'mlruns' / 'mlflow.db', TUNE)}"
+    record_property("the killed tune left runs open", bool(stores.open_runs(where / "mlruns" / "mlflow.db", TUNE)))
     done = run_harness(tune_args(where, progress=False), where, cli_env)
     (where / "rerun.log").write_text(done.stdout + done.stderr)
     problems = [] if done.code == 0 else [f"rerun exit code {done.code}: {one_line(done.stderr[-300:], 200)}"]
