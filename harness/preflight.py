@@ -48,6 +48,7 @@ def preflight(
     check_strings(spec, where)
     check_host((trial.config for trial in trials), where)
     corpora: dict[str, Corpus] = {}
+    parameters: dict[str, int] = {}  # cell key -> parameter count (the meta build is done once per cell)
     for trial in trials:
         if corpus_key(trial) not in corpora:
             corpora[corpus_key(trial)] = load_corpus(trial.config.data)
@@ -55,10 +56,11 @@ def preflight(
         check_splits(trial.config, corpus)
         check_budget(trial.config, corpus, f"{where}: {trial.key}")
         check_params(trial, corpus, where)
-        check_memory(trial.config, count_parameters(trial, corpus, where), f"{where}: {trial.key}")
+        parameters[trial.key] = count_parameters(trial, corpus, where)
+        check_memory(trial.config, parameters[trial.key], f"{where}: {trial.key}")
         if not supersede:
             cell_checkpointer(checkpoint_dir, spec, trial, corpus).load()  # SpecError: another config's checkpoint
-    check_checkpoint_room(spec, trials, corpora, checkpoint_dir)
+    check_checkpoint_room(spec, trials, corpora, parameters, checkpoint_dir)
     return corpora
 
 
@@ -135,7 +137,11 @@ def check_memory(config: TrialConfig, n_parameters: int, where: str) -> None:
 
 
 def check_checkpoint_room(
-    spec: StudySpec, trials: list[Cell], corpora: dict[str, Corpus], checkpoint_dir: Path
+    spec: StudySpec,
+    trials: list[Cell],
+    corpora: dict[str, Corpus],
+    parameters: dict[str, int],
+    checkpoint_dir: Path,
 ) -> None:
     """The checkpoint folder must have room for the largest cell's checkpoint twice (a save writes the new file
     beside the last one), less what that cell's checkpoint already takes. Cells run one at a time here; on a
@@ -146,7 +152,7 @@ def check_checkpoint_room(
         config = trial.config
         if not writes_checkpoints(config, corpus):
             continue
-        n_parameters = count_parameters(trial, corpus, "spec")
+        n_parameters = parameters[trial.key]
         path = cell_checkpointer(checkpoint_dir, spec, trial, corpus).path
         needed = 2 * checkpoint_bytes(n_parameters, config.optim.name, config.optim.momentum)
         needed -= path.stat().st_size if path.is_file() else 0

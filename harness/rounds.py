@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness.config import StudySpec
+from harness.config.schema import SequentialSeeds
 from harness.health import UNTRAINED
 from harness.matrix import Cell
 from harness.runs import FAILED, FINISHED, cell_run
@@ -54,8 +55,7 @@ class Plan:
 
 def seed_order(initial: list[int], max_seeds: int) -> list[int]:
     """The seeds in the order rounds use them: the initial ones, then the next integers, ``max_seeds`` in all."""
-    extra = max_seeds - len(initial)
-    return list(initial) + list(range(max(initial) + 1, max(initial) + 1 + extra))
+    return SequentialSeeds(initial=initial, max=max_seeds).order()
 
 
 def plan_round(

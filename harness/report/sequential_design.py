@@ -11,7 +11,7 @@ import pandas as pd
 
 from harness.report.blocks import Block, Bullets, Heading, Para, Table, fmt
 from harness.report.gather import UNTRAINED, StudyData
-from harness.rounds import Plan, Result, plan_round
+from harness.rounds import Plan, Result, plan_round, seed_order
 from harness.sequential import Design, make_design, repeated_interval
 from harness.tags import SEQUENTIAL_DECISION, SEQUENTIAL_DESIGN, SEQUENTIAL_SAVED
 
@@ -43,8 +43,7 @@ def sequential_section(data: StudyData) -> list[Block]:
         spending=design_tag["spending"],
         margin=data.equivalence_margin,
     )
-    seeds = [*design_tag["initial"]]
-    seeds += list(range(max(seeds) + 1, max(seeds) + 1 + design_tag["max"] - len(seeds)))
+    seeds = seed_order(design_tag["initial"], design_tag["max"])
     plan = plan_round(
         design=design, reference=design_tag["reference"], variants=variants, seeds=seeds, results=results_of(data.runs)
     )
