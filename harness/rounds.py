@@ -12,7 +12,8 @@ from where the last one stopped and never runs a cell twice.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -127,30 +128,83 @@ def reference_of(spec: StudySpec) -> str:
     return spec.report.reference or ("baseline" if "baseline" in variants else variants[0])
 
 
-def design_of(spec: StudySpec) -> Design:
-    """One comparison's design: looks at every seed count from the initial seeds to ``max``; the family's alpha
-    split equally across the comparisons with the reference (Bonferroni)."""
-    seeds, settings = spec.matrix.sequential, spec.report.sequential
-    assert seeds is not None and settings is not None
-    comparisons = max(len(spec.matrix.variants) - 1, 1)
-    return make_design(
-        sizes=tuple(range(len(seeds.initial), seeds.max + 1)),
-        alpha=settings.alpha / comparisons,
-        spending=settings.spending,
-        margin=spec.report.equivalence_margin,
-    )
+@dataclass(frozen=True, kw_only=True)
+class StudyDesign:
+    """What a sequential study's rounds follow; the study run's ``harness.sequential.design`` tag holds it, so the
+    report rebuilds each decision the way the runner made it."""
+
+    initial: list[int]
+    max: int
+    alpha: float  # family-wise
+    spending: str
+    margin: float
+    reference: str
+    variants: list[str]
+
+    @classmethod
+    def of(cls, spec: StudySpec) -> StudyDesign:
+        seeds, settings = spec.matrix.sequential, spec.report.sequential
+        assert seeds is not None and settings is not None
+        return cls(
+            initial=seeds.initial,
+            max=seeds.max,
+            alpha=settings.alpha,
+            spending=settings.spending,
+            margin=spec.report.equivalence_margin,
+            reference=reference_of(spec),
+            variants=spec.matrix.variants,
+        )
+
+    @classmethod
+    def from_tag(cls, text: str) -> StudyDesign:
+        return cls(**json.loads(text))
+
+    def tag(self) -> str:
+        return json.dumps(asdict(self))
+
+    @property
+    def comparisons(self) -> int:
+        return max(len(self.variants) - 1, 1)
+
+    def seeds(self) -> list[int]:
+        return seed_order(self.initial, self.max)
+
+    def comparison_design(self) -> Design:
+        """One comparison's design: looks at every seed count from the initial seeds to ``max``; the family's alpha
+        split equally across the comparisons with the reference (Bonferroni)."""
+        return make_design(
+            sizes=tuple(range(len(self.initial), self.max + 1)),
+            alpha=self.alpha / self.comparisons,
+            spending=self.spending,
+            margin=self.margin,
+        )
+
+    def plan(self, results: dict[tuple[str, int], Result]) -> Plan:
+        return plan_round(
+            design=self.comparison_design(),
+            reference=self.reference,
+            variants=self.variants,
+            seeds=self.seeds(),
+            results=results,
+        )
+
+
+def trial_result(status: str, health: str | None, test_loss: float | None) -> Result:
+    """An ended trial (FINISHED or FAILED) as a seed: its test loss when it finished and was not flagged untrained;
+    None (no seed) otherwise. The one rule, for the runner and the report."""
+    flags = set((health or "ok").split(","))
+    healthy = status == FINISHED and not flags & UNTRAINED and test_loss is not None and not math.isnan(test_loss)
+    return float(test_loss) if healthy else None  # type: ignore[arg-type]  # test_loss is a float when healthy
 
 
 def recorded_results(store: TrackingStore, experiment_id: str, trials: list[Cell]) -> dict[tuple[str, int], Result]:
-    """(variant, seed) -> test loss of each cell whose run ended; None for a failed or untrained one (no seed)."""
+    """(variant, seed) -> :func:`trial_result` of each cell whose run ended."""
     results: dict[tuple[str, int], Result] = {}
     for trial in trials:
         run = cell_run(store, experiment_id, trial)
-        if run is None or run.info.status not in (FINISHED, FAILED):
-            continue
-        flags = set(run.data.tags.get(HEALTH, "ok").split(","))
-        healthy = run.info.status == FINISHED and not flags & UNTRAINED and "test_loss" in run.data.metrics
-        results[(trial.variant, trial.seed)] = run.data.metrics["test_loss"] if healthy else None
+        if run is not None and run.info.status in (FINISHED, FAILED):
+            health, loss = run.data.tags.get(HEALTH), run.data.metrics.get("test_loss")
+            results[(trial.variant, trial.seed)] = trial_result(run.info.status, health, loss)
     return results
 
 
@@ -158,13 +212,7 @@ def current_plan(spec: StudySpec, store: TrackingStore | None, trials: list[Cell
     """Where a sequential study stands by what its store holds (None: no store yet), and its next round."""
     experiment = None if store is None else store.client.get_experiment_by_name(spec.name)
     results = {} if experiment is None else recorded_results(store, experiment.experiment_id, trials)
-    return plan_round(
-        design=design_of(spec),
-        reference=reference_of(spec),
-        variants=spec.matrix.variants,
-        seeds=spec.matrix.all_seeds(),
-        results=results,
-    )
+    return StudyDesign.of(spec).plan(results)
 
 
 def round_cells(plan: Plan, trials: list[Cell]) -> list[Cell]:
@@ -178,29 +226,26 @@ def round_cells(plan: Plan, trials: list[Cell]) -> list[Cell]:
 def record_plan(store: TrackingStore, parent_id: str, spec: StudySpec, plan: Plan) -> None:
     """The study run's tags: the design, each comparison's decision, and the trials saved against running ``max``
     seeds for every variant."""
-    seeds, settings = spec.matrix.sequential, spec.report.sequential
-    assert seeds is not None and settings is not None
-    design = {"initial": seeds.initial, "max": seeds.max, "alpha": settings.alpha, "spending": settings.spending}
-    run = sum(len(c.seeds_run) for c in plan.comparisons) + len(reference_seeds(plan, spec))
-    design |= {"reference": reference_of(spec), "variants": spec.matrix.variants}
-    store.client.set_tag(parent_id, SEQUENTIAL_DESIGN, json.dumps(design))
-    store.client.set_tag(parent_id, SEQUENTIAL_DECISION, decision_tag(plan, seeds.max))
-    store.client.set_tag(parent_id, SEQUENTIAL_SAVED, str(len(spec.matrix.variants) * seeds.max - run))
+    study = StudyDesign.of(spec)
+    run = sum(len(c.seeds_run) for c in plan.comparisons) + len(reference_seeds(plan, study.reference))
+    store.client.set_tag(parent_id, SEQUENTIAL_DESIGN, study.tag())
+    store.client.set_tag(parent_id, SEQUENTIAL_DECISION, decision_tag(plan, study.max))
+    store.client.set_tag(parent_id, SEQUENTIAL_SAVED, str(len(study.variants) * study.max - run))
 
 
-def reference_seeds(plan: Plan, spec: StudySpec) -> set[int]:
-    return {seed for variant, seed in plan.results if variant == reference_of(spec)}
+def reference_seeds(plan: Plan, reference: str) -> set[int]:
+    return {seed for variant, seed in plan.results if variant == reference}
 
 
 def describe_design(spec: StudySpec) -> list[str]:
     """``--dry-run``'s account of a sequential design: the looks, each look's boundaries, the most trials."""
-    design, seeds, settings = design_of(spec), spec.matrix.sequential, spec.report.sequential
-    assert seeds is not None and settings is not None
-    comparisons = max(len(spec.matrix.variants) - 1, 1)
+    study = StudyDesign.of(spec)
+    design = study.comparison_design()
     lines = [
-        f"sequential design: seeds {seeds.initial} first, then one more per round for each open comparison, "
-        f"up to {seeds.max}; {comparisons} comparison(s) with {reference_of(spec)}, family-wise alpha "
-        f"{settings.alpha:g} split equally (Bonferroni: {design.alpha:.4g} each), {settings.spending} spending",
+        f"sequential design: seeds {study.initial} first, then one more per round for each open comparison, "
+        f"up to {study.max}; {study.comparisons} comparison(s) with {study.reference}, family-wise alpha "
+        f"{study.alpha:g} split equally (Bonferroni: {design.alpha:.4g} each), {study.spending} spending; "
+        f"at most {len(study.variants) * study.max} trials",
         "look  seeds  |t| to differ  TOST t for equivalence",
     ]
     for k, n in enumerate(design.sizes):

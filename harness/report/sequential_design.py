@@ -4,28 +4,24 @@ way the runner decided (:mod:`harness.rounds`)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pandas as pd
 
 from harness.report.blocks import Block, Bullets, Heading, Para, Table, fmt
-from harness.report.gather import UNTRAINED, StudyData
-from harness.rounds import Plan, Result, plan_round, seed_order
-from harness.sequential import Design, make_design, repeated_interval
+from harness.report.gather import StudyData
+from harness.rounds import Plan, Result, StudyDesign, trial_result
+from harness.sequential import Design, repeated_interval
 from harness.tags import SEQUENTIAL_DECISION, SEQUENTIAL_DESIGN, SEQUENTIAL_SAVED
 
 
 def results_of(runs: pd.DataFrame) -> dict[tuple[str, int], Result]:
-    """(variant, seed) -> test loss of each ended trial; None for a failed or untrained one (as the runner counts)."""
+    """(variant, seed) -> :func:`harness.rounds.trial_result` of each ended trial, as the runner counts them."""
     results: dict[tuple[str, int], Result] = {}
     for _, run in runs.iterrows():
-        if run["status"] not in ("FINISHED", "FAILED") or not str(run["tags.seed"]).isdigit():
-            continue
-        flags = set(str(run.get("tags.harness.health") or "ok").split(","))
-        loss = run.get("metrics.test_loss")
-        healthy = run["status"] == "FINISHED" and not flags & UNTRAINED and loss is not None and not math.isnan(loss)
-        results[(run["tags.variant"], int(run["tags.seed"]))] = float(loss) if healthy else None
+        if run["status"] in ("FINISHED", "FAILED") and str(run["tags.seed"]).isdigit():
+            result = trial_result(run["status"], run.get("tags.harness.health"), run.get("metrics.test_loss"))
+            results[(run["tags.variant"], int(run["tags.seed"]))] = result
     return results
 
 
@@ -34,36 +30,29 @@ def sequential_section(data: StudyData) -> list[Block]:
     recorded = data.tag(SEQUENTIAL_DESIGN)
     if not recorded:
         return []
-    design_tag = json.loads(recorded)
-    variants = design_tag.get("variants") or sorted({str(v) for v in data.runs["tags.variant"].dropna()})
-    comparisons = max(len(variants) - 1, 1)
-    design = make_design(
-        sizes=tuple(range(len(design_tag["initial"]), design_tag["max"] + 1)),
-        alpha=design_tag["alpha"] / comparisons,
-        spending=design_tag["spending"],
-        margin=data.equivalence_margin,
-    )
-    seeds = seed_order(design_tag["initial"], design_tag["max"])
-    plan = plan_round(
-        design=design, reference=design_tag["reference"], variants=variants, seeds=seeds, results=results_of(data.runs)
-    )
+    study = StudyDesign.from_tag(recorded)
+    results = results_of(data.runs)
+    design, plan = study.comparison_design(), study.plan(results)
+    not_seeds = ", ".join(f"{variant} seed {seed}" for (variant, seed), result in results.items() if result is None)
     return [
         Heading("Sequential design"),
         Para(
-            f"Seeds came in rounds: {design_tag['initial']} first, then one more per round for each comparison with "
-            f"`{design_tag['reference']}` still open, up to {design_tag['max']}. Each look tests the paired per-seed "
+            f"Seeds came in rounds: {study.initial} first, then one more per round for each comparison with "
+            f"`{study.reference}` still open, up to {study.max}. Each look tests the paired per-seed "
             f"difference of test log-PPL for a difference (two-sided t) and for equivalence within "
-            f"±{data.equivalence_margin:.0%} (TOST); boundaries from {design_tag['spending'].replace('_', '-')} "
+            f"±{study.margin:.0%} (TOST); boundaries from {study.spending.replace('_', '-')} "
             f"alpha spending, computed for t statistics (harness/sequential.py). Family-wise alpha "
-            f"{design_tag['alpha']:g} is split equally across the {comparisons} comparison(s) (Bonferroni), for each "
+            f"{study.alpha:g} is split equally across the {study.comparisons} comparison(s) (Bonferroni), for each "
             f"of the two tests. A trial flagged untrained counts as no seed and is replaced by the next seed."
         ),
         looks_table(plan, design),
         Bullets(
             [
                 f"**Decisions:** `{data.tag(SEQUENTIAL_DECISION) or 'not recorded'}`",
-                f"**Trials saved** against running {design_tag['max']} seeds for every variant: "
+                f"**Trials saved** against running {study.max} seeds for every variant: "
                 f"{data.tag(SEQUENTIAL_SAVED) or 'not recorded'}",
+                f"**Not counted as seeds** (failed, or flagged untrained in *Training health*; the next seed "
+                f"replaced each): {not_seeds or 'none'}",
             ]
         ),
     ]
