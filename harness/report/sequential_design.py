@@ -69,14 +69,22 @@ def looks_table(plan: Plan, design: Design) -> Table:
                     str(look.n),
                     fmt(math.exp(look.mean), 3),
                     fmt(look.t, 2),
-                    fmt(look.difference_bound, 2),
+                    bound(look.difference_bound),
                     fmt(look.t_equivalence, 2),
-                    fmt(look.equivalence_bound, 2),
-                    f"{fmt(low, 3)}–{fmt(high, 3)}",
+                    bound(look.equivalence_bound),
+                    f"{fmt(low, 3)}–{fmt(high, 3)}" if math.isfinite(high) else "unbounded",
                     look.decision,
                 ]
             )
         if not comparison.looks:
             rows.append([comparison.variant, "–", "–", "–", "–", "–", "–", "–", "open (no look yet)"])
     header = ["variant", "seeds", "PPL ratio", "t", "t bound", "TOST t", "TOST bound", "repeated 95% CI", "decision"]
-    return Table(header, rows, caption="One row per look; a comparison stops at its first decision.")
+    caption = (
+        "One row per look; a comparison stops at its first decision. A bound of none: the alpha spent by that look is"
+        " below what any t with so few degrees of freedom reaches, so no decision can be taken there."
+    )
+    return Table(header, rows, caption=caption)
+
+
+def bound(value: float) -> str:
+    return fmt(value, 2) if math.isfinite(value) else "none"

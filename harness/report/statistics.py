@@ -28,6 +28,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from harness.report.gather import StudyData, by_seed, health_of, reference_variant
+from harness.tags import SEQUENTIAL_DECISION
 
 ALPHA = 0.05
 POWER = 0.8
@@ -359,4 +360,5 @@ def verdicts(data: StudyData, tests: dict[str, BackboneTests]) -> dict[str, Any]
         }
         for backbone, found in tests.items()
     }
-    return {"margin": data.equivalence_margin, "health": health, "answers": decided}
+    sequential = {"sequential": data.tag(SEQUENTIAL_DECISION)} if data.tag(SEQUENTIAL_DECISION) else {}
+    return {"margin": data.equivalence_margin, "health": health, "answers": decided} | sequential
