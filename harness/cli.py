@@ -53,6 +53,7 @@ def cmd_run_study(args: argparse.Namespace) -> int:
         raise SpecError("--cell runs one cell in this process (a Slurm array task); it does not take --ray")
 
     from harness.tracking import check_tracking_uri, check_writable, resolve_tracking_uri
+    from harness.urls import ui_link
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)  # everything that can refuse the command does so before anything is written
@@ -73,6 +74,7 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     )
     for key, reason in outcome.failed.items():
         print(f"  FAILED {key}: {reason}")
+    print(ui_link(uri, outcome.experiment_id))
     if args.report:
         from harness.report import write_report
 

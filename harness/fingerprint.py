@@ -40,9 +40,20 @@ def param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
+# The moe.* keys a model without an MoE layer reads: a dense FFN's width and activation; no block: none.
+MOE_KEYS_WITHOUT_ROUTER = {"dense": frozenset({"moe.d_hidden", "moe.activation"}), "none": frozenset()}
+
+
+def used(key: str, config: TrialConfig) -> bool:
+    """Whether the model reads ``key``: every key but the MoE layer's, for a model that has none."""
+    kept = MOE_KEYS_WITHOUT_ROUTER.get(config.model.ffn)
+    return kept is None or not key.startswith("moe.") or key in kept
+
+
 def run_params(config: TrialConfig, corpus: Corpus) -> dict[str, str]:
-    """Every param a cell's run records: the whole resolved config and its data's content hashes."""
-    params = {key: param_value(value) for key, value in config.flat().items()}
+    """Every param a cell's run records: the resolved config's keys its model reads (no router settings on a
+    dense or plain reference) and its data's content hashes."""
+    params = {key: param_value(value) for key, value in config.flat().items() if used(key, config)}
     return params | {DATA_KEY.format(split=split): sha for split, sha in corpus.sha256.items()}
 
 
@@ -72,8 +83,9 @@ def changes(run: Run, cell_identity: dict[str, str], data_digest: str) -> dict[s
         inputs = run.inputs.dataset_inputs if run.inputs is not None else []
         recorded[LEGACY_DIGEST] = inputs[0].dataset.digest if inputs else data_digest
         now[LEGACY_DIGEST] = data_digest
-    keys = sorted(set(recorded) | set(now))
-    return {key: (recorded.get(key), now.get(key)) for key in keys if recorded.get(key) != now.get(key)}
+    # A recorded key the identity no longer has (a router setting of a run logged before references dropped them)
+    # cannot change what the cell computes now: only the identity's keys are compared.
+    return {key: (recorded.get(key), now[key]) for key in sorted(now) if recorded.get(key) != now[key]}
 
 
 def describe(differences: dict[str, tuple[str | None, str | None]], shown: int = 4) -> str:

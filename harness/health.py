@@ -37,6 +37,15 @@ if TYPE_CHECKING:
 
 
 UNTRAINED = frozenset({"saturated", "stalled", "unstable"})  # verdicts whose trial says nothing of its design
+
+
+def is_result(status: str, health: str | None) -> bool:
+    """Whether a trial's figures stand for its design: it finished and was not flagged untrained (collapsed routing
+    alone is a property of the design and stays in). The one rule behind the study run's per-variant means, the
+    report's tables and tests, and the seeds a sequential design counts. ``health``: the ``harness.health`` tag."""
+    return status == "FINISHED" and not set(str(health or "ok").split(",")) & UNTRAINED
+
+
 STALL_AFTER_SHARE = 0.5
 """Share of the budget after which a trial must have left the unigram plateau (the shipped studies' healthy
 trials are well below it by then; a stalled one stays on it to the end)."""
@@ -77,7 +86,8 @@ def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
 
 
 def reference_summary(corpus: Corpus, grad_clip: float | None) -> dict[str, float]:
-    """What a trial is judged against: the unigram entropy of the train split, ln V, and the clip bound."""
+    """What a trial is judged against: the unigram entropy of the train split, ln V, and the clip bound. A trial
+    run records the first two as params (constants of its data, not figures of the run)."""
     return {
         "health_unigram_loss": unigram_entropy(corpus.train, corpus.vocab_size),
         "health_uniform_loss": math.log(corpus.vocab_size),
@@ -249,12 +259,21 @@ def loss_at_shares(losses: Points) -> dict[str, float]:
     }
 
 
-def assess(client: MlflowClient, run_id: str, summary: Mapping[str, float]) -> tuple[dict[str, float], HealthVerdict]:
-    """Judge a trial whose step metrics are all in MLflow (its sink flushed): the summary metrics
+def assess(
+    client: MlflowClient,
+    run_id: str,
+    summary: Mapping[str, float],
+    utilisation: pd.DataFrame,
+    corpus: Corpus,
+    grad_clip: float | None,
+) -> tuple[dict[str, float], HealthVerdict]:
+    """Judge a trial whose step metrics are all in MLflow (its sink flushed), against its data's references
+    (:func:`reference_summary`) and its validation routing (:func:`validation_shares`): the summary metrics
     ``health_clip_fraction`` (whole run) and ``health_train_loss_<p>pct`` (:func:`loss_at_shares`), and the
     verdict."""
     history = history_from_mlflow(client, run_id)
     figures = {"health_clip_fraction": clip_fraction_over(history["clip_fraction"])}
     if history[TRAIN_LOSS]:
         figures |= loss_at_shares(history[TRAIN_LOSS])
-    return figures, judge(history, summary)
+    evidence = {**summary, **validation_shares(utilisation), **reference_summary(corpus, grad_clip)}
+    return figures, judge(history, evidence)

@@ -19,7 +19,7 @@ import numpy as np
 
 from harness.config import StudySpec
 from harness.config.schema import SequentialSeeds
-from harness.health import UNTRAINED
+from harness.health import is_result
 from harness.matrix import Cell
 from harness.runs import FAILED, FINISHED, cell_run
 from harness.sequential import Decision, Design, Look, look_at, make_design
@@ -190,11 +190,10 @@ class StudyDesign:
 
 
 def trial_result(status: str, health: str | None, test_loss: float | None) -> Result:
-    """An ended trial (FINISHED or FAILED) as a seed: its test loss when it finished and was not flagged untrained;
-    None (no seed) otherwise. The one rule, for the runner and the report."""
-    flags = set((health or "ok").split(","))
-    healthy = status == FINISHED and not flags & UNTRAINED and test_loss is not None and not math.isnan(test_loss)
-    return float(test_loss) if healthy else None  # type: ignore[arg-type]  # test_loss is a float when healthy
+    """An ended trial (FINISHED or FAILED) as a seed: its test loss when it is a result (:func:`is_result`); None
+    (no seed) otherwise."""
+    usable = is_result(status, health) and test_loss is not None and not math.isnan(test_loss)
+    return float(test_loss) if usable else None  # type: ignore[arg-type]  # test_loss is a float when usable
 
 
 def recorded_results(store: TrackingStore, experiment_id: str, trials: list[Cell]) -> dict[tuple[str, int], Result]:

@@ -34,19 +34,24 @@ import yaml
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from harness.colours import colour
+from harness.config import TrialConfig
 from harness.data import Corpus
 from harness.fingerprint import fingerprint, identity, run_params
+from harness.health import is_result, reference_summary
 from harness.matrix import Cell
-from harness.metric_names import HEADLINE
 from harness.tags import (
     CELL,
     ERROR,
     FINGERPRINT,
+    HEALTH,
+    HEALTH_SUMMARY,
     PARENT,
     PRUNED,
     ROLE,
     ROLE_SUPERSEDED,
     ROLE_TRIAL,
+    RUN_COLOUR,
     SOURCE_COMMIT,
     SOURCE_NAME,
     SOURCE_TYPE,
@@ -132,22 +137,40 @@ def resume(client: MlflowClient, run_id: str) -> None:
 
 
 def finish_study_run(store: TrackingStore, run_id: str, status: str) -> None:
-    """End a study's parent run with what its finished trials say: per variant, the mean test PPL over them."""
+    """End a study's parent run with what its trials say: per variant, the mean test PPL over its results
+    (:func:`harness.health.is_result`, the report's rule) and how many there are; the health verdicts as a tag.
+
+    Summary metrics at step 0 (the UI shows them as values, not as one-point charts), logged again only when a
+    value changed (a study extended with more cells, or the last of several array tasks to end)."""
     client = store.client
-    experiment_id = client.get_run(run_id).info.experiment_id
-    query = f"tags.`{PARENT}` = '{run_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}' and attributes.status = '{FINISHED}'"
-    children = store.runs(experiment_id, query)
-    by_variant: dict[str, list[float]] = {}
-    for child in children:
-        if "test_ppl" in child.data.metrics:
-            by_variant.setdefault(child.data.tags.get("variant", "?"), []).append(child.data.metrics["test_ppl"])
-    # Step = trials finished: a study extended with more cells logs its new figures at a new step, and two
-    # array tasks that both saw the last cell end log nothing twice (the resume rule of every run).
-    now, step, logged = int(time.time() * 1000), len(children), store.logged_steps(run_id)
-    metrics = [Metric(f"{HEADLINE}mean_test_ppl_{v}", sum(x) / len(x), now, step) for v, x in by_variant.items()]
-    metrics.append(Metric("trials_finished", float(step), now, step))
-    client.log_batch(run_id, metrics=[m for m in metrics if logged.get(m.key, -1) < step])
+    parent = client.get_run(run_id)
+    trials = store.runs(parent.info.experiment_id, f"tags.`{PARENT}` = '{run_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}'")
+    results: dict[str, list[float]] = {}
+    for trial in trials:
+        variant = trial.data.tags.get("variant", "?")
+        results.setdefault(variant, [])
+        if is_result(trial.info.status, trial.data.tags.get(HEALTH)) and "test_ppl" in trial.data.metrics:
+            results[variant].append(trial.data.metrics["test_ppl"])
+    figures = {"trials_finished": float(sum(trial.info.status == FINISHED for trial in trials))}
+    for variant, values in results.items():
+        figures[f"results_{variant}"] = float(len(values))
+        if values:
+            figures[f"mean_test_ppl_{variant}"] = sum(values) / len(values)
+    now = int(time.time() * 1000)
+    changed = [Metric(k, v, now, 0) for k, v in figures.items() if parent.data.metrics.get(k) != v]
+    client.log_batch(run_id, metrics=changed, tags=[RunTag(HEALTH_SUMMARY, health_summary(trials))])
     end_run(client, run_id, status)
+
+
+def health_summary(trials: list[Run]) -> str:
+    """``10 ok; hybrid/seed=2 collapsed,stalled; plain/seed=1 stalled``: the finished trials' verdicts."""
+    finished = [trial for trial in trials if trial.info.status == FINISHED]
+    flagged = sorted(
+        f"{trial.data.tags.get(CELL, trial.info.run_id)} {trial.data.tags[HEALTH]}"
+        for trial in finished
+        if trial.data.tags.get(HEALTH, "ok") != "ok"
+    )
+    return "; ".join([f"{len(finished) - len(flagged)} ok", *flagged])
 
 
 def cell_run(store: TrackingStore, experiment_id: str, cell: Cell) -> Run | None:
@@ -166,15 +189,28 @@ def open_trial_run(
     device: str,
     run_name: str | None = None,
 ) -> str:
-    """Create the cell's run with its tags, params and inputs, or reopen it (RUNNING, old error cleared)."""
-    existing = cell_run(store, experiment_id, cell)
-    if existing is not None:
-        store.client.update_run(existing.info.run_id, status=RUNNING)
-        if ERROR in existing.data.tags:  # a retried failure: the old reason no longer holds
-            store.client.delete_tag(existing.info.run_id, ERROR)
-        return existing.info.run_id
+    """Create the cell's run with its tags, params and inputs (its start: now, when the cell starts), or reopen it
+    (RUNNING, old error cleared)."""
+    with store.shared_run_lock():  # two attempts at one cell (a Ray retry, two array tasks) make one run
+        existing = cell_run(store, experiment_id, cell)
+        if existing is None:
+            tags = trial_tags(cell, study=study, parent_id=parent_id, corpus=corpus, device=device)
+            run_id = store.client.create_run(experiment_id, run_name=run_name or cell.name, tags=tags).info.run_id
+            existing = cell_run(store, experiment_id, cell)  # a tracking server's racing client may have been first
+            assert existing is not None
+            if existing.info.run_id == run_id:
+                log_trial_inputs(store, run_id, cell.config, corpus)
+                return run_id
+            store.client.delete_run(run_id)
+    store.client.update_run(existing.info.run_id, status=RUNNING)
+    if ERROR in existing.data.tags:  # a retried failure: the old reason no longer holds
+        store.client.delete_tag(existing.info.run_id, ERROR)
+    return existing.info.run_id
+
+
+def trial_tags(cell: Cell, *, study: str, parent_id: str, corpus: Corpus, device: str) -> dict[str, str]:
     config = cell.config
-    tags = system_tags() | {
+    return system_tags() | {
         ROLE: ROLE_TRIAL,
         CELL: cell.key,
         STUDY: study,
@@ -184,23 +220,28 @@ def open_trial_run(
         "backbone": config.model.backbone,
         "git_commit": git_commit(),
         "device": device_description(device),
+        RUN_COLOUR: colour(cell.variant),
         FINGERPRINT: fingerprint(identity(config, corpus)),
         **{f"data.{k}": str(v) for k, v in corpus.summary().items() if k not in ("name", "digest")},
     }
-    run_id = store.client.create_run(experiment_id, run_name=run_name or cell.name, tags=tags).info.run_id
-    params = [Param(key, value) for key, value in run_params(config, corpus).items()]
+
+
+def log_trial_inputs(store: TrackingStore, run_id: str, config: TrialConfig, corpus: Corpus) -> None:
+    """The run's params (its config, data hashes and data constants), its dataset input and its config.yaml."""
+    constants = {key: f"{value:.6g}" for key, value in reference_summary(corpus, grad_clip=None).items()}
+    params = [Param(key, value) for key, value in (run_params(config, corpus) | constants).items()]
     for start in range(0, len(params), 100):
         store.client.log_batch(run_id, params=params[start : start + 100])
     store.log_dataset(run_id, corpus)
     store.client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
-    return run_id
 
 
 class TrialRun:
     """An open trial run and its metric sink; each way it can end flushes the sink first."""
 
-    def __init__(self, sink: MlflowSink) -> None:
-        self.sink, self.client, self.run_id = sink, sink.client, sink.run_id
+    def __init__(self, sink: MlflowSink, started: float | None = None) -> None:
+        """``started``: ``time.monotonic()`` when the cell started, for the run's ``wall_time_s``."""
+        self.sink, self.client, self.run_id, self.started = sink, sink.client, sink.run_id, started
 
     def finish(
         self, summary: dict[str, float], tables: dict[str, pd.DataFrame], tags: dict[str, str] | None = None
@@ -218,6 +259,8 @@ class TrialRun:
                 path = Path(folder) / f"{name}.csv"
                 table.to_csv(path, index=False)
                 self.client.log_artifact(self.run_id, str(path))  # overwrites the file of an interrupted save
+        if self.started is not None:  # this attempt's time from its cell's start to here, just before the run ends
+            self.client.log_metric(self.run_id, "wall_time_s", time.monotonic() - self.started, step=0)
         end_run(self.client, self.run_id, FINISHED)
 
     def fail(self, error: BaseException) -> Ending:

@@ -53,7 +53,7 @@ def build_optimizer(model: LanguageModel, config: TrialConfig) -> torch.optim.Op
     params: list[nn.Parameter] | list[dict[str, object]] = [p for p in model.parameters() if p.requires_grad]
     if o.block_lr_scale != 1.0:
         groups = model.parameter_groups()
-        block = {id(p) for name in ("router", "experts") for p in groups[name]}
+        block = {id(p) for name in ("router", "experts", "ffn") for p in groups[name]}
         rest, scaled = [p for p in params if id(p) not in block], [p for p in params if id(p) in block]
         params = [{"params": rest}, *([{"params": scaled, "lr": o.lr * o.block_lr_scale}] if scaled else [])]
     if o.name == "sgd":

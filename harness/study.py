@@ -1,8 +1,8 @@
 """Run a study: every matrix cell through the shared trainer, recorded in MLflow.
 
 The driver (:func:`prepare_study`: in this process, or the Ray driver of :mod:`harness.engine.ray_study`)
-does the preflight, creates the study's parent run and each pending cell's run (one writer), and
-skips finished cells. :meth:`StudyWorker.run_cell` is the one way a cell runs, called by the
+does the preflight, creates the study's parent run and skips finished cells; a cell's run is created when
+the cell starts, so its duration is its own. :meth:`StudyWorker.run_cell` is the one way a cell runs, called by the
 in-process loop (:func:`run_study`), by ``--cell N`` and inside a Ray task. Re-running the same
 command skips finished cells and resumes interrupted ones from their last checkpoint into the same
 MLflow run. A trial that fails (divergence, out of memory, bad data) is marked failed with its
@@ -14,6 +14,7 @@ is written; a study lock keeps a second invocation on this machine from running 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from harness.data import Corpus
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.engine.lock import lock_path, study_lock
 from harness.fingerprint import describe
-from harness.health import HealthVerdict, assess, validation_shares
+from harness.health import HealthVerdict, assess
 from harness.matrix import Cell, expand
 from harness.preflight import corpus_key, preflight
 from harness.rounds import current_plan, record_plan, round_cells
@@ -117,17 +118,20 @@ class StudyWorker:
         )
         return run_id, False
 
-    def train_cell(self, trial: Cell, run_id: str, attempt: str, initial: dict[str, Any] | None) -> str | None:
+    def train_cell(
+        self, trial: Cell, run_id: str, attempt: str, initial: dict[str, Any] | None, started: float
+    ) -> str | None:
         """Train one cell into its open MLflow run; the failure reason, or None once it finished.
 
         Steps the run already holds (a resumed or retried cell) are not logged again. ``initial``: the weights
-        it starts from (an upcycled cell's source), else None.
+        it starts from (an upcycled cell's source), else None. ``started``: ``time.monotonic()`` when the cell
+        started (the run's ``wall_time_s``: this attempt's time from then to its end, evaluation and logging in).
         """
         config, corpus = trial.config, self.corpora[corpus_key(trial)]
         checkpoint = cell_checkpointer(self.checkpoint_dir, self.spec, trial, corpus)
         if logged := self.store.logged_steps(run_id):
             print(f"  {trial.key}: resuming its interrupted run (step {max(logged.values())} logged)", file=sys.stderr)
-        run = TrialRun(AttemptSink(self.store.client, run_id, logged, attempt))
+        run = TrialRun(AttemptSink(self.store.client, run_id, logged, attempt), started)
         try:  # training and the final save: whatever stops either ends the run, none is left RUNNING
             result = train(
                 config,
@@ -142,7 +146,8 @@ class StudyWorker:
                 self.store.log_weights(run_id, result.model.state_dict())
             tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
             run.sink.flush()  # the verdict reads the run's whole metric history, a resumed run's earlier steps too
-            health_metrics, verdict = assess(run.client, run_id, result.summary | validation_shares(result.utilisation))
+            grad_clip = config.optim.grad_clip
+            health_metrics, verdict = assess(run.client, run_id, result.summary, result.utilisation, corpus, grad_clip)
             run.finish(result.summary | health_metrics, tables, verdict.tags())
         except AttemptSuperseded:
             run.sink.flush()  # the cell's run is the newer attempt's now: leave it as it is
@@ -170,6 +175,7 @@ class StudyWorker:
 
         Raises :class:`AttemptSuperseded` when a newer attempt took the run over (this one wrote nothing after).
         """
+        started = time.monotonic()
         run_id, finished = self.open_cell_run(trial)
         if finished:
             return None
@@ -178,13 +184,14 @@ class StudyWorker:
             reason = f"source cell {trial.depends_on} failed"
             end_run(self.store.client, run_id, FAILED, reason)
             return reason
-        return self.train_cell(trial, run_id, new_attempt(self.store.client, run_id), initial)
+        return self.train_cell(trial, run_id, new_attempt(self.store.client, run_id), initial, started)
 
 
 def prepare_study(
     spec: StudySpec, store: TrackingStore, trials: list[Cell], worker_args: dict, retry_failed: bool, supersede: bool
 ) -> tuple[StudyWorker, StudyOutcome, list[Cell]]:
-    """The driver's part: the parent run and each pending cell's run (SCHEDULED); finished cells skipped.
+    """The driver's part: the parent run, and the pending cells (an interrupted one's run SCHEDULED again; a new
+    cell's run is created when it starts); finished cells skipped.
 
     A cell whose identity changed since its run was recorded is refused (nothing written) unless ``supersede``:
     then its old run is kept, tagged superseded, and the cell starts as a new run. ``worker_args``: the
@@ -210,9 +217,9 @@ def prepare_study(
                 outcome.skipped.append(trial.key)
             elif run is not None and run.info.status == FAILED and not retry_failed:
                 outcome.failed[trial.key] = run.data.tags.get(ERROR, "failed")
-            else:
-                run_id, _ = worker.open_cell_run(trial)
-                store.client.update_run(run_id, SCHEDULED)
+            else:  # its run starts when the cell does (its duration is its own, not its wait in the queue)
+                if run is not None:  # an interrupted run, resumed when the cell runs again
+                    store.client.update_run(run.info.run_id, SCHEDULED)
                 pending.append(trial)
     except BaseException as error:
         kill_study(store, outcome, trials, error)

@@ -28,7 +28,6 @@ from harness import interrupt
 from harness.checkpoint import Checkpointer, CheckpointPolicy, TrainState
 from harness.config import TrialConfig
 from harness.data import Corpus, batchify, get_batch
-from harness.health import reference_summary
 from harness.metric_names import BACKBONE_SPREAD, TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_SUBSET_LOSS, VAL_SUBSET_PPL
 from harness.metrics import ResourceMonitor, RoutingTally, perplexity, utilisation_summary
 from harness.step import (
@@ -131,10 +130,16 @@ class Validation:
     sink: MetricSink
     on_eval: EvalHook | None
 
-    def __call__(self, state: TrainState, max_tokens: int | None = None, tally: RoutingTally | None = None) -> float:
+    def __call__(
+        self, state: TrainState, max_tokens: int | None = None, tally: RoutingTally | None = None, curve: bool = True
+    ) -> float:
+        """The loss on (the first ``max_tokens`` of) the split; a point of the validation curve unless ``curve`` is
+        False (the full split at the end of a run whose curve is the ``eval_tokens`` estimate: a summary figure)."""
         val_loss = evaluate(state.model, self.rows, self.config, state.device, max_tokens, tally)
         if max_tokens == self.config.budget.eval_tokens:  # the best is over the mid-run measure only
             state.best_val = min(state.best_val, val_loss)
+        if not curve:
+            return val_loss
         loss_name, ppl_name = (VAL_LOSS, VAL_PPL) if max_tokens is None else (VAL_SUBSET_LOSS, VAL_SUBSET_PPL)
         self.sink.log_metrics({loss_name: val_loss, ppl_name: perplexity(val_loss)}, state.step)
         if self.on_eval is not None:
@@ -216,6 +221,8 @@ class LogWindow:
         }
         if not self.drops:
             metrics.pop("dropped_fraction", None)
+        if not self.routing.n_layers:  # no router, no router loss
+            metrics.pop("aux_loss")
         if self.routing.n_layers:
             state.train_counts += self.routing.counts
             state.history.extend(_long_table(fractions, step=state.step, tokens=state.tokens))
@@ -366,11 +373,11 @@ def train(
                     sink.log_metrics(metrics, state.step)
                     show(bar, state.step, metrics)
                 with clock.paused():
-                    if state.step % b.eval_every_steps == 0 and not last:
+                    subset_ends = last and b.eval_tokens is not None  # the estimate's curve ends where training does
+                    if (state.step % b.eval_every_steps == 0 and not last) or subset_ends:
                         validate(state, b.eval_tokens)
                     checkpoints.maybe_save(state, logged, last, sink.sync)
         val_tally = RoutingTally(*state.train_counts.shape, device)
-        val_loss = validate(state, tally=val_tally)
+        val_loss = validate(state, tally=val_tally, curve=b.eval_tokens is None)  # the full split
         test_loss = evaluate(state.model, test_rows, config, device)
-    references = reference_summary(corpus, config.optim.grad_clip)
-    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary() | references)
+    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary())

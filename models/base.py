@@ -13,7 +13,7 @@ from models.config import ModelConfig, ModelError
 from models.experts import FeedForward
 from models.moe import MoELayer, MoEStats
 
-COMPONENTS = ("embedding", "backbone", "router", "experts", "head")
+COMPONENTS = ("embedding", "backbone", "router", "experts", "ffn", "head")
 
 
 @dataclass
@@ -122,15 +122,16 @@ class LanguageModel(nn.Module):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Every parameter once, by component (``COMPONENTS``): embedding tables (a tied softmax weight
-        counts here), the output head, MoE routers, experts (routed, shared, and any dense FFN block),
-        and the backbone (everything else: LSTM, attention, norms)."""
+        counts here), the output head, MoE routers, experts (routed and shared: an MoE layer's rest), a
+        dense FFN block, and the backbone (everything else: LSTM, attention, norms)."""
         groups: dict[str, list[nn.Parameter]] = {name: [] for name in COMPONENTS}
         owner: dict[int, str] = {}
         claims = [
             ("embedding", [m for m in self.modules() if isinstance(m, nn.Embedding)]),
             ("head", [m for m in self.modules() if isinstance(m, OutputHead)]),
             ("router", [layer.router for layer in self.moe_layers()]),
-            ("experts", [m for m in self.modules() if isinstance(m, MoELayer | FeedForward)]),
+            ("experts", self.moe_layers()),  # routed and shared experts (the router claimed first)
+            ("ffn", [m for m in self.modules() if isinstance(m, FeedForward)]),  # a dense FFN block
             ("backbone", [self]),
         ]
         for name, modules in claims:  # first claim wins: the tied weight is the embedding's

@@ -18,6 +18,7 @@ from harness.health import (
     clip_fraction_over,
     judge,
     loss_at_shares,
+    reference_summary,
     validation_shares,
 )
 from harness.metric_names import TRAIN_LOSS
@@ -160,11 +161,13 @@ def test_non_log_steps_do_no_host_sync_for_the_gradient_bookkeeping(
     window.add(out, grads, y.numel())
     metrics = window.close(state, elapsed=1.0)
     assert syncs == ["tolist"]  # the logging step reads the whole window at once
-    components = {"embedding", "backbone", "experts", "head"} | ({"router"} if variant != "dense" else set())
+    block = {"ffn"} if variant == "dense" else {"router", "experts"}  # a dense FFN is no expert, has no router
+    components = {"embedding", "backbone", "head"} | block
     assert {k for k in metrics if k.startswith("grad_norm_")} == {"grad_norm_total"} | {
         f"grad_norm_{c}" for c in components
     }
-    assert {"0_train_loss", "aux_loss", "clip_fraction", "backbone_spread"} <= set(metrics)
+    assert {"0_train_loss", "clip_fraction", "backbone_spread"} <= set(metrics)
+    assert ("aux_loss" in metrics) == (variant != "dense")  # no router, no router loss
     if variant != "dense":  # routing means, the dropped fraction and the window's expert shares, in the same copy
         assert {"routing_entropy", "dropped_fraction", "balance_switch"} <= set(metrics) and state.history
     parts = [metrics[k] ** 2 for k in metrics if k.startswith("grad_norm_") and k != "grad_norm_total"]
@@ -180,12 +183,13 @@ def trained_verdict(variant: str, **overrides: object):
 
 
 def verdict_of(config: TrialConfig):
-    recorder = Recorder()
-    result = train(config, load_corpus(config.data), recorder, progress=False)
+    recorder, corpus = Recorder(), load_corpus(config.data)
+    result = train(config, corpus, recorder, progress=False)
     steps: dict[str, list[tuple[int, float]]] = {}
     for step, key, value in recorder.rows:
         steps.setdefault(key, []).append((step, value))
-    return judge(steps, result.summary | validation_shares(result.utilisation))
+    references = reference_summary(corpus, config.optim.grad_clip)
+    return judge(steps, result.summary | validation_shares(result.utilisation) | references)
 
 
 @pytest.mark.slow
@@ -229,10 +233,10 @@ def test_a_huge_learning_rate_without_clipping_is_unstable() -> None:
 
 
 def test_components_a_model_lacks_get_no_gradient_norm() -> None:
-    """dense has no router, plain no router or experts: no grad_norm_* curve for them (the report would draw
-    a zero norm at its floor, like a component that stopped learning)."""
-    for variant, absent in (("dense", {"router"}), ("plain", {"router", "experts"})):
+    """dense has no router or experts (its block is an FFN), plain no block at all: no grad_norm_* curve for what
+    they lack (the report would draw a zero norm at its floor, like a component that stopped learning)."""
+    for variant, absent in (("dense", {"router", "experts"}), ("plain", {"router", "experts", "ffn"})):
         config = tiny_config(variant)
         corpus = load_corpus(config.data)
         _, context = build_train_state(config, corpus.train_counts(), torch.device("cpu"), 10)
-        assert set(context.parameter_groups) == {"embedding", "backbone", "router", "experts", "head"} - absent
+        assert set(context.parameter_groups) == {"embedding", "backbone", "router", "experts", "ffn", "head"} - absent

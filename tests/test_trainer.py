@@ -137,7 +137,7 @@ def test_block_lr_scale_sets_the_router_and_experts_learning_rate(variant: str) 
     model = build_model(config.model, config.moe, 50)
     optimizer = build_optimizer(model, config)
     groups = model.parameter_groups()
-    block = {id(p) for p in groups["router"] + groups["experts"]}
+    block = {id(p) for p in groups["router"] + groups["experts"] + groups["ffn"]}
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert lr_of.keys() == {id(p) for p in model.parameters() if p.requires_grad}  # every parameter, once
     for param_id, lr in lr_of.items():

@@ -2,7 +2,7 @@
 
 The driver connects, sizes each trial's task (:mod:`.ray_cluster`), takes the study's named actor
 (a second driver for the same study on the cluster is refused), then does what the in-process
-driver does (:func:`harness.study.prepare_study`: preflight, parent run, each pending cell's run)
+driver does (:func:`harness.study.prepare_study`: preflight, parent run, finished cells skipped)
 and submits the pending cells. Ray retries a task after a worker or node loss (``max_retries``);
 a trial's own failure is a returned reason, so Ray does not retry it. A retried cell resumes from
 its checkpoint (when ``--checkpoint-dir`` is a path every node sees) into the same run; the lost

@@ -30,6 +30,13 @@ __all__ = ["register", "write_report"]
 VERDICTS = "verdicts.json"  # the report's decisions, for a program to compare (statistics.verdicts)
 
 
+# MLflow's artifact preview shows a Markdown file's relative image links as text (MLflow 3.17): say where they are.
+MARKDOWN_FIRST_LINE = (
+    "*Open report.pdf for the figures: this Markdown links them as PNG files beside it, which MLflow's artifact "
+    "preview shows as plain links.*\n\n"
+)
+
+
 def write_report(
     target: str,
     tracking_uri: str,
@@ -64,7 +71,7 @@ def write_report(
     tests = analyse(data)
     figures = make_figures(data, out, tuning)
     document = build_document(data, tests, figures, generated=datetime.now(UTC), tuning=tuning)
-    (out / "report.md").write_text(to_markdown(document))
+    (out / "report.md").write_text(MARKDOWN_FIRST_LINE + to_markdown(document))
     (out / VERDICTS).write_text(json.dumps(verdicts(data, tests), indent=2, sort_keys=True) + "\n")
     to_pdf(document, out / "report.pdf", base=out)
     if log_artifacts and data.parent is not None:
@@ -75,8 +82,11 @@ def write_report(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
     from harness.report.gather import study_name  # here, not at the top: see the module docstring
     from harness.tracking import check_tracking_uri, resolve_tracking_uri
+    from harness.urls import ui_link
 
     out = Path(args.out) if args.out else Path("reports") / study_name(args.study)
     check_out_folder(out, "--out" if args.out else "report folder")  # before anything is read or written
@@ -84,6 +94,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_tracking_uri(uri, create=False)  # fails fast on a dead server; never creates a store to report on
     out = write_report(args.study, uri, out, log_artifacts=not args.no_log, optuna_storage=args.optuna_storage)
     print(f"wrote {out / 'report.md'} and {out / 'report.pdf'}")
+    experiment = MlflowClient(uri).get_experiment_by_name(study_name(args.study))
+    if experiment is not None:
+        print(ui_link(uri, experiment.experiment_id))
     return 0
 
 

@@ -21,25 +21,13 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
+from harness.colours import OKABE_ITO, colour  # noqa: E402
 from harness.report.blocks import Figure  # noqa: E402
 from harness.report.gather import GRAD_COMPONENTS, HEALTH_UNKNOWN, StudyData, variant_key  # noqa: E402
 from harness.tags import HEALTH  # noqa: E402
 
-OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
-VARIANT_COLOURS = {
-    "baseline": "#0072B2",
-    "switch": "#E69F00",
-    "lora": "#009E73",
-    "hybrid": "#CC79A7",
-    "dense": "#000000",
-    "plain": "#999999",
-}
 MARKERS = {"baseline": "o", "switch": "s", "lora": "^", "hybrid": "D", "dense": "X", "plain": "P"}
 DPI = 150
-
-
-def colour(variant: str, index: int = 0) -> str:
-    return VARIANT_COLOURS.get(variant, OKABE_ITO[index % len(OKABE_ITO)])
 
 
 STYLE = {
@@ -113,7 +101,9 @@ def val_curves(data: StudyData, out: Path) -> Figure | None:
             if _max_seeds(curves) > 1
             else "One seed per variant: each line is a single run."
         )
-        + " Intermediate points use the evaluation subset; the last point is the full validation split.",
+        + " Every point is the one measure the runs logged mid-run (the first `budget.eval_tokens` validation tokens,"
+        " or the full split where that is unset), the last at the end of training; the full-split figures after"
+        " training are in the tables.",
         "curves",
     )
 

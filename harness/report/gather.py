@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from harness.config import VARIANTS, DataConfig, ReportConfig, SpecError, TrialConfig, load_spec
 from harness.data import load_corpus
 from harness.flops import train_flops_per_token
-from harness.health import UNTRAINED  # verdicts that keep a run out of rankings and tests
+from harness.health import UNTRAINED, is_result  # verdicts that keep a run out of rankings and tests
 from harness.metric_names import VAL_PPL, VAL_SUBSET_PPL
 from harness.tags import (
     EQUIVALENCE_MARGIN,
@@ -45,7 +45,7 @@ from harness.tags import (
 BASELINE = "baseline"
 VARIANT_ORDER = list(VARIANTS)
 ARTIFACT_TABLES = {"utilisation": "utilisation.csv", "history": "utilisation_history.csv"}
-GRAD_COMPONENTS = ["embedding", "backbone", "router", "experts", "head", "total"]  # step metrics grad_norm_<name>
+GRAD_COMPONENTS = ["embedding", "backbone", "router", "experts", "ffn", "head", "total"]  # metrics grad_norm_<name>
 HEALTH_OK, HEALTH_UNKNOWN = "ok", "unknown"  # unknown: a run from before health was judged (no tag)
 
 
@@ -91,8 +91,10 @@ class StudyData:
 
     @property
     def judged(self) -> pd.DataFrame:
-        """Finished runs that may be ranked and tested: all but the untrained ones."""
-        return self.finished.drop(self.untrained.index)
+        """Runs that may be ranked and tested (:func:`harness.health.is_result`: finished, not untrained)."""
+        health = self.runs.get(f"tags.{HEALTH}", pd.Series(None, index=self.runs.index, dtype=object))
+        results = [is_result(status, tag) for status, tag in zip(self.runs["status"], health, strict=True)]
+        return self.runs[results]
 
     @property
     def backbones(self) -> list[str]:

@@ -87,12 +87,16 @@ def _trials_line(runs: pd.DataFrame) -> str:
 
 
 def _compute_line(runs: pd.DataFrame) -> str:
+    """Training time, and the trial runs' durations summed: from each cell's start to its end (set-up, evaluation
+    and logging in; a resumed trial's includes its interruption; queue time never, since runs start with their
+    cell). Cells that ran side by side overlap, so the sum can exceed the study's own wall time."""
     train_time = runs["metrics.train_time_s"].sum() if "metrics.train_time_s" in runs else math.nan
     ended = runs["end_time"].fillna(runs["start_time"])
-    wall = (ended - runs["start_time"]).dt.total_seconds().sum()
+    durations = (ended - runs["start_time"]).dt.total_seconds().sum()
     return (
-        f"**Total compute time:** {fmt_duration(train_time)} of training (sum of train_time_s), "
-        f"{fmt_duration(wall)} wall time over all trial runs (including evaluation)"
+        f"**Total compute time:** {fmt_duration(train_time)} of training (sum of train_time_s); "
+        f"{fmt_duration(durations)} summed over the trial runs' durations (each from its cell's start to its end, "
+        f"evaluation and logging included)"
     )
 
 
@@ -149,7 +153,10 @@ def _trial(run: pd.Series, several: bool) -> str:
 
 
 def _number(run: pd.Series, metric: str, digits: int) -> str:
+    """A summary metric, or a param of that name (a data constant; runs before 2026-12-06 logged it a metric)."""
     value = run.get(f"metrics.{metric}")
+    if value is None or pd.isna(value):
+        value = run.get(f"params.{metric}")
     return fmt(float(value), digits) if value is not None and pd.notna(value) else MISSING
 
 

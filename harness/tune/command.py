@@ -15,13 +15,14 @@ from harness.config import SpecError, load_spec, resolve_trial
 
 def cmd_tune(args: argparse.Namespace) -> int:
     import optuna  # heavy (torch, MLflow, Optuna): only when the command runs
+    from mlflow.tracking import MlflowClient
 
     from harness.preflight import check_host
     from harness.tracking import check_tracking_uri, resolve_tracking_uri
     from harness.tune.results import summary_lines
     from harness.tune.search import run_tune
     from harness.tune.storage import default_storage
-    from harness.urls import redact
+    from harness.urls import redact, ui_link
 
     spec = load_spec(args.spec)
     if spec.tune is None:
@@ -47,6 +48,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for line in summary_lines(spec, study, best, exported):
         print(line)
     print(f"dashboard: optuna-dashboard {redact(storage)}; tracking {uri}")
+    experiment = MlflowClient(uri).get_experiment_by_name(spec.name)
+    if experiment is not None:
+        print(ui_link(uri, experiment.experiment_id))
     if args.report:
         from harness.report import write_report
 

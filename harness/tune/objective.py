@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ import optuna
 from harness.config import StudySpec, TrialConfig, TuneConfig, TuneParam, resolve_trial
 from harness.data import Corpus
 from harness.fingerprint import param_value
-from harness.health import assess, validation_shares
+from harness.health import assess
 from harness.matrix import Cell
 from harness.metrics import perplexity
 from harness.runs import KILLED, TrialRun, open_trial_run
@@ -125,7 +126,8 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
     assignment = {key: suggest(trial, key, param) for key, param in tune.space.items()}
     config = resolve_trial(ctx.spec, tune.variant, tune.seeds[0], assignment)
     cell = Cell(f"tune/{ctx.parent_id}/trial={trial.number}", tune.variant, tune.seeds[0], assignment, config)
-    run = TrialRun(MlflowSink(ctx.store.client, open_trial(ctx, trial, cell)))
+    started = time.monotonic()
+    run = TrialRun(MlflowSink(ctx.store.client, open_trial(ctx, trial, cell)), started)
     label = f"trial {trial.number} " + " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in assignment.items())
     on_eval = pruning_hook(tune, config, ctx.corpus, trial)
     try:
@@ -142,7 +144,9 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
             trial.study.enqueue_trial(trial.params)  # ...and its parameters are tried again, first thing
         raise
     run.sink.flush()  # the verdict reads the run's whole metric history
-    health_metrics, verdict = assess(run.client, run.run_id, result.summary | validation_shares(result.utilisation))
+    health_metrics, verdict = assess(
+        run.client, run.run_id, result.summary, result.utilisation, ctx.corpus, config.optim.grad_clip
+    )
     tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
     run.finish(result.summary | health_metrics, tables, verdict.tags())
     run.client.set_tag(run.run_id, OPTUNA_STATE, "COMPLETE")
