@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--name", default="wikitext-2-v1", choices=["wikitext-2-v1", "wikitext-2-raw-v1"])
     info.add_argument("--min-freq", type=int, default=1)
     info.set_defaults(func=cmd_data_info)
+    from harness.bench import device as bench_device
     from harness.bench import levers as bench_levers
     from harness.bench import moe as bench_moe
     from harness.bench import train as bench_train
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.register(bench)
     bench_levers.register(bench)
     bench_moe.register(bench)
+    bench_device.register(bench)
     tune.register(commands)
     return parser
 

@@ -10,9 +10,11 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.bench import device
 from harness.cli import main
-from harness.config import TrialConfig
+from harness.config import TrialConfig, load_spec
 from harness.flops import train_flops_per_token
+from harness.matrix import expand
 from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +139,19 @@ def test_bf16_autocast_trains_with_either_output_head(backbone: str, output: str
         out = lm(x, y, lm.initial_state(4))
     (out.loss + out.aux_loss).backward()
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_the_device_check_without_cuda_says_what_it_would_measure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this path on every machine, a GPU one too
+    assert main(["bench", "device"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no CUDA device here: nothing measured.")
+    for step in ("cuda tests", "bench moe fp32", "bench moe bf16", "bench train bf16+compile", "ablation slice"):
+        assert f"  {step} (at most" in out
+    assert sum(step.limit_s for step in device.plan(tmp_path)) <= 8 * 60
+    device.write_slice_spec(tmp_path / "slice.yaml")
+    spec = load_spec(tmp_path / "slice.yaml")  # the slice is a valid study: 3 cells at a fixed budget
+    assert spec.matrix.variants == device.SLICE_VARIANTS and len(expand(spec)) == 3
+    assert {cell.config.budget.tokens for cell in expand(spec)} == {device.SLICE_TOKENS}

@@ -151,6 +151,7 @@ def test_training_steps_without_logging_read_nothing_back(backbone: str, router:
     assert set(tally.means()) >= {"dropped_fraction", "routing_entropy"}  # read once, at the log step
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("router", "expert"), CASES)
 def test_cuda_grouped_mm_step_never_syncs(router: str, expert: str) -> None:
@@ -167,6 +168,7 @@ def test_cuda_grouped_mm_step_never_syncs(router: str, expert: str) -> None:
     assert float(stats.dropped_fraction) >= 0
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("router", "expert"), CASES)
 def test_cuda_kernels_agree_under_bf16(router: str, expert: str) -> None:
