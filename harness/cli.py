@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.bench import device as bench_device
     from harness.bench import levers as bench_levers
     from harness.bench import moe as bench_moe
+    from harness.bench import study as bench_study
     from harness.bench import train as bench_train
     from harness.relocate import register as register_store
     from harness.report import register as register_report
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_levers.register(bench)
     bench_moe.register(bench)
     bench_device.register(bench)
+    bench_study.register(bench)
     tune.register(commands)
     return parser
 

@@ -236,10 +236,13 @@ class LogWindow:
 
 
 class TrainClock:
-    """Training wall time, lap by lap; time inside ``with clock.paused():`` (evaluation, checkpoints) is left out."""
+    """Training wall time, lap by lap; time inside ``with clock.paused(phase):`` (evaluation, checkpoints) is left
+    out, and summed per phase in ``phases`` (seconds)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.mark, self.pause_start = device, time.perf_counter(), 0.0
+        self.phases: dict[str, float] = {}
+        self.phase = ""
 
     def lap(self) -> float:
         """Seconds of training since the last lap (after the device has finished the queued work)."""
@@ -249,14 +252,17 @@ class TrainClock:
         elapsed, self.mark = now - self.mark, now
         return elapsed
 
-    def paused(self) -> TrainClock:
+    def paused(self, phase: str) -> TrainClock:
+        self.phase = phase
         return self  # a plain context manager: entered every step, so no generator-based one
 
     def __enter__(self) -> None:
         self.pause_start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self.mark += time.perf_counter() - self.pause_start
+        paused = time.perf_counter() - self.pause_start
+        self.mark += paused
+        self.phases[self.phase] = self.phases.get(self.phase, 0.0) + paused
 
 
 class _Lines:
@@ -341,7 +347,7 @@ def train(
 ) -> TrialResult:
     """Train one trial to its budget and return its summary figures and utilisation tables; the model starts
     from ``initial_weights`` (upcycled from a dense model's) when given."""
-    sink, t, b = sink or NullSink(), config.train, config.budget
+    started, sink, t, b = time.perf_counter(), sink or NullSink(), config.train, config.budget
     set_threads(config)
     device = resolve_device(t.device)
     seed_everything(config.seed)
@@ -357,7 +363,7 @@ def train(
     state.model.train()
     with ResourceMonitor(device) as monitor:
         with progress_bar(label or f"{config.variant} seed={config.seed}", n_steps, state.step, progress) as bar:
-            clock = TrainClock(device)
+            setup_s, clock = time.perf_counter() - started, TrainClock(device)  # data on device, model, restore
             while state.step < n_steps:
                 interrupt.check()  # Ctrl-C/SIGTERM: stop here, between steps (the last checkpoint stays)
                 position = state.step % per_epoch
@@ -372,12 +378,15 @@ def train(
                     metrics = window.close(state, clock.lap())  # the logging work counts in the next window
                     sink.log_metrics(metrics, state.step)
                     show(bar, state.step, metrics)
-                with clock.paused():
-                    subset_ends = last and b.eval_tokens is not None  # the estimate's curve ends where training does
-                    if (state.step % b.eval_every_steps == 0 and not last) or subset_ends:
+                subset_ends = last and b.eval_tokens is not None  # the estimate's curve ends where training does
+                if (state.step % b.eval_every_steps == 0 and not last) or subset_ends:
+                    with clock.paused("eval"):
                         validate(state, b.eval_tokens)
+                with clock.paused("checkpoint"):
                     checkpoints.maybe_save(state, logged, last, sink.sync)
-        val_tally = RoutingTally(*state.train_counts.shape, device)
-        val_loss = validate(state, tally=val_tally, curve=b.eval_tokens is None)  # the full split
-        test_loss = evaluate(state.model, test_rows, config, device)
-    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary())
+        with clock.paused("final_eval"):
+            val_tally = RoutingTally(*state.train_counts.shape, device)
+            val_loss = validate(state, tally=val_tally, curve=b.eval_tokens is None)  # the full split
+            test_loss = evaluate(state.model, test_rows, config, device)
+    phases = {f"time_{phase}_s": seconds for phase, seconds in ({"setup": setup_s} | clock.phases).items()}
+    return trial_result(config, state, val_loss, test_loss, val_tally, monitor.summary() | phases)

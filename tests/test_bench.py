@@ -16,6 +16,7 @@ from harness.config import TrialConfig, load_spec
 from harness.flops import train_flops_per_token
 from harness.matrix import expand
 from models import build_model
+from tests.studies import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "studies" / "tiny.yaml")
@@ -155,3 +156,21 @@ def test_the_device_check_without_cuda_says_what_it_would_measure(
     spec = load_spec(tmp_path / "slice.yaml")  # the slice is a valid study: 3 cells at a fixed budget
     assert spec.matrix.variants == device.SLICE_VARIANTS and len(expand(spec)) == 3
     assert {cell.config.budget.tokens for cell in expand(spec)} == {device.SLICE_TOKENS}
+
+
+@pytest.mark.slow
+def test_bench_study_splits_each_cell_s_run_duration_into_its_phases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tiny_spec(tmp_path, "split", ["baseline", "plain"], [0])
+    out = tmp_path / "split.json"
+    assert main(["bench", "study", str(spec), "--keep", str(tmp_path / "store"), "--json", str(out)]) == 0
+    assert "start-up" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [row["cell"] for row in result["cells"]] == ["baseline/seed=0", "plain/seed=0"]  # in start order
+    for row in result["cells"]:
+        assert row["train"] > 0 and row["final_eval"] > 0 and row["setup"] > 0
+        assert -0.05 < row["other"] < row["wall"]  # the phases fit inside the run's duration
+    study = result["study"]
+    assert study["startup"] > 0 and study["tail"] >= 0
+    assert study["startup"] + study["cells"] + study["tail"] <= study["command"] + 0.1  # one cell at a time

@@ -87,13 +87,16 @@ def test_progress_off_a_terminal_is_about_one_line_per_tenth(capsys: pytest.Capt
     assert "tiny-progress" not in capsys.readouterr().err
 
 
-def test_clock_leaves_out_paused_time() -> None:
+def test_clock_leaves_out_paused_time_and_sums_it_per_phase() -> None:
     clock = TrainClock(torch.device("cpu"))
-    with clock.paused():
+    with clock.paused("eval"):
         time.sleep(0.3)
     assert clock.lap() < 0.15
     time.sleep(0.05)
     assert clock.lap() >= 0.05
+    with clock.paused("eval"):
+        time.sleep(0.1)
+    assert clock.phases["eval"] >= 0.4 and set(clock.phases) == {"eval"}
 
 
 def skewed_aux_free_router(rate: float) -> AuxFreeRouter:
