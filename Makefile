@@ -11,10 +11,10 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.installed
 
 ## The quick study: the four MoE variants and the dense/plain references x 2 seeds on WikiText-2, into mlruns/
-## (under 10 min on 2 CPU cores: two cells at a time on a local Ray cluster), then its report:
+## (two cells at a time on a local Ray cluster, which run-study chooses for it: about 10 min on 2 CPU cores), then its report:
 ## reports/quick/report.md and report.pdf.
 quick: $(VENV)/.installed
-	$(BIN)/harness run-study studies/quick.yaml --ray local --report
+	$(BIN)/harness run-study studies/quick.yaml --report
 
 ## Rerun every committed result (docs/results/<study>/) into a fresh store; fails when a verdict changed
 ## (about 70 min on 2 CPU cores). RESULTS="claim --update" reruns one study and commits its new report.

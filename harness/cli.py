@@ -51,6 +51,7 @@ def cmd_run_study(args: argparse.Namespace) -> int:
         return 0
     if args.ray and args.cell is not None:
         raise SpecError("--cell runs one cell in this process (a Slurm array task); it does not take --ray")
+    spec = choose_cells_at_once(spec, trials, args)
 
     from harness.tracking import check_tracking_uri, check_writable, resolve_tracking_uri
     from harness.urls import ui_link
@@ -82,6 +83,28 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     for key, verdict in outcome.flagged.items():
         print(f"WARNING {key}: {verdict.label}: {verdict.evidence}")
     return EXIT_TRIALS_FAILED if outcome.failed else 0
+
+
+def choose_cells_at_once(spec: StudySpec, trials: list[Cell], args: argparse.Namespace) -> StudySpec:
+    """Several cells at once go on a local Ray cluster (``args.ray`` set to local, each cell's CPUs its threads);
+    the spec as it then runs."""
+    if args.workers is not None and (args.ray or args.cell is not None):
+        raise SpecError("--workers sets how many cells run at once on this machine; it takes neither --ray nor --cell")
+    if args.ray or args.cell is not None:
+        return spec
+    from harness.engine.parallel import cells_at_once
+
+    at_once = cells_at_once(spec, trials, args.workers)
+    if at_once.cells == 1:
+        return spec
+    resources = spec.resources.model_copy(update={"cpus_per_trial": float(at_once.threads or 1)})
+    args.ray = "local"  # one process per cell: its threads are its own
+    print(
+        f"{at_once.cells} cells at once on a local Ray cluster, {at_once.threads} thread(s) each "
+        f"({at_once.why}; --workers 1: one at a time in this process)",
+        flush=True,
+    )
+    return spec.model_copy(update={"resources": resources})
 
 
 def print_cells(spec: StudySpec, trials: list[Cell], *, numbered: bool, at_most: bool) -> None:
@@ -127,10 +150,7 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="harness", description="Benchmark MoE layers in small language models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_run_study(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run-study", help="train every variant x seed cell of a study spec, logged to MLflow")
     run.add_argument("spec", help="study spec YAML (see studies/)")
     run.add_argument(
@@ -150,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run cells whose config or data changed since their recorded run as new runs (the old runs are kept, "
         "tagged superseded, and left out of reports); without it such a rerun is refused",
     )
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="cells at once on this machine (N > 1: a local Ray cluster, cores / N threads each); default: "
+        "cores / train.threads when the spec pins threads and the study is long enough, else 1 (in this process)",
+    )
     run.add_argument("--dry-run", action="store_true", help="print the expanded trial list and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
@@ -157,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--report", action="store_true", help="write reports/<study>/report.{md,pdf} at the end")
     run.set_defaults(func=cmd_run_study)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="harness", description="Benchmark MoE layers in small language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    add_run_study(commands)
 
     data = commands.add_parser("data", help="WikiText-2 files").add_subparsers(dest="data_command", required=True)
     download = data.add_parser("download", help="fetch the parquet files from the Hugging Face hub and verify them")

@@ -74,6 +74,7 @@ def cmd_bench_study(args: argparse.Namespace) -> int:
     store = f"sqlite:///{folder.resolve() / 'mlflow.db'}"
     command = [sys.executable, "-m", "harness", "run-study", args.spec, "--tracking-uri", store, "--no-progress"]
     command += ["--checkpoint-dir", str(folder / "ck"), *(["--ray", args.ray] if args.ray else [])]
+    command += ["--workers", str(args.workers)] if args.workers else []
     command += ["--report"] if args.report else []
     started = time.time()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -94,6 +95,7 @@ def register(bench: argparse._SubParsersAction) -> None:
     parser = bench.add_parser("study", help="run a study into a fresh store and print where its wall time went")
     parser.add_argument("spec", help="study spec YAML")
     parser.add_argument("--ray", metavar="ADDRESS", help="run it with --ray ADDRESS (e.g. local)")
+    parser.add_argument("--workers", type=int, metavar="N", help="run it with --workers N (default: run-study's)")
     parser.add_argument("--report", action="store_true", help="include the report in the command (its tail)")
     parser.add_argument("--keep", metavar="DIR", help="the store's folder (default: a new temporary one)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the totals as JSON")
