@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from harness.config import StudySpec
+from harness.config import StudySpec, reference_variant
 from harness.config.schema import SequentialSeeds
 from harness.health import is_result
 from harness.matrix import Cell
@@ -123,9 +123,10 @@ def decision_tag(plan: Plan, max_seeds: int) -> str:
 
 
 def reference_of(spec: StudySpec) -> str:
-    """The variant every comparison is against (``report.reference``; else baseline when there, else the first)."""
-    variants = spec.matrix.variants
-    return spec.report.reference or ("baseline" if "baseline" in variants else variants[0])
+    """The variant every comparison is against (:func:`harness.config.reference_variant`)."""
+    reference = reference_variant(spec.matrix.variants, spec.report.reference)
+    assert reference is not None  # a matrix has at least one variant
+    return reference
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -204,7 +204,8 @@ class LogWindow:
         is empty."""
         state.train_time += elapsed
         routing, figures = self.routing.sums(), self.step_figures()
-        sums = {TRAIN_LOSS: self.loss, "aux_loss": self.aux, **routing}
+        router_loss = {"aux_loss": self.aux} if self.routing.n_layers else {}  # no router, no router loss
+        sums = {TRAIN_LOSS: self.loss, **router_loss, **routing}
         host, fractions = to_host(sums | figures, self.routing.fractions())
         mean_loss = host[TRAIN_LOSS] / self.steps
         if not math.isfinite(mean_loss):
@@ -212,7 +213,7 @@ class LogWindow:
         metrics = {
             TRAIN_LOSS: mean_loss,
             "train_ppl": perplexity(mean_loss),
-            "aux_loss": host["aux_loss"] / self.steps,
+            **{name: host[name] / self.steps for name in router_loss},
             "lr": state.scheduler.get_last_lr()[0],
             "tokens_per_s": self.tokens / elapsed,
             "tokens": float(state.tokens),
@@ -221,8 +222,6 @@ class LogWindow:
         }
         if not self.drops:
             metrics.pop("dropped_fraction", None)
-        if not self.routing.n_layers:  # no router, no router loss
-            metrics.pop("aux_loss")
         if self.routing.n_layers:
             state.train_counts += self.routing.counts
             state.history.extend(_long_table(fractions, step=state.step, tokens=state.tokens))

@@ -18,11 +18,11 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
-from harness.config import SpecError, TrialConfig, load_spec, resolve_trial
+from harness.config import SpecError, TrialConfig, load_spec, reference_variant, resolve_trial
 from harness.metric_names import TRAIN_LOSS, VAL_SUBSET_PPL
 from harness.report import write_report
 from harness.report.blocks import Block
-from harness.report.gather import StudyData, reference_variant
+from harness.report.gather import StudyData
 from harness.report.overview import flag_note
 from harness.report.statistics import (
     Comparison,

@@ -29,9 +29,11 @@ from harness.config.schema import (
     TuneConfig,
     TuneParam,
     Variant,
+    reference_variant,
 )
 
 __all__ = [
+    "reference_variant",
     "DATA_ENV",
     "DEFAULT_DATA_PATH",
     "VARIANTS",

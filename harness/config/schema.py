@@ -293,6 +293,15 @@ class ReportConfig(StrictConfig):
     """The error rates of a sequential design (``matrix.seeds: {initial, max}``); set by default for one."""
 
 
+def reference_variant(variants: list[str], preferred: str | None = None) -> str | None:
+    """The variant every other is tested against (``report.reference``): ``preferred`` when it is among
+    ``variants``, else ``baseline``, else the first variant; the runner's rounds and the report use this one rule."""
+    for name in (preferred, "baseline"):
+        if name is not None and name in variants:
+            return name
+    return variants[0] if variants else None
+
+
 class CustomVariant(StrictConfig):
     """A variant name of the spec's own, built on a preset (e.g. ``dense_long: {preset: dense}``): the same
     preset twice in one matrix, with different ``overrides``."""

@@ -42,7 +42,6 @@ from harness.tags import (
     ROLE_TUNE_TRIAL,
 )
 
-BASELINE = "baseline"
 VARIANT_ORDER = list(VARIANTS)
 ARTIFACT_TABLES = {"utilisation": "utilisation.csv", "history": "utilisation_history.csv"}
 GRAD_COMPONENTS = ["embedding", "backbone", "router", "experts", "ffn", "head", "total"]  # metrics grad_norm_<name>
@@ -121,14 +120,6 @@ def study_name(target: str) -> str:
     if target.endswith((".yaml", ".yml")) or path.is_file():
         return load_spec(path).name
     return target
-
-
-def reference_variant(variants: list[str], preferred: str | None = None) -> str | None:
-    """The spec's ``report.reference`` when it ran, else ``baseline``, else the first variant."""
-    for name in (preferred, BASELINE):
-        if name is not None and name in variants:
-            return name
-    return variants[0] if variants else None
 
 
 def by_seed(runs: pd.DataFrame, metric: str) -> dict[str, float]:

@@ -27,7 +27,8 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
-from harness.report.gather import StudyData, by_seed, health_of, reference_variant
+from harness.config import reference_variant
+from harness.report.gather import StudyData, by_seed, health_of
 from harness.tags import SEQUENTIAL_DECISION
 
 ALPHA = 0.05
