@@ -16,8 +16,9 @@ setup: $(VENV)/.installed
 quick: $(VENV)/.installed
 	$(BIN)/harness run-study studies/quick.yaml --report
 
-## Rerun every committed result (docs/results/<study>/) into a fresh store; fails when a verdict changed
-## (about 70 min on 2 CPU cores). RESULTS="claim --update" reruns one study and commits its new report.
+## Check every committed result (docs/results/<study>/): one commit, two cells rerun alone (exact where commit and
+## device match), then the whole study rerun into a fresh store; fails when a decision changed (about 2 h on 2 CPU
+## cores). RESULTS="claim --sample-only" skips the full rerun; RESULTS="claim --update" commits a new report.
 results: $(VENV)/.installed
 	$(BIN)/python scripts/check_results.py $(RESULTS)
 

@@ -42,7 +42,7 @@ def cmd_run_study(args: argparse.Namespace) -> int:
         from harness.tracking import resolve_tracking_uri
 
         trials = select_cells(spec, None, args.spec, resolve_tracking_uri(args.tracking_uri))
-    if args.dry_run and spec.matrix.sequential is not None:
+    if args.dry_run and len(spec.matrix.variants) > 1:
         from harness.rounds import describe_design
 
         print("\n".join(describe_design(spec)))
@@ -53,9 +53,11 @@ def cmd_run_study(args: argparse.Namespace) -> int:
         raise SpecError("--cell runs one cell in this process (a Slurm array task); it does not take --ray")
     spec = choose_cells_at_once(spec, trials, args)
 
+    from harness import study_run
     from harness.tracking import check_tracking_uri, check_writable, resolve_tracking_uri
     from harness.urls import ui_link
 
+    study_run.INVOCATION[:] = args.argv  # the study run records the command that made it
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)  # everything that can refuse the command does so before anything is written
     check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
@@ -226,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     interrupt.install()  # first: Ctrl-C and SIGTERM set a flag the loops check (no traceback from the imports)
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     _quiet_libraries()
     try:
         return args.func(args)

@@ -32,14 +32,17 @@ def cell_key(variant: str, seed: int, assignment: dict[str, Any]) -> str:
 
 
 def expand(spec: StudySpec, where: str = "spec") -> list[Cell]:
-    """Every cell of the matrix in the order cells run: matrix order (variant, sweep point, seed), except that the
-    variants a variant starts from come before it (:func:`~harness.config.source_order`). The one place cells are
-    ordered: any subset keeps every source before its dependents, so callers run what is pending as listed.
+    """Every cell of the matrix in the order cells run: seed-major (each seed's cells of every variant, then the
+    next seed's), so that a machine's drift over a study falls on every variant alike, not on the variants that ran
+    last; within a seed the variants in matrix order, except that the variants a variant starts from come before it
+    (:func:`~harness.config.source_order`). The one place cells are ordered: any subset keeps every source before
+    its dependents (same seed, earlier variant), so callers run what is pending as listed.
 
     A source cell logs its final weights (``train.save_checkpoint``) for its dependents."""
     trials = resolve_matrix(spec, where)
     order = source_order(trials, where)
-    trials.sort(key=lambda t: order.index(t.variant))  # stable: keeps (sweep point, seed) order per variant
+    seeds = spec.matrix.all_seeds()
+    trials.sort(key=lambda t: (seeds.index(t.seed), order.index(t.variant)))  # stable: keeps sweep-point order
     depends_on = {
         cell_key(t.variant, t.seed, t.assignment): (
             None if t.config.init.source is None else cell_key(t.config.init.source, t.seed, t.assignment)

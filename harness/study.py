@@ -26,7 +26,7 @@ from harness import interrupt
 from harness.changes import changed_cells, refusal, supersede_run
 from harness.checkpoint import cell_checkpointer
 from harness.config import SpecError, StudySpec
-from harness.data import Corpus
+from harness.data import Corpus, load_corpus
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.engine.lock import lock_path, study_lock
 from harness.fingerprint import describe
@@ -49,6 +49,8 @@ from harness.runs import (
     oldest,
     open_trial_run,
 )
+from harness.speed import ARTIFACT as SPEED_ARTIFACT
+from harness.speed import measure_speed
 from harness.study_run import study_parent_run
 from harness.tags import (
     CELL,
@@ -233,21 +235,44 @@ def close_study(spec: StudySpec, store: TrackingStore, outcome: StudyOutcome) ->
     (``--cell N``: the other array tasks are not done yet). A sequential study is done when its next round has no
     cells; its cells that no round needed never run."""
     cells = expand(spec)
-    plan = None if spec.matrix.sequential is None else current_plan(spec, store, cells)
-    done = plan is None or not plan.next_cells
+    sequential = spec.matrix.sequential is not None
+    plan = current_plan(spec, store, cells)
+    done = not sequential or not plan.next_cells
     for cell in cells:
         run = cell_run(store, outcome.experiment_id, cell)
         if run is None:
-            done = done and plan is not None
+            done = done and sequential
             continue
         done = done and run.info.status in (FINISHED, FAILED)
         label = run.data.tags.get(HEALTH, "ok") if is_finished(run) else "ok"
         if label != "ok":
             outcome.flagged[cell.key] = HealthVerdict(tuple(label.split(",")), run.data.tags.get(HEALTH_EVIDENCE, ""))
-    if plan is not None:
+    if not spec.matrix.sweep:  # a sweep's cells share (variant, seed): no comparison of variants to decide
         record_plan(store, outcome.parent_run_id, spec, plan)
+    if done and not outcome.failed:
+        record_speed(spec, store, outcome.parent_run_id, cells)
     if done:
         finish_study_run(store, outcome.parent_run_id, FAILED if outcome.failed else FINISHED)
+
+
+def record_speed(spec: StudySpec, store: TrackingStore, parent_id: str, cells: list[Cell]) -> None:
+    """Once, when the study is done: the paired speed measurement behind "faster" (:mod:`harness.speed`), every
+    variant's first cell timed in this process, as the study run's ``speed.json``."""
+    if len(spec.matrix.variants) < 2 or spec.matrix.sweep:
+        return
+    if any(artifact.path == SPEED_ARTIFACT for artifact in store.client.list_artifacts(parent_id)):
+        return
+    configs = {}
+    for cell in cells:
+        configs.setdefault(cell.variant, cell.config)
+    settings = spec.design.speed
+    print(
+        f"timing {len(configs)} variants' training steps interleaved in this process for the speed verdict "
+        f"({settings.rounds} rounds of {settings.steps} steps each)",
+        flush=True,
+    )
+    record = measure_speed(configs, load_corpus(cells[0].config.data), settings)
+    store.client.log_dict(parent_id, record.as_json(), SPEED_ARTIFACT)
 
 
 Execute = Callable[[StudyWorker, StudyOutcome, list[Cell]], None]

@@ -1,9 +1,10 @@
 """A study's parent run: created once (shared by every worker and invocation), described with the resolved matrix,
-the spec and the report settings, RUNNING again on each rerun until its cells are done."""
+the spec, its design and the command, RUNNING again on each rerun until its cells are done."""
 
 from __future__ import annotations
 
 import json
+import shlex
 
 import yaml
 from mlflow.entities import Param
@@ -11,13 +12,14 @@ from mlflow.entities import Param
 from harness import runs
 from harness.config import StudySpec
 from harness.matrix import Cell, expand
+from harness.rounds import StudyDesign
 from harness.runs import shared_run
-from harness.tags import EQUIVALENCE_MARGIN, NOTE, REPORT_REFERENCE, ROLE, ROLE_STUDY, STUDY
+from harness.tags import COMMAND, DESIGN, NOTE, ROLE, ROLE_STUDY, STUDY
 from harness.tracking import TrackingStore, device_description
 
 
 def study_parent_run(spec: StudySpec, store: TrackingStore, experiment_id: str, *, relog_spec: bool = False) -> str:
-    """The study's parent run, RUNNING (again, on a rerun), with its description, matrix, spec and report settings
+    """The study's parent run, RUNNING (again, on a rerun), with its description, matrix, spec, design and command
     (``relog_spec``: the spec artifact replaced by this one, whose changed cells supersede their old runs)."""
     every_cell = expand(spec)
     tags = {ROLE: ROLE_STUDY, STUDY: spec.name, "n_trials": str(len(every_cell))}
@@ -25,12 +27,19 @@ def study_parent_run(spec: StudySpec, store: TrackingStore, experiment_id: str, 
     tags |= {NOTE: spec.description} if spec.description else {}
     parent_id = shared_run(store, experiment_id, f"tags.`{ROLE}` = '{ROLE_STUDY}'", spec.name, tags)
     describe_study_run(store, parent_id, spec, every_cell, relog_spec)
-    # Tags, not params: a rerun with other report settings replaces them (MLflow params cannot change).
-    store.client.set_tag(parent_id, EQUIVALENCE_MARGIN, str(spec.report.equivalence_margin))
-    if spec.report.reference is not None:
-        store.client.set_tag(parent_id, REPORT_REFERENCE, spec.report.reference)
+    # Tags, not params: a rerun with a changed spec (--supersede) replaces them (MLflow params cannot change).
+    store.client.set_tag(parent_id, DESIGN, StudyDesign.of(spec).tag())
+    store.client.set_tag(parent_id, COMMAND, command_line())
     runs.resume(store.client, parent_id)  # a rerun: RUNNING again until its cells are done
     return parent_id
+
+
+INVOCATION: list[str] = []  # the command line's arguments, set by ``harness.cli.main``; empty: called from Python
+
+
+def command_line() -> str:
+    """The command that drives the study, as a user would type it (``harness run-study ...``)."""
+    return shlex.join(["harness", *INVOCATION]) if INVOCATION else "harness.run_study (called from Python)"
 
 
 def describe_study_run(store: TrackingStore, run_id: str, spec: StudySpec, trials: list[Cell], relog: bool) -> str:

@@ -36,15 +36,14 @@ OPTUNA_TRIAL = "optuna.trial_number"
 OPTUNA_RETRIED_FROM = "optuna.retried_from"
 OPTUNA_PARAM = "optuna.param."  # prefix of one tag per tuned parameter
 
-SEQUENTIAL_DESIGN = "harness.sequential.design"  # on a sequential study's run: initial, max, alpha, spending (JSON)
-SEQUENTIAL_DECISION = "harness.sequential.decision"  # e.g. switch:worse@3,lora:equivalent@5,hybrid:open@10
-SEQUENTIAL_SAVED = "harness.sequential.trials_saved"  # against running max seeds for every variant
+DESIGN = "harness.design"  # on a study's run: its design (questions, seeds, alpha, spending, margin; JSON)
+DECISION = "harness.decision"  # e.g. switch:undecided@5/non-inferior@2,hybrid:worse@3/non-inferior@2,lora:open/open
+COMMAND = "harness.command"  # on a study's run: the command that drives it (the last invocation)
+TRIALS_SAVED = "harness.sequential.trials_saved"  # a sequential study: against running max seeds for every variant
 HEALTH = "harness.health"  # "ok" or comma-joined collapsed,saturated,stalled,unstable (harness/health.py)
 RUN_COLOUR = "mlflow.runColor"  # the MLflow UI's colour for a run (read from this tag, MLflow 3.17)
 HEALTH_SUMMARY = "harness.health_summary"  # on a study run: "10 ok; <cell> <verdict>; ..." (runs.health_summary)
 HEALTH_EVIDENCE = "harness.health.evidence"  # one sentence with the numbers behind the verdict
-EQUIVALENCE_MARGIN = "report.equivalence_margin"  # on the study parent run: the spec's report.equivalence_margin
-REPORT_REFERENCE = "report.reference"  # on the study parent run: the spec's report.reference, when set
 # MLflow's standard system tags: the UI's Source, Version and User columns, and the description fields
 SOURCE_NAME = MLFLOW_SOURCE_NAME
 SOURCE_TYPE = MLFLOW_SOURCE_TYPE

@@ -49,19 +49,38 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
 
 def git_commit(full: bool = False) -> str:
     """The harness checkout's HEAD commit (abbreviated unless ``full``: MLflow's ``mlflow.source.git.commit`` wants
-    it whole): the code that ran, wherever the command was started; "unknown" for an installed copy."""
+    it whole): the code that ran, wherever the command was started; "unknown" for an installed copy. The short form
+    ends in ``-dirty`` when tracked files differ from that commit: such a run is not reproducible from it."""
+    here = Path(__file__).parent
     try:
         command = ["git", "rev-parse", *([] if full else ["--short"]), "HEAD"]
-        out = subprocess.run(command, capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
+        commit = subprocess.run(command, capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        if not commit or full:
+            return commit or "unknown"
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        return f"{commit}-dirty" if dirty else commit
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def device_description(device: str) -> str:
+    """The device and its model (CPU numerics differ between CPU models: a result reruns bit-identically only on
+    the same model, at the same commit and thread count)."""
     if device != "cpu" and torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name()}"
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"cpu:{cpu_model()} x{torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's processor or machine name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow's database/server stores

@@ -36,8 +36,10 @@ def write(tmp_path: Path, spec: dict) -> Path:
 def test_sources_come_first_and_save_their_weights(tmp_path: Path) -> None:
     cells = expand(load_spec(write(tmp_path, UPCYCLE)))
     keys = [c.key for c in cells]
-    assert keys[:2] == ["dense/seed=1/optim.lr=0.1", "dense/seed=2/optim.lr=0.1"]
     by_key = {c.key: c for c in cells}
+    assert keys[0] == "dense/seed=1/optim.lr=0.1"  # seed-major, each seed's source before its dependents
+    assert [c.seed for c in cells] == sorted(c.seed for c in cells)
+    assert all(keys.index(c.depends_on) < keys.index(c.key) for c in cells if c.depends_on)
     assert by_key["switch_up/seed=2/optim.lr=0.1"].depends_on == "dense/seed=2/optim.lr=0.1"
     assert by_key["dense_long/seed=1/optim.lr=0.1"].depends_on == "dense/seed=1/optim.lr=0.1"
     assert by_key["plain/seed=1/optim.lr=0.1"].depends_on is None

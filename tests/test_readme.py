@@ -36,10 +36,10 @@ def test_the_key_table_names_every_section_and_the_keys_it_once_missed() -> None
     keys = set(re.findall(r"^\| `([^`]+)`", key_table(), re.MULTILINE))
     sections = {key.split(".")[0] for key in keys}
     assert sections == {"init", "data", "model", "moe", "optim", "budget", "train", "variants", "matrix", "tune"} | {
-        "report",
+        "design",
         "resources",
     }
-    assert {"model.ffn", "model.max_len", "moe.kernel", "tune.space.<key>.type", "report.reference"} <= keys
+    assert {"model.ffn", "model.max_len", "moe.kernel", "tune.space.<key>.type", "design.reference"} <= keys
 
 
 def test_the_minimal_spec_loads(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@ trials flagged in Training health (logged into a real MLflow store here) are nam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,87 +15,22 @@ import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestIndPower, TTestPower
-from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from harness.config import SpecError, TrialConfig, load_spec, reference_variant, resolve_trial
 from harness.metric_names import TRAIN_LOSS, VAL_SUBSET_PPL
 from harness.report import write_report
 from harness.report.blocks import Block
+from harness.report.findings import verdict_section
 from harness.report.gather import StudyData
 from harness.report.overview import flag_note
-from harness.report.statistics import (
-    Comparison,
-    compare,
-    holm,
-    matched_points,
-    ppl_at,
-    seeds_for_power,
-    t_test_power,
-    tost,
-)
-from harness.tags import EQUIVALENCE_MARGIN, HEALTH, HEALTH_EVIDENCE, PARENT, ROLE, ROLE_STUDY, ROLE_TRIAL
+from harness.report.statistics import analyse, matched_points, ppl_at, results_of, verdicts
+from harness.rounds import StudyDesign, decision_tag
+from harness.tags import DESIGN, HEALTH, HEALTH_EVIDENCE, PARENT, ROLE, ROLE_STUDY, ROLE_TRIAL
 from tests.studies import tiny_spec
 from tests.test_report import document, records, row, tables
 
 BASE = {"0": 100.0, "1": 104.0, "2": 101.0}
 CLOSE = {"0": 101.0, "1": 104.5, "2": 102.5}
-
-
-def test_tost_paired_and_welch_equal_statsmodels_on_the_log_scale() -> None:
-    bound = math.log(1.05)
-    paired = tost(BASE, CLOSE, 0.05)
-    x1, x2 = np.log(list(CLOSE.values())), np.log(list(BASE.values()))
-    assert paired.test == "paired TOST" and paired.ratio.n == 3
-    assert paired.p_value == pytest.approx(ttost_paired(x1, x2, -bound, bound)[0], rel=1e-12)
-    assert paired.ratio.ratio == pytest.approx(math.exp((x1 - x2).mean()))
-    half = stats.t.ppf(0.975, 2) * (x1 - x2).std(ddof=1) / math.sqrt(3)  # the t interval of the mean difference
-    assert (paired.ratio.low, paired.ratio.high) == pytest.approx(
-        (math.exp((x1 - x2).mean() - half), math.exp((x1 - x2).mean() + half))
-    )
-    other = {"3": 110.0, "4": 99.0, "5": 103.0}
-    welch = tost(BASE, other, 0.05)
-    expected = ttost_ind(np.log(list(other.values())), x2, -bound, bound, usevar="unequal")[0]
-    assert welch.test == "Welch TOST" and welch.p_value == pytest.approx(expected, rel=1e-12)
-    assert not welch.equivalent and paired.equivalent == (paired.p_value < 0.05)
-    assert tost({"0": 1.0}, {"0": 1.0}, 0.05) is None
-
-
-def test_holm_equals_multipletests_and_keeps_untested_out_of_the_family() -> None:
-    p = {"switch": 0.01, "lora": 0.04, "hybrid": 0.03, "dense": math.nan}
-    adjusted = holm(p)
-    expected = multipletests([0.01, 0.04, 0.03], method="holm")[1]
-    assert [adjusted[k] for k in ("switch", "lora", "hybrid")] == pytest.approx(list(expected))
-    assert math.isnan(adjusted["dense"])
-
-
-def test_seeds_for_power_equal_statsmodels_paired_and_independent() -> None:
-    paired = compare(BASE, CLOSE)
-    expected = TTestPower().solve_power(effect_size=abs(paired.effect), alpha=0.05, power=0.8)
-    assert seeds_for_power(paired) == math.ceil(expected)
-    welch = compare(BASE, {"3": 110.0, "4": 99.0, "5": 103.0})
-    expected = TTestIndPower().solve_power(effect_size=abs(welch.effect), alpha=0.05, power=0.8)
-    assert seeds_for_power(welch) == math.ceil(expected)
-    assert math.isnan(seeds_for_power(compare(BASE, BASE)))  # no difference: no finite number of seeds
-
-
-def test_seeds_for_power_where_statsmodels_root_finder_gives_up() -> None:
-    """The upcycle study's baseline_up vs dense_long (d_z = 5.44): solve_power returns nan with a warning; the
-    answer is the smallest n whose power (statsmodels' own) reaches 0.8."""
-    upcycled = Comparison(
-        test="paired t-test", n=2, difference=0.62, statistic=7.69, p_value=0.082, effect=5.44, effect_name="d_z"
-    )
-    with pytest.warns(Warning):
-        assert math.isnan(TTestPower().solve_power(effect_size=5.44, alpha=0.05, power=0.8))
-    assert seeds_for_power(upcycled) == 3
-    assert TTestPower().power(5.44, 3, 0.05) >= 0.8 and math.isnan(TTestPower().power(5.44, 2, 0.05))
-    for n in (2, 3, 4, 6, 9):  # where statsmodels has a figure, the same figure
-        for paired, analysis in ((True, TTestPower()), (False, TTestIndPower())):
-            expected = analysis.power(0.9 if n == 2 else 5.44, n, 0.05)
-            if math.isfinite(expected):
-                assert t_test_power(0.9 if n == 2 else 5.44, n, paired) == pytest.approx(expected, rel=1e-9)
-    assert t_test_power(5.44, 2, paired=True) == pytest.approx(0.4539, abs=1e-4)  # statsmodels: nan
 
 
 def test_interpolation_is_linear_in_log_ppl_and_matches_at_the_smallest_total() -> None:
@@ -116,7 +52,8 @@ def _trial(client: MlflowClient, eid: str, parent: str, config: TrialConfig, tes
         tags |= {HEALTH: health, HEALTH_EVIDENCE: f"train loss {test_ppl:.0f} evidence"}
     run_id = client.create_run(eid, tags=tags).info.run_id
     speed = 1000.0 if config.variant == "baseline" else 500.0  # switch: half the speed
-    metrics = [Metric("test_ppl", test_ppl, 0, 0), Metric("final_val_ppl", test_ppl, 0, 0)]
+    metrics = [Metric("test_ppl", test_ppl, 0, 0), Metric("test_loss", math.log(test_ppl), 0, 0)]
+    metrics += [Metric("final_val_ppl", test_ppl, 0, 0)]
     jitter = 1 + 0.01 * config.seed if config.variant == "switch" else 1.0  # switch: 2.00-2.04x baseline's time
     metrics += [Metric("time_per_mtok_s", 1e6 / speed * jitter, 0, 0)]
     metrics += [Metric("params_total", 1000.0 if config.variant == "baseline" else 900.0, 0, 0)]
@@ -131,13 +68,33 @@ def _trial(client: MlflowClient, eid: str, parent: str, config: TrialConfig, tes
     client.set_terminated(run_id, "FINISHED")
 
 
+DESIGN_OF_CLAIMS = StudyDesign(
+    initial=[0, 1, 2],
+    max=3,
+    sequential=False,
+    alpha=0.05,
+    spending="obrien_fleming",
+    margin=0.1,
+    questions=["difference", "non_inferiority"],
+    min_param_reduction=0.05,
+    min_speedup=0.05,
+    reference="baseline",
+    variants=["baseline", "switch", "lora", "hybrid"],
+)
+
+
 @pytest.fixture
 def flagged_study(tmp_path: Path, tracking_uri: str) -> tuple[Path, list[Block]]:
-    """baseline and switch healthy over 3 seeds, hybrid stalled in both of its seeds, lora from an older store."""
+    """baseline and switch healthy over 3 seeds, hybrid stalled in both of its seeds, lora from an older store;
+    the paired speed measurement has switch at twice baseline's time."""
     spec = load_spec(tiny_spec(tmp_path, "claims", ["baseline"], [0]))
     client = MlflowClient(tracking_uri)
     eid = client.create_experiment("claims")
-    parent = client.create_run(eid, tags={ROLE: ROLE_STUDY, EQUIVALENCE_MARGIN: "0.1"}).info.run_id
+    parent = client.create_run(eid, tags={ROLE: ROLE_STUDY, DESIGN: DESIGN_OF_CLAIMS.tag()}).info.run_id
+    speed = {"baseline": [1000.0, 1010.0, 990.0, 1005.0], "switch": [2000.0, 2030.0, 1990.0, 2000.0]}
+    record = {"rounds": 4, "steps": 10, "warmup": 10, "threads": 1, "device": "cpu", "seconds_per_mtok": speed}
+    client.log_dict(parent, record, "speed.json")
+    client.set_terminated(parent, "FINISHED")
     values = {"baseline": BASE, "switch": CLOSE, "hybrid": {"0": 1030.0, "1": 1040.0}, "lora": {"0": 99.0}}
     health = {"baseline": "ok", "switch": "ok", "hybrid": "stalled", "lora": None}
     for variant, by_seed in values.items():
@@ -157,28 +114,39 @@ def test_the_verdict_answers_each_healthy_variant_and_verdicts_json_holds_the_de
     )
     answers = verdicts["answers"]["lstm"]
     assert answers["reference"] == "baseline" and "hybrid" not in answers["variants"]  # stalled: no verdict
-    # switch: 0.9x the parameters, equivalent within the parent's +-10%, but twice as slow
+    # switch: 0.9x the parameters, within the design's 10% margin (no difference shown at 3 seeds), twice as slow
     assert answers["variants"]["switch"] == {
+        "difference": "undecided@3",
+        "non_inferiority": "non-inferior@3",
         "smaller": "yes",
         "no_loss": "yes",
-        "worse": "no",
         "faster": "no",
         "answer": "no",
     }
-    # lora: one seed, from an older store (no time figure): nothing but its size can be decided
-    lora = answers["variants"]["lora"]
-    assert lora == {
+    # lora: one seed of three (its others never ran), not in the speed measurement: only its size is decided
+    assert answers["variants"]["lora"] == {
+        "difference": "open",
+        "non_inferiority": "open",
         "smaller": "yes",
         "no_loss": "undecided",
-        "worse": "undecided",
         "faster": "undecided",
         "answer": "undecided",
     }
     switch = row(tables(doc, "Verdict against the reference")[0], "switch")
-    assert switch["Params ratio"] == "0.900" and switch["Significantly worse"] == "no"
+    assert (
+        switch["Params ratio"] == "0.900"
+        and switch["Test PPL decisions"] == "no difference shown, within the 10% margin"
+    )
     assert switch["Smaller / no loss / faster"] == "yes / yes / no" and switch["Answer"] == "**no**"
-    # one TOST, stated twice: the verdict reads the equivalence section's figure
-    assert switch["TOST p (Holm)"] == row(tables(doc, "Equivalence to the reference")[0], "switch")["TOST p (Holm)"]
+    assert switch["Time / token ratio (paired)"].startswith("2.00")
+    # one interval, stated twice: the verdict's margin interval is the decisions table's at the deciding look
+    look = [r for r in records(tables(doc, "Design and decisions")[0]) if r["variant"] == "switch"][-1]
+    assert switch["Test PPL ratio (margin interval)"] == f"{look['PPL ratio']} ({look['margin interval']})"
+    assert verdicts["commits"] == [] and verdicts["design"]["margin"] == 0.1
+    assert (
+        "**Incomplete study:**" in (out / "report.md").read_text()
+        and "comparisons still open: lora" in (out / "report.md").read_text()
+    )
 
 
 def test_flagged_trials_are_named_and_left_out_of_rankings_and_tests(flagged_study: tuple[Path, list[Block]]) -> None:
@@ -203,20 +171,22 @@ def test_flagged_trials_are_named_and_left_out_of_rankings_and_tests(flagged_stu
     ranked = [r[t.header[0]] for t in tables(doc) if t is not table for r in records(t)]
     assert "hybrid" not in ranked and "baseline" in ranked  # in no table but Training health
     rest = markdown.split("## Main comparison", 1)[1]
-    assert rest.count("flagged in Training health:** hybrid seed 0 (stalled), hybrid seed 1 (stalled)") == 4
-    assert "hybrid" not in rest.split("## Significance", 1)[1].split("**Left out", 1)[0]
+    # the main comparison's two tables and the compute-matched one each say so (the verdict says it above)
+    assert rest.count("flagged in Training health:** hybrid seed 0 (stalled), hybrid seed 1 (stalled)") == 2
+    decisions = markdown.split("## Design and decisions", 1)[1].split("\n## ", 1)[0]
+    assert "| hybrid" not in decisions and "hybrid seed 0, hybrid seed 1" in decisions  # counted as no seed
 
 
-def test_equivalence_and_compute_matched_tables_carry_the_library_figures(
+def test_the_margin_interval_and_compute_matched_table_carry_their_figures(
     flagged_study: tuple[Path, list[Block]],
 ) -> None:
     out, doc = flagged_study
-    bound = math.log(1.1)  # the parent run's report.equivalence_margin
-    x1, x2 = np.log(list(CLOSE.values())), np.log(list(BASE.values()))
-    p = ttost_paired(x1, x2, -bound, bound)[0]
-    cells = row(tables(doc, "Equivalence to the reference")[0], "switch")
-    assert cells["Test"] == "paired TOST" and cells["TOST p"] == ("< 0.001" if p < 0.001 else f"{p:.3f}")
-    assert "±10%" in (out / "report.md").read_text()
+    x = np.log(list(CLOSE.values())) - np.log(list(BASE.values()))
+    alpha = 0.05 / 3  # three comparisons with baseline: Bonferroni
+    half = stats.t.isf(alpha, 2) * x.std(ddof=1) / math.sqrt(3)  # one look: the one-sided t quantile
+    look = [r for r in records(tables(doc, "Design and decisions")[0]) if r["variant"] == "switch"][-1]
+    assert look["margin interval"] == f"{math.exp(x.mean() - half):.3f}–{math.exp(x.mean() + half):.3f}"
+    assert "margin 10%" in (out / "report.md").read_text()
     # baseline reached 4,000 tokens in 4 s, switch in 8 s: at 4 s switch has seen 2,000 tokens (step 20).
     switch = row(tables(doc, "Compute-matched comparison")[0], "switch")
     expected = np.array(list(CLOSE.values())) * 40 / 20
@@ -224,26 +194,84 @@ def test_equivalence_and_compute_matched_tables_carry_the_library_figures(
     assert (out / "grad_norms.png").stat().st_size > 5000
 
 
-def test_equivalence_margin_is_a_validated_spec_key(tmp_path: Path) -> None:
+def test_design_keys_are_validated_and_the_old_report_section_is_named(tmp_path: Path) -> None:
     spec = yaml.safe_load(tiny_spec(tmp_path, "margin", ["baseline"], [0]).read_text())
-    assert load_spec(tiny_spec(tmp_path, "margin", ["baseline"], [0])).report.equivalence_margin == 0.05
+    assert load_spec(tiny_spec(tmp_path, "margin", ["baseline"], [0])).design.margin == 0.05
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(spec | {"report": {"equivalence_margin": 1.5}}))
-    with pytest.raises(SpecError, match=r"report\.equivalence_margin.*1\.5"):
+    path.write_text(yaml.safe_dump(spec | {"design": {"margin": 1.5}}))
+    with pytest.raises(SpecError, match=r"design\.margin.*1\.5"):
+        load_spec(path)
+    path.write_text(yaml.safe_dump(spec | {"design": {"questions": ["difference", "superiority"]}}))
+    with pytest.raises(SpecError, match=r"design\.questions"):
+        load_spec(path)
+    path.write_text(yaml.safe_dump(spec | {"report": {"equivalence_margin": 0.1}}))
+    with pytest.raises(SpecError, match=r"design section"):
         load_spec(path)
 
 
 def test_reference_is_a_validated_spec_key_and_chosen_over_baseline(tmp_path: Path) -> None:
     spec = yaml.safe_load(tiny_spec(tmp_path, "ref", ["baseline", "dense"], [0]).read_text())
     path = tmp_path / "ref.yaml"
-    path.write_text(yaml.safe_dump(spec | {"report": {"reference": "dense"}}))
-    assert load_spec(path).report.reference == "dense"
-    path.write_text(yaml.safe_dump(spec | {"report": {"reference": "switch"}}))
-    with pytest.raises(SpecError, match=r"report\.reference = 'switch': not a variant of the matrix"):
+    path.write_text(yaml.safe_dump(spec | {"design": {"reference": "dense"}}))
+    assert load_spec(path).design.reference == "dense"
+    path.write_text(yaml.safe_dump(spec | {"design": {"reference": "switch"}}))
+    with pytest.raises(SpecError, match=r"design\.reference = 'switch': not a variant of the matrix"):
         load_spec(path)
     assert reference_variant(["baseline", "dense"], "dense") == "dense"
     assert reference_variant(["baseline", "dense"], None) == "baseline"
     assert reference_variant(["switch", "dense"], None) == "switch"
+
+
+def synthetic_runs(rng: np.random.Generator, variants: list[str], seeds: list[int]) -> pd.DataFrame:
+    """Finished trial rows of a random study: per-variant offsets up to 6%, seed noise 1-3%, some untrained."""
+    offsets, noise, rows = {v: rng.uniform(-0.06, 0.06) for v in variants}, rng.uniform(0.01, 0.03), []
+    for variant in variants:
+        for seed in seeds:
+            loss = 5.0 + offsets[variant] + rng.normal(0, noise)
+            health = "stalled" if rng.random() < 0.05 else "ok"
+            rows.append(
+                {
+                    "run_id": f"{variant}-{seed}",
+                    "status": "FINISHED",
+                    "tags.backbone": "lstm",
+                    "tags.variant": variant,
+                    "tags.seed": str(seed),
+                    f"tags.{HEALTH}": health,
+                    "metrics.test_loss": loss,
+                    "metrics.test_ppl": math.exp(loss),
+                    "metrics.params_total": 1000.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_property_the_runner_the_verdict_table_and_verdicts_json_state_the_same_decisions() -> None:
+    rng = np.random.default_rng(11)
+    variants = ["baseline", "switch", "lora", "hybrid"]
+    for sequential in (False, True):
+        for _ in range(25):
+            study = dataclasses.replace(
+                DESIGN_OF_CLAIMS,
+                variants=variants,
+                sequential=sequential,
+                initial=[1, 2, 3],
+                max=5 if sequential else 3,
+                margin=0.03,
+            )
+            runs = synthetic_runs(rng, variants, study.seeds())
+            data = StudyData("s", "0", None, runs)
+            data.design = study
+            runner = decision_tag(study.plan(results_of(runs)))  # what run-study tags on the study run
+            tests = analyse(data)
+            answers = verdicts(data, tests)["answers"]["lstm"]["variants"]
+            stated = ",".join(f"{v}:{a['difference']}/{a['non_inferiority']}" for v, a in answers.items())
+            assert stated == runner
+            (table,) = tables(verdict_section(data, tests), "Verdict against the reference")
+            for variant, a in answers.items():
+                words = row(table, variant)["Test PPL decisions"]
+                assert words.startswith(("worse", "better", "no difference shown", "too few"))
+                assert ("worse by" in words) == a["difference"].startswith("worse")
+                assert ("within the 3% margin" in words) == a["non_inferiority"].startswith("non-inferior")
 
 
 def test_collapsed_trials_stay_ranked_with_a_note_untrained_ones_are_left_out() -> None:

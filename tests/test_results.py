@@ -38,3 +38,13 @@ def test_the_results_check_names_every_decision_that_changed() -> None:
         "health.a seed 1: 'ok' -> 'stalled'",
     ]
     assert check_results().differences(old, old) == []
+
+
+def test_a_result_of_several_commits_or_uncommitted_changes_is_refused() -> None:
+    provenance = check_results().provenance
+    assert provenance({"commits": ["abc1234"]}) == []
+    assert provenance({"commits": ["abc1234", "def5678"]}) == [
+        "its trials ran at 2 commits (abc1234, def5678), not one"
+    ]
+    assert "uncommitted changes" in provenance({"commits": ["abc1234-dirty"]})[0]
+    assert provenance({"commits": []}) == ["its trials ran at 0 commits (none recorded), not one"]

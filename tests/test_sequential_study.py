@@ -1,6 +1,6 @@
 """A real tiny sequential study: seeds come in rounds, a clearly worse variant stops early while the others go on,
 a driver SIGKILLed between rounds is rerun into the same round with nothing run twice, ``--ray local`` reaches the
-same decisions, and the report has its "Sequential design" section.
+same decisions, and the report has its "Design and decisions" section.
 
 Two variants against ``dense`` on the tests' tiny data: ``small`` (d_model 8: 15-34% worse per seed, decided at its
 second look, 3 seeds), and ``near`` (learning rate 0.009 instead of 0.01: 2-3.5% worse, decided later). 16,000
@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.tags import CELL, HEALTH, SEQUENTIAL_DECISION, SEQUENTIAL_SAVED
+from harness.tags import CELL, DECISION, HEALTH, TRIALS_SAVED
 from tests.studies import run_study, tiny_config, with_keys, write_spec
 from tests.workers import REPO, harness_env, wait_for
 
@@ -38,7 +38,7 @@ def sequential_spec(folder: Path) -> Path:
         },
     )
     spec["matrix"] = {"variants": VARIANTS, "seeds": {"initial": [1, 2], "max": 5}}
-    spec["report"] = {"reference": "dense"}
+    spec["design"] = {"reference": "dense"}
     return write_spec(folder / f"{STUDY}.yaml", spec)
 
 
@@ -55,10 +55,15 @@ def study_run(uri: str):
     return parent
 
 
-def decisions(uri: str) -> dict[str, tuple[str, int]]:
-    """variant -> (decision, paired seeds at it), from the study run's tag."""
-    parts = (part.split(":") for part in study_run(uri).data.tags[SEQUENTIAL_DECISION].split(","))
-    return {variant: (at.split("@")[0], int(at.split("@")[1])) for variant, at in parts}
+def decisions(uri: str) -> dict[str, tuple[str, int, str]]:
+    """variant -> (difference, paired seeds when the last question was decided or the study stopped, the
+    non-inferiority decision), from the study run's tag (``near:worse@4/non-inferior@3,...``)."""
+    found = {}
+    for part in study_run(uri).data.tags[DECISION].split(","):
+        variant, questions = part.split(":")
+        (difference, at), (margin, margin_at) = (q.split("@") for q in questions.split("/"))
+        found[variant] = (difference, max(int(at), int(margin_at)), margin)
+    return found
 
 
 def seeds_run(uri: str) -> dict[str, set[int]]:
@@ -105,15 +110,15 @@ def test_rounds_stop_a_worse_variant_early_survive_a_kill_and_agree_with_ray(
     assert {cell: again[cell] for cell in first_round} == first_round  # the first round was not run again
 
     decided = decisions(uri)
-    assert decided["small"][0] == "worse" and decided["small"][1] < 5  # stopped early ...
+    assert decided["small"][::2] == ("worse", "inferior") and decided["small"][1] < 5  # stopped early ...
     assert decided["near"][1] > decided["small"][1]  # ... while near went on
     ran = seeds_run(uri)
     for variant in ("small", "near"):  # no seed after a decision
         assert ran[variant] == set(range(1, decided[variant][1] + 1))
-    assert ran["dense"] == set(range(1, max(at for _, at in decided.values()) + 1))
+    assert ran["dense"] == set(range(1, max(at for _, at, _ in decided.values()) + 1))
     parent = study_run(uri)
     assert parent.info.status == "FINISHED"
-    assert int(parent.data.tags[SEQUENTIAL_SAVED]) == 3 * 5 - len(runs)
+    assert int(parent.data.tags[TRIALS_SAVED]) == 3 * 5 - len(runs)
 
     capsys.readouterr()
     assert run_study(tmp_path, spec, uri) == 0  # a rerun of a decided study runs nothing
@@ -125,5 +130,5 @@ def test_rounds_stop_a_worse_variant_early_survive_a_kill_and_agree_with_ray(
 
     out = tmp_path / "report"
     assert main(["report", STUDY, "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
-    section = (out / "report.md").read_text().split("## Sequential design")[1]
+    section = (out / "report.md").read_text().split("## Design and decisions")[1]
     assert "small" in section and "worse" in section and "Not counted as seeds** (failed" in section

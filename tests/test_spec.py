@@ -53,7 +53,7 @@ def test_matrix_expands_variants_seeds_and_sweeps_with_presets_and_overrides(tmp
     assert {t.config.seed for t in trials} == {1, 2}
 
 
-def test_cells_keep_matrix_order_with_each_source_moved_before_its_first_dependent(tmp_path: Path) -> None:
+def test_cells_run_seed_major_with_each_source_moved_before_its_first_dependent(tmp_path: Path) -> None:
     spec = {
         **MINIMAL,
         "variants": {"switch_up": {"preset": "switch"}},
@@ -61,7 +61,7 @@ def test_cells_keep_matrix_order_with_each_source_moved_before_its_first_depende
         "matrix": {"variants": ["switch_up", "baseline", "dense"], "seeds": [1, 2]},
     }
     keys = [cell.key for cell in expand(load_spec(write_spec(tmp_path, spec)))]
-    assert keys == [f"{v}/seed={s}" for v in ("dense", "switch_up", "baseline") for s in (1, 2)]
+    assert keys == [f"{v}/seed={s}" for s in (1, 2) for v in ("dense", "switch_up", "baseline")]
     spec["matrix"]["variants"] = ["dense", "switch_up", "baseline"]  # sources already first: the matrix's order
     assert [cell.key for cell in expand(load_spec(write_spec(tmp_path, spec)))] == keys
 

@@ -155,7 +155,7 @@ def _unique(values: list[Any]) -> list[Any]:
 
 class SequentialSeeds(StrictConfig):
     """A group-sequential design: the ``initial`` seeds first, then one more seed per round for each comparison
-    still undecided, up to ``max`` seeds (``report.sequential`` sets its error rates)."""
+    still undecided, up to ``max`` seeds (``design`` sets its questions and error rates)."""
 
     initial: Annotated[list[Seed], AfterValidator(_unique)] = Field(min_length=2)
     """The first round's seeds (at least 2: a paired t statistic needs two)."""
@@ -270,31 +270,45 @@ class TuneConfig(StrictConfig):
         return self
 
 
-class SequentialConfig(StrictConfig):
-    """Family-wise error rate and spending function of a group-sequential design (``harness/sequential.py``)."""
-
-    alpha: float = Field(0.05, gt=0, lt=0.5)
-    """Family-wise: split equally (Bonferroni) across the comparisons with the reference, for the difference test
-    and, separately, for the equivalence test."""
-    spending: Literal["obrien_fleming", "pocock"] = "obrien_fleming"
-    """Lan-DeMets alpha spending: O'Brien-Fleming type (little early, most at the last look) or Pocock type."""
+Question = Literal["difference", "non_inferiority", "equivalence"]
 
 
-class ReportConfig(StrictConfig):
-    """How ``harness report`` judges the study's claims."""
+class SpeedConfig(StrictConfig):
+    """The paired speed measurement that decides "faster" (``harness/speed.py``): every variant's training steps
+    timed in one process, blocks of ``steps`` interleaved across variants for ``rounds`` rounds."""
 
-    equivalence_margin: float = Field(0.05, gt=0, lt=1)
-    """Relative perplexity margin of the equivalence test (TOST): 0.05 = within ±5% of the reference's PPL,
-    i.e. ±log(1.05) on the loss."""
+    rounds: int = Field(12, ge=3, le=1000)
+    steps: int = Field(10, ge=1, le=10_000)
+    warmup: int = Field(10, ge=0, le=10_000)
+
+
+class DesignConfig(StrictConfig):
+    """The study's questions and how each is decided (``harness/sequential.py``), fixed before its first cell."""
+
     reference: str | None = None
-    """The variant every other is tested against; unset: ``baseline`` when the matrix has it, else its first
+    """The variant every other is compared with; unset: ``baseline`` when the matrix has it, else its first
     variant. (An upcycling study compares against dense trained for the same total tokens.)"""
-    sequential: SequentialConfig | None = None
-    """The error rates of a sequential design (``matrix.seeds: {initial, max}``); set by default for one."""
+    questions: Annotated[list[Question], AfterValidator(_unique), Field(min_length=1)] = [
+        "difference",
+        "non_inferiority",
+    ]
+    """What each comparison decides on the test-PPL ratio: ``difference`` (better / worse, two-sided),
+    ``non_inferiority`` (no worse than the margin, one-sided), ``equivalence`` (within the margin both ways)."""
+    margin: float = Field(0.05, gt=0, lt=1)
+    """Relative perplexity margin: 0.05 = a PPL ratio of 1.05 (non-inferiority; equivalence: 1/1.05 to 1.05)."""
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    """Family-wise error rate of each question, split equally (Bonferroni) across the comparisons."""
+    spending: Literal["obrien_fleming", "pocock"] = "obrien_fleming"
+    """Lan-DeMets alpha spending of a sequential design: O'Brien-Fleming type (most at the last look) or Pocock."""
+    min_param_reduction: float = Field(0.05, ge=0, lt=1)
+    """"Smaller" needs at most (1 - this) times the reference's parameters."""
+    min_speedup: float = Field(0.05, ge=0, lt=1)
+    """"Faster" needs the paired time ratio's interval below (1 - this)."""
+    speed: SpeedConfig = SpeedConfig()
 
 
 def reference_variant(variants: list[str], preferred: str | None = None) -> str | None:
-    """The variant every other is tested against (``report.reference``): ``preferred`` when it is among
+    """The variant every other is tested against (``design.reference``): ``preferred`` when it is among
     ``variants``, else ``baseline``, else the first variant; the runner's rounds and the report use this one rule."""
     for name in (preferred, "baseline"):
         if name is not None and name in variants:
@@ -327,7 +341,7 @@ class StudySpec(StrictConfig):
     matrix: MatrixConfig
     overrides: dict[str, dict[str, Any]] = {}
     tune: TuneConfig | None = None
-    report: ReportConfig = ReportConfig()
+    design: DesignConfig = DesignConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
@@ -340,16 +354,20 @@ class StudySpec(StrictConfig):
                     raise ValueError(f"{where}.{key} = {shorten(value)}: a section must be a mapping of keys")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_report_section(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "report" in data:
+            raise ValueError(
+                "report: the study's questions and error rates are the design section (design.reference, "
+                "design.margin, design.alpha, design.spending)"
+            )
+        return data
+
     @model_validator(mode="after")
     def _sequential_design(self) -> StudySpec:
-        if self.matrix.sequential is None:
-            if self.report.sequential is not None:
-                raise ValueError("report.sequential needs a sequential design: matrix.seeds = {initial: [...], max: N}")
-            return self
-        if self.matrix.sweep:
+        if self.matrix.sequential is not None and self.matrix.sweep:
             raise ValueError("matrix.sweep cannot be combined with a sequential design (matrix.seeds.initial/max)")
-        if self.report.sequential is None:  # the design's defaults; assigning re-runs this validator once
-            self.report = self.report.model_copy(update={"sequential": SequentialConfig()})
         return self
 
     @model_validator(mode="after")
@@ -364,9 +382,9 @@ class StudySpec(StrictConfig):
         for name in self.overrides:
             if name not in known:
                 raise ValueError(f"overrides.{name}: unknown variant; choose from {known}")
-        if self.report.reference is not None and self.report.reference not in self.matrix.variants:
+        if self.design.reference is not None and self.design.reference not in self.matrix.variants:
             raise ValueError(
-                f"report.reference = {shorten(self.report.reference)}: not a variant of the matrix "
+                f"design.reference = {shorten(self.design.reference)}: not a variant of the matrix "
                 f"{self.matrix.variants}"
             )
         return self

@@ -47,11 +47,10 @@ def write_report(
 ) -> Path:
     """Gather, analyse, plot and render; returns the folder holding report.md, report.pdf and verdicts.json.
 
-    ``target``: a study name, or its spec file (whose ``report`` settings then override the recorded ones).
+    ``target``: a study name, or its spec file (its name is read; the design is the one the study run recorded).
     """
     from mlflow.tracking import MlflowClient
 
-    from harness.config import load_spec
     from harness.report.document import build_document
     from harness.report.figures import make_figures
     from harness.report.gather import load_study, study_name, tuning_study
@@ -59,10 +58,7 @@ def write_report(
     from harness.report.statistics import analyse, verdicts
 
     name = study_name(target)
-    data = load_study(name, tracking_uri)
-    if target.endswith((".yaml", ".yml")):  # the spec at hand states the margin, whatever the study run recorded
-        report = load_spec(target).report
-        data.equivalence_margin, data.reference = report.equivalence_margin, report.reference
+    data = load_study(name, tracking_uri)  # the design the study run recorded decides, not a spec edited since
     out = Path(out) if out is not None else Path("reports") / name
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -74,7 +70,9 @@ def write_report(
     (out / "report.md").write_text(MARKDOWN_FIRST_LINE + to_markdown(document))
     (out / VERDICTS).write_text(json.dumps(verdicts(data, tests), indent=2, sort_keys=True) + "\n")
     to_pdf(document, out / "report.pdf", base=out)
-    if log_artifacts and data.parent is not None:
+    if log_artifacts and data.parent is not None and data.parent.info.status != "RUNNING":
+        # A RUNNING study run belongs to a driver still at work (or killed before it could end the run): its
+        # report would be overwritten or stale, so it stays on disk only.
         client = MlflowClient(tracking_uri)
         for file in ["report.md", "report.pdf", VERDICTS, *(figure.file for figure in figures)]:
             client.log_artifact(data.parent.info.run_id, str(out / file), "report")

@@ -12,17 +12,18 @@ from datetime import datetime
 import optuna
 
 from harness.report.blocks import Block, Figure
-from harness.report.findings import (
-    Tests,
-    equivalence_section,
-    main_comparison,
-    matched_section,
-    significance_section,
-    verdict_section,
-)
+from harness.report.decisions import decisions_section
+from harness.report.findings import Tests, main_comparison, matched_section, verdict_section
 from harness.report.gather import StudyData
-from harness.report.overview import failures, figure_section, header, health_section, tuning_only_note, tuning_summary
-from harness.report.sequential_design import sequential_section
+from harness.report.overview import (
+    failures,
+    figure_section,
+    header,
+    health_section,
+    status_note,
+    tuning_only_note,
+    tuning_summary,
+)
 
 
 def build_document(
@@ -36,14 +37,14 @@ def build_document(
             *figure_section(figures, "tuning"),
             *failures(data),
         ]
+    open_variants = [a.variant for found in tests.values() for a in found.against.values() if a.comparison.open]
     return [
         *header(data, generated),
+        *status_note(data, open_variants),  # an unfinished study says so before anything else
         *health_section(data, figures),  # first: whether each trial trained decides what the rest may claim
         *verdict_section(data, tests),  # then the answer to the study's question, the tables behind it after
-        *sequential_section(data),  # a sequential study: how each comparison was decided, look by look
+        *decisions_section(data, tests),  # how the design decided each question, look by look
         *main_comparison(data, tests),
-        *significance_section(data, tests),
-        *equivalence_section(data, tests),
         *matched_section(data, tests),
         *figure_section(figures, "curves", "Training curves"),
         *figure_section(figures, "cost", "Quality against cost"),

@@ -1,11 +1,10 @@
-"""What the study found: the verdict against the reference, the per-variant quality and cost tables, the
-significance and equivalence tests and the compute-matched comparison. Each section is a function returning
+"""What the study found: the verdict against the reference, the per-variant quality and cost tables and the
+compute-matched comparison. Each section is a function returning
 blocks; the figures come from ``harness.report.statistics``, computed once for all of them.
 
 Only trials not flagged untrained in Training health take part (``StudyData.per_variant``); a note beside each
 table names the ones left out and the collapsed ones kept in.
 """
-# Over 350 lines: the report's five result sections, which share their small formatting helpers.
 
 from __future__ import annotations
 
@@ -13,18 +12,10 @@ import math
 from collections.abc import Callable
 
 from harness.report.blocks import MISSING, Block, Heading, Para, Table, fmt, fmt_count, fmt_duration
+from harness.report.decisions import coverage, interval_text
 from harness.report.gather import StudyData, is_routed, load_cv, metric_values, peak_memory, with_flops
 from harness.report.overview import flag_note
-from harness.report.statistics import (
-    ALPHA,
-    Against,
-    BackboneTests,
-    Comparison,
-    Ratio,
-    Summary,
-    describe,
-    matched_points,
-)
+from harness.report.statistics import Against, BackboneTests, Summary, describe, matched_points
 
 LOWER, HIGHER = "lower", "higher"
 Tests = dict[str, BackboneTests]  # by backbone: every backbone with a finished trial
@@ -38,10 +29,6 @@ def mean_sd(s: Summary, digits: int = 2) -> str:
 
 def ci(s: Summary, digits: int = 2) -> str:
     return MISSING if s.n < 2 else f"[{fmt(s.ci_low, digits)}, {fmt(s.ci_high, digits)}]"
-
-
-def p_text(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def best_rows(table_rows: list[list[float]], column: int, direction: str) -> set[int]:
@@ -59,20 +46,28 @@ def _where(data: StudyData, backbone: str) -> str:
 # ---------------------------------------------------------------- verdict
 
 
-def _interval(found: Ratio | None) -> str:
-    if found is None:
+def _time_text(a: Against) -> str:
+    if a.time is None:
+        return "not measured"
+    interval = a.time.interval
+    within = f"{fmt(interval.low, 3)}–{fmt(interval.high, 3)}" if interval.bounded else "unbounded"
+    return f"{fmt(a.time.ratio, 3)} ({within})"
+
+
+def _margin_text(a: Against) -> str:
+    look = a.look
+    if look is None:
         return MISSING
-    return f"{fmt(found.ratio, 3)} ({fmt(found.low, 3)}–{fmt(found.high, 3)})"
+    return f"{fmt(look.ratio, 3)} ({interval_text(look.margin, look.one_sided_bound)})"
 
 
 def _verdict_row(a: Against) -> list[str]:
     return [
         a.variant,
         fmt(a.params_ratio, 3),
-        _interval(a.equivalence.ratio if a.equivalence else None),
-        p_text(a.equivalence_p_holm) if math.isfinite(a.equivalence_p_holm) else MISSING,
-        a.worse,
-        _interval(a.time),
+        _margin_text(a),
+        a.words,
+        _time_text(a),
         f"{a.smaller} / {a.no_loss} / {a.faster}",
         f"**{a.answer}**",
     ]
@@ -82,27 +77,41 @@ def verdict_section(data: StudyData, tests: Tests) -> list[Block]:
     """Does each variant reach a smaller parameter count without significant loss in perplexity against the
     reference, at a lower time per million tokens? (The question the project was built to answer.)"""
     blocks: list[Block] = [Heading("Verdict against the reference")]
+    study = data.design
+    _, margin_label = coverage(study)
     for backbone, found in tests.items():
         where = _where(data, backbone)
         if not found.against:
             blocks.append(Para(f"Fewer than two variants to compare{where}."))
             continue
-        reference, margin = found.reference, data.equivalence_margin
-        header = ["Variant", "Params ratio", "Test PPL ratio (95% CI)", "TOST p (Holm)", "Significantly worse"]
-        header += ["Time / Mtok ratio (95% CI)", "Smaller / no loss / faster", "Answer"]
+        reference, m = found.reference, study.margin
+        header = ["Variant", "Params ratio", "Test PPL ratio (margin interval)", "Test PPL decisions"]
+        header += ["Time / token ratio (paired)", "Smaller / no loss / faster", "Answer"]
         rows = [_verdict_row(a) for a in found.against.values()]
         caption = (
             f"Does the variant reach a smaller parameter count without significant loss in perplexity "
-            f"against {reference}{where}, at a lower time per million tokens? Ratios: variant / {reference}, "
-            "geometric means over seeds, 95% intervals from the t distribution of the log difference (paired "
-            f"by seed). No loss: equivalent within ±{margin:.0%} by TOST, Holm-adjusted p < {ALPHA} (yes); "
-            "significantly worse and not equivalent (no); else undecided. Significantly worse: higher test PPL "
-            "by the paired t-test (Welch's without common seeds), Holm-adjusted p < 0.05; it can hold inside "
-            "the margin (a real but small loss). Faster: the time ratio's interval lies below 1 (yes) or above "
-            "1 (no). Answer: yes when smaller, no loss and faster are all yes, no when any is no."
+            f"against {reference}{where}, at a lower time per million tokens? Test PPL ratio: variant / {reference}, "
+            f"geometric mean over the paired seeds of the deciding look, with the {margin_label}. Decisions: the "
+            f"design's (section *Design and decisions*). Smaller: at most {1 - study.min_param_reduction:.2f}× "
+            f"the parameters (design.min_param_reduction). No loss: non-inferior at the {m:.0%} margin (yes), "
+            f"inferior beyond it (no). Faster: the paired time ratio's interval below "
+            f"{1 - study.min_speedup:.2f} (yes, design.min_speedup) or its lower end above it (no); "
+            f"{_speed_method(data)} Answer: yes when smaller, no loss and faster are all yes, no when any is no."
         )
         blocks += [Table(header, rows, caption=caption), *flag_note(data, backbone, "this verdict")]
     return blocks
+
+
+def _speed_method(data: StudyData) -> str:
+    record = data.speed
+    if record is None:
+        return "no paired speed measurement was recorded, so faster is undecided."
+    return (
+        f"time measured after the study in one process ({record['device']}, {record['threads']} thread(s)): every "
+        f"variant's training steps in blocks of {record['steps']} interleaved over {record['rounds']} rounds "
+        "(harness/speed.py), so the machine's drift falls on every variant alike; interval at the margin "
+        "interval's level."
+    )
 
 
 # ---------------------------------------------------------------- main comparison
@@ -174,146 +183,6 @@ def cost_table(data: StudyData, found: BackboneTests) -> Table:
         "the last logging window; load CV: coefficient of variation of expert shares on the validation split, "
         "averaged over MoE layers (0 = perfectly balanced). Bold: best (highest tokens/s, lowest otherwise).",
     )
-
-
-# ---------------------------------------------------------------- significance
-
-
-def significance_section(data: StudyData, tests: Tests) -> list[Block]:
-    blocks: list[Block] = [Heading("Significance")]
-    for backbone, found in tests.items():
-        blocks.extend(significance(data, found))
-        blocks.extend(flag_note(data, backbone, "these tests"))
-    return blocks
-
-
-def significance(data: StudyData, found: BackboneTests) -> list[Block]:
-    """The significance table and its statement for one backbone, or why no test can be made."""
-    where, reference = _where(data, found.backbone), found.reference
-    planned = data.runs[data.runs["tags.backbone"] == found.backbone]["tags.seed"].nunique()
-    max_seeds = max((len(runs) for runs in found.groups.values()), default=0)
-    if planned < 2 or max_seeds < 2:
-        seeds = "a single seed" if planned < 2 else "a single finished seed"
-        return [
-            Para(
-                f"Each variant{where} has {seeds}, so **no significance can be claimed**: the differences in the "
-                "tables are single observations with no estimate of seed-to-seed variation. Run at least two seeds "
-                "(three or more for useful power) to test them."
-            )
-        ]
-    if not found.against:
-        return [Para(f"Only one variant finished (and was not flagged){where}: there is nothing to compare.")]
-    rows = [_significance_row(a, len(found.groups[v])) for v, a in found.against.items()]
-    table = Table(
-        ["Variant", "Test", "n", f"Δ test PPL vs {reference}", "t", "p", "Effect size", "p (Holm)", "Seeds, 80% power"],
-        rows,
-        caption=f"Each variant against {reference} on final test perplexity. Paired t-test on per-seed "
-        "differences when both ran the same seeds (effect size d_z = mean difference / sd of differences); "
-        "Welch's t-test otherwise (effect size Cohen's d with pooled sd). Two-sided; p (Holm): Holm-Bonferroni "
-        "adjusted across the variants listed. Seeds, 80% power: seeds (pairs, or runs per variant) a test at the "
-        "5% level needs to detect the observed effect size with 80% power (noncentral t, as statsmodels TTestPower).",
-    )
-    results = {v: a.difference for v, a in found.against.items()}
-    return [table, Para(_significance_statement(results, reference, where, max_seeds))]
-
-
-def _significance_row(a: Against, n_runs: int) -> list[str]:
-    result = a.difference
-    if result is None:
-        return [a.variant, MISSING, str(n_runs), *[MISSING] * 6]
-    return [
-        a.variant,
-        result.test,
-        str(result.n),
-        f"{result.difference:+,.2f}",
-        fmt(result.statistic, 2),
-        p_text(result.p_value),
-        f"{result.effect_name} = {fmt(result.effect, 2)}",
-        p_text(a.difference_p_holm) if math.isfinite(a.difference_p_holm) else MISSING,
-        fmt_count(a.seeds_for_power),
-    ]
-
-
-def _significance_statement(results: dict[str, Comparison | None], reference: str, where: str, max_seeds: int) -> str:
-    holds, fails = [], []
-    for variant, result in results.items():
-        if result is not None:
-            direction = "lower" if result.difference < 0 else "higher"
-            p = p_text(result.p_value)
-            text = (
-                f"{variant} ({direction} test PPL by {abs(result.difference):,.2f}, p {p if p[0] == '<' else '= ' + p})"
-            )
-            (holds if result.significant else fails).append(text)
-    untestable = [v for v, result in results.items() if result is None]
-    level = f"{ALPHA:.0%}"
-    if holds:
-        sentences = [f"At the {level} level, these differences from {reference} are significant: {'; '.join(holds)}."]
-    else:
-        sentences = [f"At the {level} level, no variant differs significantly from {reference}{where}."]
-    if fails:
-        sentences.append(f"Not significant at the {level} level: {'; '.join(fails)}.")
-    if untestable:
-        sentences.append(f"Too few seeds to test: {', '.join(untestable)}.")
-    if max_seeds < 3:
-        sentences.append(
-            "With two seeds per variant the tests have very little power; a non-significant result is "
-            "not evidence of no difference."
-        )
-    return " ".join(sentences)
-
-
-# ---------------------------------------------------------------- equivalence
-
-
-def equivalence_section(data: StudyData, tests: Tests) -> list[Block]:
-    blocks: list[Block] = [Heading("Equivalence to the reference")]
-    for found in tests.values():
-        blocks += equivalence(data, found)
-    return blocks
-
-
-def equivalence(data: StudyData, found: BackboneTests) -> list[Block]:
-    where, reference, notes = (
-        _where(data, found.backbone),
-        found.reference,
-        flag_note(data, found.backbone, "this test"),
-    )
-    if not found.against:
-        return [Para(f"Fewer than two variants to compare{where}."), *notes]
-    margin = data.equivalence_margin
-    table = Table(
-        ["Variant", "Test", "n", f"PPL ratio vs {reference}", "95% CI", "TOST p", "TOST p (Holm)", "Equivalent"],
-        [_equivalence_row(a) for a in found.against.values()],
-        caption=f"Two one-sided tests (TOST) of equivalence to {reference}{where} on final test perplexity at a "
-        f"relative margin of ±{margin:.0%} (spec key report.equivalence_margin), i.e. ±log(1+{margin:g}) on the "
-        "log perplexity; paired by seed where both ran the same seeds, Welch otherwise (statsmodels ttost_paired / "
-        "ttost_ind). Ratio: geometric mean of variant / reference; 95% CI: exp of the t interval of the mean log "
-        "perplexity difference (scipy ttest_rel / ttest_ind, unpooled). Holm: Holm-Bonferroni across the variants "
-        "listed. Equivalent: Holm-adjusted p < 0.05.",
-    )
-    equivalent = [v for v, a in found.against.items() if a.equivalent]
-    statement = (
-        f"Equivalent to {reference} within ±{margin:.0%}{where}: {', '.join(equivalent)}."
-        if equivalent
-        else f"No variant is shown equivalent to {reference} within ±{margin:.0%}{where}."
-    )
-    return [table, Para(statement), *notes]
-
-
-def _equivalence_row(a: Against) -> list[str]:
-    if a.equivalence is None:
-        return [a.variant, MISSING, MISSING, MISSING, MISSING, MISSING, MISSING, "too few seeds"]
-    found = a.equivalence.ratio
-    return [
-        a.variant,
-        a.equivalence.test,
-        str(found.n),
-        fmt(found.ratio, 3),
-        f"{fmt(found.low, 3)}–{fmt(found.high, 3)}",
-        p_text(a.equivalence.p_value),
-        p_text(a.equivalence_p_holm),
-        "yes" if a.equivalent else "no",
-    ]
 
 
 # ---------------------------------------------------------------- compute-matched

@@ -25,16 +25,17 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from harness.config import VARIANTS, DataConfig, ReportConfig, SpecError, TrialConfig, load_spec
+from harness.config import VARIANTS, DataConfig, DesignConfig, SpecError, TrialConfig, load_spec
 from harness.data import load_corpus
 from harness.flops import train_flops_per_token
 from harness.health import UNTRAINED, is_result  # verdicts that keep a run out of rankings and tests
 from harness.metric_names import VAL_PPL, VAL_SUBSET_PPL
+from harness.rounds import StudyDesign
+from harness.speed import ARTIFACT as SPEED_ARTIFACT
 from harness.tags import (
-    EQUIVALENCE_MARGIN,
+    DESIGN,
     HEALTH,
     HEALTH_EVIDENCE,
-    REPORT_REFERENCE,
     ROLE,
     ROLE_STUDY,
     ROLE_TRIAL,
@@ -62,8 +63,8 @@ class StudyData:
     curves: pd.DataFrame = field(default_factory=pd.DataFrame)
     grad_norms: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, ...: step, component, grad_norm
     configs: dict[str, TrialConfig] = field(default_factory=dict)  # run_id -> its config.yaml (finished runs)
-    equivalence_margin: float = ReportConfig().equivalence_margin
-    reference: str | None = None  # the spec's report.reference (None: baseline, else the first variant)
+    design: StudyDesign = None  # type: ignore[assignment]  # set by load_study: the recorded design (study_design)
+    speed: dict | None = None  # the study run's paired speed measurement (harness.speed), when recorded
     utilisation: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, backbone, seed: split, layer, ...
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # + variant, backbone, seed: step, tokens, layer, ...
 
@@ -103,6 +104,17 @@ class StudyData:
     def finished_backbones(self) -> list[str]:
         """The backbones with at least one finished trial: the ones the tables and tests cover."""
         return [b for b in self.backbones if not self.finished[self.finished["tags.backbone"] == b].empty]
+
+    @property
+    def commits(self) -> list[str]:
+        """The commits the finished trials ran at (a committed result has exactly one, not ``-dirty``)."""
+        return sorted(self.finished["tags.git_commit"].dropna().unique()) if "tags.git_commit" in self.runs else []
+
+    @property
+    def complete(self) -> bool:
+        """Every cell the design needs has ended and the study run ended: nothing more will come."""
+        status = None if self.parent is None else self.parent.info.status
+        return status in ("FINISHED", "FAILED") and not self.runs["status"].isin(["RUNNING", "SCHEDULED"]).any()
 
     def tag(self, key: str) -> str | None:
         run = self.tune_parent if key.startswith("optuna.") else self.parent
@@ -201,11 +213,26 @@ def load_study(name: str, tracking_uri: str) -> StudyData:
     data = StudyData(name, eid, parent, runs, tune_parent=tune_parents[0] if tune_parents else None)
     data.tuning_only = tuning_only
     data.curves, data.grad_norms, data.utilisation, data.history, data.configs = _per_trial_tables(client, runs)
-    if parent is not None:  # the spec's report.equivalence_margin, as run-study recorded it
-        margin = parent.data.params.get(EQUIVALENCE_MARGIN) or parent.data.tags.get(EQUIVALENCE_MARGIN)
-        data.equivalence_margin = float(margin) if margin else data.equivalence_margin
-        data.reference = parent.data.tags.get(REPORT_REFERENCE)
+    data.design = study_design(parent, runs)
+    data.speed = _speed(client, parent)
     return data
+
+
+def study_design(parent: Run | None, runs: pd.DataFrame) -> StudyDesign:
+    """The design run-study recorded on the study run; a study without one (trials logged by a script, a tuning
+    study) is judged as a fixed design at the defaults over the seeds and variants it has."""
+    recorded = None if parent is None else parent.data.tags.get(DESIGN)
+    if recorded:
+        return StudyDesign.from_tag(recorded)
+    variants = sorted(runs["tags.variant"].dropna().unique(), key=variant_key)
+    seeds = sorted({int(s) for s in runs["tags.seed"].dropna() if str(s).isdigit()})
+    return StudyDesign.build(DesignConfig(), variants, seeds, None)
+
+
+def _speed(client: MlflowClient, parent: Run | None) -> dict | None:
+    if parent is None or not any(a.path == SPEED_ARTIFACT for a in client.list_artifacts(parent.info.run_id)):
+        return None
+    return mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/{SPEED_ARTIFACT}")
 
 
 def _per_trial_tables(client: MlflowClient, runs: pd.DataFrame) -> tuple[Any, ...]:

@@ -31,7 +31,7 @@ from harness.report.blocks import (
     fmt_duration,
 )
 from harness.report.gather import StudyData, health_of, is_pruned, variant_key
-from harness.tags import HEALTH, HEALTH_EVIDENCE
+from harness.tags import COMMAND, HEALTH, HEALTH_EVIDENCE
 
 
 def _unique(runs: pd.DataFrame, column: str) -> list[str]:
@@ -100,13 +100,41 @@ def _compute_line(runs: pd.DataFrame) -> str:
     )
 
 
+def _provenance_line(data: StudyData) -> str:
+    """One commit and one command make a result; anything else says so."""
+    commits, command = data.commits, data.tag(COMMAND) or "not recorded"
+    if len(commits) == 1 and not commits[0].endswith("-dirty"):
+        return f"**Made at commit** {commits[0]} **by** `{command}`"
+    found = ", ".join(commits) or "not recorded"
+    return (
+        f"**Not the result of one commit:** its trials ran at {found} (a committed result comes from an empty "
+        f"store at one clean commit by one command); last command `{command}`"
+    )
+
+
+def status_note(data: StudyData, open_variants: list[str]) -> list[Block]:
+    """An unfinished study says so first: what is still open, and that nothing open is decided."""
+    if data.complete and not open_variants:
+        return []
+    status = "no study run" if data.parent is None else f"the study run is {data.parent.info.status}"
+    seeds = data.runs[data.runs["status"].isin(["FINISHED", "FAILED"])]["tags.seed"].nunique()
+    still = f"comparisons still open: {', '.join(open_variants)}" if open_variants else "cells still to run"
+    return [
+        Para(
+            f"**Incomplete study:** {status}, after trials at {seeds} seed(s); {still}. An open question is not "
+            "decided: the tables below state only what the design has decided so far. Rerun the study's command "
+            "to go on."
+        )
+    ]
+
+
 def header(data: StudyData, generated: datetime) -> list[Block]:
     runs = data.runs
     parent = f", parent run `{data.parent.info.run_id}`)" if data.parent is not None else ")"
     items = [
         f"**Study:** {data.name} (MLflow experiment {data.experiment_id}{parent}",
         f"**Generated:** {generated:%Y-%m-%d %H:%M} UTC",
-        f"**Git commit:** {', '.join(_unique(runs, 'tags.git_commit')) or 'not recorded'}",
+        _provenance_line(data),
         f"**Device(s):** {', '.join(_unique(runs, 'tags.device')) or 'not recorded'}",
         _data_line(runs),
         _matrix_line(data),

@@ -1,40 +1,36 @@
 """The report's statistics, each computed once: the sections and ``verdicts.json`` read them from here.
 
-- Per variant over seeds: mean ± sd with the 95% t interval of the mean (scipy ``t.interval``).
-- Each variant against the reference on final test perplexity: a paired t-test on the per-seed differences when
-  both ran at least two common seeds (effect size d_z = mean difference / sd of differences), Welch's t-test
-  otherwise (Cohen's d with the pooled sd); no test with fewer than two values on either side.
-- Equivalence: TOST (Schuirmann's two one-sided tests, statsmodels ``ttost_paired`` / ``ttost_ind``) on the log
-  perplexity (= the loss), so a relative PPL margin ``m`` is the interval ±log(1 + m) on the loss difference.
-- Holm-Bonferroni (Holm 1979) across the variants compared, via statsmodels ``multipletests``.
-- Seeds for 80% power at the observed effect size (statsmodels' ``TTestPower`` / ``TTestIndPower`` formula).
+- Per variant over seeds: mean ± sd with the 95% t interval of the mean (scipy ``t.interval``), descriptive.
+- Each variant against the reference: the study's design decides each question it asks (difference,
+  non-inferiority, equivalence) on the paired per-seed test log-PPL, read off repeated confidence intervals at the
+  per-comparison level (Bonferroni across comparisons): :mod:`harness.sequential` and :mod:`harness.rounds`, the
+  same code the runner used to choose its rounds. A fixed design is one look at the healthy paired seeds.
+- The founding question's other two parts: the parameter ratio against ``design.min_param_reduction``, and the
+  paired time ratio (:mod:`harness.speed`) against ``design.min_speedup``.
 - Compute-matched points: each run's validation perplexity at a common training time or FLOP budget.
-- The verdict's figures (parameter and time ratios) and its answers; :func:`verdicts` is the same in a form a
-  program compares (``verdicts.json`` beside the report; ``make results`` fails when an answer changes).
+- :func:`verdicts`: every decision in a form a program compares (``verdicts.json``; ``make results``).
 """
-# Over 350 lines: every statistic of the report computed once, in one place, for the sections to read.
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
-from harness.config import reference_variant
+from harness.config import Question
 from harness.report.gather import StudyData, by_seed, health_of
-from harness.tags import SEQUENTIAL_DECISION
+from harness.rounds import OPEN, Comparison, Plan, Result, StudyDesign, trial_result
+from harness.sequential import UNDECIDED, Look, verdict_words
+from harness.speed import TimeRatio, time_ratio
+from harness.tags import COMMAND, HEALTH
 
 ALPHA = 0.05
-POWER = 0.8
-MAX_SEEDS = 1_000_000
-YES, NO, UNDECIDED = "yes", "no", "undecided"
+YES, NO = "yes", "no"
 
 
 @dataclass(frozen=True)
@@ -61,164 +57,6 @@ def describe(values: Sequence[float]) -> Summary:
     return Summary(n, mean, sd, float(low), float(high))
 
 
-@dataclass(frozen=True, kw_only=True)
-class Comparison:
-    test: str  # "paired t-test" or "Welch's t-test"
-    n: int  # pairs (paired) or the smaller group size (Welch)
-    difference: float  # mean(variant) - mean(baseline)
-    statistic: float
-    p_value: float
-    effect: float
-    effect_name: str  # "d_z" (paired) or "d" (Cohen's d, pooled sd)
-
-    @property
-    def significant(self) -> bool:
-        return math.isfinite(self.p_value) and self.p_value < ALPHA
-
-
-def _finite(values: Mapping[str, float]) -> dict[str, float]:
-    return {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
-
-
-def compare(baseline: Mapping[str, float], variant: Mapping[str, float]) -> Comparison | None:
-    """``variant`` against ``baseline``, each a {seed: value} map; None when there is too little data."""
-    base, other = _finite(baseline), _finite(variant)
-    common = sorted(set(base) & set(other))
-    if len(common) >= 2:
-        diff = np.array([other[s] - base[s] for s in common])
-        sd = float(diff.std(ddof=1))
-        if sd == 0.0:  # scipy's t is nan here: a constant non-zero difference is certain
-            p, t = (1.0, 0.0) if diff.mean() == 0 else (0.0, math.copysign(math.inf, diff.mean()))
-            effect = 0.0 if diff.mean() == 0 else math.copysign(math.inf, diff.mean())
-        else:
-            result = stats.ttest_rel([other[s] for s in common], [base[s] for s in common])
-            t, p, effect = float(result.statistic), float(result.pvalue), float(diff.mean()) / sd
-        return Comparison(
-            test="paired t-test",
-            n=len(common),
-            difference=float(diff.mean()),
-            statistic=t,
-            p_value=p,
-            effect=effect,
-            effect_name="d_z",
-        )
-    a, b = np.array(list(base.values())), np.array(list(other.values()))
-    if len(a) < 2 or len(b) < 2:
-        return None
-    result = stats.ttest_ind(b, a, equal_var=False)
-    pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
-    difference = float(b.mean() - a.mean())
-    effect = difference / pooled if pooled > 0 else math.copysign(math.inf, difference) if difference else 0.0
-    return Comparison(
-        test="Welch's t-test",
-        n=min(len(a), len(b)),
-        difference=difference,
-        statistic=float(result.statistic),
-        p_value=float(result.pvalue),
-        effect=effect,
-        effect_name="d",
-    )
-
-
-@dataclass(frozen=True, kw_only=True)
-class Ratio:
-    """The geometric-mean ratio variant / baseline of a positive figure (PPL, time per token) over seeds."""
-
-    paired: bool  # per-seed pairs (both ran at least two common seeds), else two independent groups
-    n: int  # pairs (paired) or the smaller group size
-    ratio: float  # exp(mean log difference)
-    low: float  # 95% confidence interval: exp of the t interval of the mean log difference
-    high: float
-    logs: tuple[np.ndarray, np.ndarray]  # the variant's and the baseline's log values (pairs in seed order)
-
-
-@dataclass(frozen=True)
-class Equivalence:
-    test: str  # "paired TOST" or "Welch TOST"
-    ratio: Ratio  # PPL ratio variant / baseline with its 95% interval
-    margin: float  # relative PPL margin: equivalent when the ratio lies within [1/(1+m), 1+m]
-    p_value: float  # the larger of the two one-sided p-values
-
-    @property
-    def equivalent(self) -> bool:
-        return math.isfinite(self.p_value) and self.p_value < ALPHA
-
-
-def _finite_logs(values: Mapping[str, float]) -> dict[str, float]:
-    return {k: math.log(v) for k, v in values.items() if v is not None and math.isfinite(v) and v > 0}
-
-
-def ratio(baseline: Mapping[str, float], variant: Mapping[str, float]) -> Ratio | None:
-    """``variant`` / ``baseline`` ({seed: value} maps) on the log scale: paired by seed where at least two seeds
-    are common (scipy ``ttest_rel``'s interval), Welch's unpooled interval (``ttest_ind``) otherwise; None: too
-    few values."""
-    base, other = _finite_logs(baseline), _finite_logs(variant)
-    common = sorted(set(base) & set(other))
-    if len(common) >= 2:
-        x1, x2 = np.array([other[s] for s in common]), np.array([base[s] for s in common])
-        interval = stats.ttest_rel(x1, x2).confidence_interval(1 - ALPHA)
-        paired, n = True, len(common)
-    elif len(base) >= 2 and len(other) >= 2:
-        x1, x2 = np.array(list(other.values())), np.array(list(base.values()))
-        interval = stats.ttest_ind(x1, x2, equal_var=False).confidence_interval(1 - ALPHA)
-        paired, n = False, min(len(x1), len(x2))
-    else:
-        return None
-    low, high = (math.exp(float(end)) if math.isfinite(end) else math.nan for end in interval)
-    return Ratio(paired=paired, n=n, ratio=math.exp(float(x1.mean() - x2.mean())), low=low, high=high, logs=(x1, x2))
-
-
-def tost(baseline: Mapping[str, float], variant: Mapping[str, float], margin: float) -> Equivalence | None:
-    """Is ``variant``'s PPL within ``margin`` (relative) of ``baseline``'s? Each a {seed: PPL} map; None: too few."""
-    found = ratio(baseline, variant)
-    if found is None:
-        return None
-    bound, (x1, x2) = math.log1p(margin), found.logs
-    if found.paired:
-        return Equivalence("paired TOST", found, margin, float(ttost_paired(x1, x2, -bound, bound)[0]))
-    p_value = ttost_ind(x1, x2, -bound, bound, usevar="unequal")[0]
-    return Equivalence("Welch TOST", found, margin, float(p_value))
-
-
-def holm(p_values: Mapping[str, float]) -> dict[str, float]:
-    """Holm-Bonferroni adjusted p-values of one family of tests; non-finite p-values stay out of the family."""
-    tested = {k: p for k, p in p_values.items() if p is not None and math.isfinite(p)}
-    if not tested:
-        return dict.fromkeys(p_values, math.nan)
-    adjusted = dict(zip(tested, multipletests(list(tested.values()), alpha=ALPHA, method="holm")[1], strict=True))
-    return {k: float(adjusted.get(k, math.nan)) for k in p_values}
-
-
-def t_test_power(effect: float, n: int, paired: bool) -> float:
-    """Power of a two-sided t-test at ``ALPHA`` with n pairs (paired) or n runs per group: statsmodels'
-    ``TTestPower`` / ``TTestIndPower`` formula (both tails of the noncentral t), except that a lower tail scipy
-    cannot evaluate (``nct.cdf`` returns nan where it underflows, for large effects) counts as 0, where
-    statsmodels returns nan for the whole power."""
-    df, noncentrality = (n - 1, effect * math.sqrt(n)) if paired else (2 * n - 2, effect * math.sqrt(n / 2))
-    critical = stats.t.isf(ALPHA / 2, df)
-    lower = stats.nct.cdf(-critical, df, noncentrality)
-    return float(stats.nct.sf(critical, df, noncentrality) + (lower if math.isfinite(lower) else 0.0))
-
-
-def seeds_for_power(result: Comparison, power: float = POWER) -> float:
-    """Seeds (pairs, or runs per variant) a two-sided t-test needs to detect the observed effect: the smallest
-    whole n whose power reaches ``power`` (doubling, then bisection: power grows with n); nan if none up to
-    ``MAX_SEEDS``. Not statsmodels' ``solve_power``: its root finder fails on the nan powers above."""
-    effect = abs(result.effect)
-    if not math.isfinite(effect) or effect == 0.0:
-        return math.nan
-    paired = result.effect_name == "d_z"
-    low, high = 1, 2  # a t-test needs two observations (per group)
-    while t_test_power(effect, high, paired) < power:
-        low, high = high, 2 * high
-        if high > MAX_SEEDS:
-            return math.nan
-    while high - low > 1:  # enough at high, not at low
-        middle = (low + high) // 2
-        low, high = (low, middle) if t_test_power(effect, middle, paired) >= power else (middle, high)
-    return float(high)
-
-
 def ppl_at(x: np.ndarray, ppl: np.ndarray, at: float) -> float:
     """Perplexity at ``x = at``, interpolated linearly in log perplexity; nan outside the curve's range."""
     order = np.argsort(x)
@@ -243,50 +81,64 @@ def matched_points(curves: pd.DataFrame, axis: str) -> tuple[float, dict[str, fl
 
 @dataclass(frozen=True, kw_only=True)
 class Against:
-    """One variant against the reference: the tests and ratios the report states, and the verdict's answers."""
+    """One variant against the reference: the design's decisions on test PPL, the parameter and paired time ratios,
+    and the founding question's answer read off them."""
 
     variant: str
-    difference: Comparison | None  # t-test on final test PPL
-    difference_p_holm: float
-    seeds_for_power: float  # seeds the t-test would need for 80% power at the observed effect
-    equivalence: Equivalence | None  # TOST on the log test PPL at the study's margin
-    equivalence_p_holm: float
+    comparison: Comparison  # the design's looks and question outcomes (harness.rounds)
+    design: StudyDesign
     params_ratio: float  # mean total parameters, variant / reference
-    time: Ratio | None  # time per Mtok, variant / reference
+    time: TimeRatio | None  # paired speed measurement (harness.speed); None: not measured
 
     @property
-    def equivalent(self) -> bool:
-        """Within the margin: the Holm-adjusted TOST p below ``ALPHA``."""
-        return self.equivalence is not None and self.equivalence_p_holm < ALPHA
+    def look(self) -> Look | None:
+        """The last look: the estimate and intervals the decisions were read off."""
+        return self.comparison.last
 
-    @property
-    def worse(self) -> str:
-        """Test PPL significantly higher (Holm-adjusted): a loss can be real yet inside the margin."""
-        if self.difference is None:
-            return UNDECIDED
-        return YES if self.difference_p_holm < ALPHA and self.difference.difference > 0 else NO
+    def decision(self, question: Question) -> str:
+        """The question's outcome; ``open`` while undecided and the study may still take a look."""
+        outcome = self.comparison.outcomes[question]
+        return OPEN if outcome.at is None and self.comparison.open else outcome.decision
 
     @property
     def no_loss(self) -> str:
-        """Equivalent within the margin (yes); significantly worse and not equivalent (no)."""
-        return YES if self.equivalent else NO if self.worse == YES else UNDECIDED
+        """The founding question's "without significant loss": non-inferior at the margin (yes), inferior (no);
+        a design that asks only equivalence reads it off equivalence."""
+        question = "non_inferiority" if "non_inferiority" in self.design.questions else "equivalence"
+        if question not in self.design.questions:
+            return UNDECIDED
+        decision = self.comparison.outcomes[question].decision  # type: ignore[index]  # a Question
+        return YES if decision in ("non-inferior", "equivalent") else UNDECIDED if decision == UNDECIDED else NO
 
     @property
     def faster(self) -> str:
-        """Time per Mtok lower: its 95% interval below 1 (yes), above 1 (no)."""
+        """Time per token at least ``min_speedup`` lower: the paired interval's upper end below 1 - min_speedup
+        (yes), its lower end above it (no)."""
         if self.time is None:
             return UNDECIDED
-        return YES if self.time.high < 1 else NO if self.time.low > 1 else UNDECIDED
+        threshold = 1 - self.design.min_speedup
+        interval = self.time.interval
+        return YES if interval.high < threshold else NO if interval.bounded and interval.low > threshold else UNDECIDED
 
     @property
     def smaller(self) -> str:
-        """Fewer parameters in total."""
-        return UNDECIDED if not math.isfinite(self.params_ratio) else YES if self.params_ratio < 1 else NO
+        """At most (1 - min_param_reduction) times the reference's parameters."""
+        if not math.isfinite(self.params_ratio):
+            return UNDECIDED
+        return YES if self.params_ratio <= 1 - self.design.min_param_reduction else NO
 
     @property
     def answer(self) -> str:
         parts = (self.smaller, self.no_loss, self.faster)
         return NO if NO in parts else YES if all(part == YES for part in parts) else UNDECIDED
+
+    @property
+    def words(self) -> str:
+        """The PPL decisions as a sentence fragment ("worse by 2.1%, within the 5% margin")."""
+        if self.look is None:
+            return "no look yet" if self.comparison.open else "too few healthy paired seeds"
+        found = verdict_words(self.comparison.outcomes, self.look.ratio, self.design.margin)
+        return f"{found} (open: more seeds to come)" if self.comparison.open else found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,6 +149,7 @@ class BackboneTests:
     groups: dict[str, pd.DataFrame]  # variant -> its runs, in report order
     reference: str | None
     against: dict[str, Against]  # every other variant, in report order; empty with fewer than two variants
+    plan: Plan | None = None  # the design's plan from this backbone's results (None: nothing to compare)
 
 
 def _mean(runs: pd.DataFrame, metric: str) -> float:
@@ -304,45 +157,57 @@ def _mean(runs: pd.DataFrame, metric: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def results_of(runs: pd.DataFrame) -> dict[tuple[str, int], Result]:
+    """(variant, seed) -> :func:`harness.rounds.trial_result` of each ended trial, as the runner counts them."""
+    results: dict[tuple[str, int], Result] = {}
+    for _, run in runs.iterrows():
+        if run["status"] in ("FINISHED", "FAILED") and str(run["tags.seed"]).isdigit():
+            result = trial_result(run["status"], run.get(f"tags.{HEALTH}"), run.get("metrics.test_loss"))
+            results[(run["tags.variant"], int(run["tags.seed"]))] = result
+    return results
+
+
 def against_reference(data: StudyData, backbone: str) -> BackboneTests:
-    """Every test of ``backbone``'s variants against its reference, Holm-adjusted within the backbone."""
+    """Every comparison of ``backbone``'s variants with the reference, decided by the study's design."""
     groups = dict(data.per_variant(backbone))
-    reference = reference_variant(list(groups), data.reference)
+    study = data.design
+    reference = study.reference if study.reference in groups else None
     if reference is None or len(groups) < 2:
         return BackboneTests(backbone=backbone, groups=groups, reference=reference, against={})
+    plan = study.plan(results_of(data.runs[data.runs["tags.backbone"] == backbone]))
+    comparisons = {c.variant: c for c in plan.comparisons}
     base = groups[reference]
-    others = {v: runs for v, runs in groups.items() if v != reference}
-    base_ppl = by_seed(base, "test_ppl")
-    differences = {v: compare(base_ppl, by_seed(runs, "test_ppl")) for v, runs in others.items()}
-    equivalences = {v: tost(base_ppl, by_seed(runs, "test_ppl"), data.equivalence_margin) for v, runs in others.items()}
-    different = holm({v: d.p_value if d else math.nan for v, d in differences.items()})
-    equivalent = holm({v: e.p_value if e else math.nan for v, e in equivalences.items()})
+    level = study.comparison_design((2,)).margin_level  # one-sided at the comparison's alpha, like "no loss"
     against = {
         variant: Against(
             variant=variant,
-            difference=differences[variant],
-            difference_p_holm=different[variant],
-            seeds_for_power=seeds_for_power(differences[variant]) if differences[variant] else math.nan,
-            equivalence=equivalences[variant],
-            equivalence_p_holm=equivalent[variant],
+            comparison=comparisons[variant],
+            design=study,
             params_ratio=_mean(runs, "params_total") / _mean(base, "params_total"),
-            time=ratio(by_seed(base, "time_per_mtok_s"), by_seed(runs, "time_per_mtok_s")),
+            time=time_ratio(data.speed, variant, reference, level) if data.speed else None,
         )
-        for variant, runs in others.items()
+        for variant, runs in groups.items()
+        if variant in comparisons
     }
-    return BackboneTests(backbone=backbone, groups=groups, reference=reference, against=against)
+    return BackboneTests(backbone=backbone, groups=groups, reference=reference, against=against, plan=plan)
 
 
 def analyse(data: StudyData) -> dict[str, BackboneTests]:
-    """The tests of every backbone with a finished trial, by backbone."""
+    """The decisions of every backbone with a finished trial, by backbone."""
     return {backbone: against_reference(data, backbone) for backbone in data.finished_backbones}
 
 
 def verdicts(data: StudyData, tests: dict[str, BackboneTests]) -> dict[str, Any]:
-    """The report's decisions in a form a program compares: every trial's health, and per backbone and variant
-    the answers (not the figures, which move with the machine's speed and the seeds' noise)."""
-    health = {
-        f"{run['tags.variant']} seed {run['tags.seed']} ({run['tags.backbone']})": health_of(run)
+    """The report's decisions in a form a program compares: the design, where and how the result was made, every
+    trial's health and exact test loss, and per backbone and variant each decision (``make results`` compares
+    the decisions, and the trial figures where commit and threads are the same)."""
+    trials = {
+        f"{run['tags.variant']} seed {run['tags.seed']} ({run['tags.backbone']})": {
+            "health": health_of(run),
+            "test_loss": finite_or_none(run.get("metrics.test_loss")),
+            "commit": run.get("tags.git_commit"),
+            "device": run.get("tags.device"),
+        }
         for _, run in data.finished.iterrows()
     }
     decided = {
@@ -350,9 +215,9 @@ def verdicts(data: StudyData, tests: dict[str, BackboneTests]) -> dict[str, Any]
             "reference": found.reference,
             "variants": {
                 a.variant: {
+                    **{q: a.comparison.question_tag(q) for q in data.design.questions},
                     "smaller": a.smaller,
                     "no_loss": a.no_loss,
-                    "worse": a.worse,
                     "faster": a.faster,
                     "answer": a.answer,
                 }
@@ -361,5 +226,16 @@ def verdicts(data: StudyData, tests: dict[str, BackboneTests]) -> dict[str, Any]
         }
         for backbone, found in tests.items()
     }
-    sequential = {"sequential": data.tag(SEQUENTIAL_DECISION)} if data.tag(SEQUENTIAL_DECISION) else {}
-    return {"margin": data.equivalence_margin, "health": health, "answers": decided} | sequential
+    return {
+        "design": asdict(data.design),
+        "commits": data.commits,
+        "command": data.tag(COMMAND),
+        "complete": data.complete,
+        "health": {trial: figures["health"] for trial, figures in trials.items()},
+        "trials": trials,
+        "answers": decided,
+    }
+
+
+def finite_or_none(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
