@@ -26,7 +26,7 @@ from harness import interrupt
 from harness.changes import changed_cells, refusal, supersede_run
 from harness.checkpoint import cell_checkpointer
 from harness.config import SpecError, StudySpec
-from harness.data import Corpus
+from harness.data import Corpus, save_to_cache
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.engine.lock import lock_path, study_lock
 from harness.fingerprint import describe
@@ -201,6 +201,8 @@ def prepare_study(
     changed = changed_cells(store, spec.name, trials, corpora)
     if changed and not supersede:
         raise SpecError(refusal(spec.name, changed))
+    for corpus in corpora.values():  # cached only now: a refused rerun (changed data) leaves no new cache file
+        save_to_cache(corpus)
     experiment_id = store.experiment_id(spec.name, spec.description)
     parent_id = study_parent_run(spec, store, experiment_id, relog_spec=bool(changed))
     worker = StudyWorker(spec, store, experiment_id, parent_id, **worker_args)

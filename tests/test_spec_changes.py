@@ -95,7 +95,9 @@ def test_a_changed_data_file_refuses_the_rerun(
     table = pq.read_table(path)
     pq.write_table(pa.table({"text": table.column("text").to_pylist()[:-1]}), path)  # one line fewer
     monkeypatch.setenv("MOE_HARNESS_DATA", str(changed))
+    cache = sorted((tmp_path / "cache").iterdir())
     assert "data.sha256.validation" in refused_line(tmp_path, finished_study, tracking_uri, capsys)
+    assert sorted((tmp_path / "cache").iterdir()) == cache  # the changed data's tokenised cache is not written
 
 
 def test_the_same_data_elsewhere_and_other_threads_count_as_done(
