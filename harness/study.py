@@ -49,6 +49,7 @@ from harness.runs import (
     oldest,
     open_trial_run,
 )
+from harness.step import set_threads
 from harness.study_run import study_parent_run
 from harness.tags import (
     CELL,
@@ -106,6 +107,7 @@ class StudyWorker:
         if run is not None and is_finished(run):
             return run.info.run_id, True
         device = resolve_device(trial.config.train.device).type
+        set_threads(trial.config)  # before the device tag records them (a Ray worker keeps its previous cell's)
         corpus = self.corpora[corpus_key(trial)]
         run_id = open_trial_run(
             self.store,
