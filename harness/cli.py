@@ -94,19 +94,20 @@ def choose_cells_at_once(spec: StudySpec, trials: list[Cell], args: argparse.Nam
         raise SpecError("--workers sets how many cells run at once on this machine; it takes neither --ray nor --cell")
     if args.ray or args.cell is not None:
         return spec
-    from harness.engine.parallel import cells_at_once
+    from harness.data import read_corpus
+    from harness.engine.parallel import cells_at_once, pin_threads
 
-    at_once = cells_at_once(spec, trials, args.workers)
-    if at_once.cells == 1:
+    at_once = cells_at_once(spec, trials, args.workers, lambda data: read_corpus(data).train.numel())
+    if at_once.threads is None:  # one cell at a time, in this process
         return spec
-    resources = spec.resources.model_copy(update={"cpus_per_trial": float(at_once.threads or 1)})
+    resources = spec.resources.model_copy(update={"cpus_per_trial": float(at_once.threads)})
     args.ray = "local"  # one process per cell: its threads are its own
     print(
         f"{at_once.cells} cells at once on a local Ray cluster, {at_once.threads} thread(s) each "
         f"({at_once.why}; --workers 1: one at a time in this process)",
         flush=True,
     )
-    return spec.model_copy(update={"resources": resources})
+    return pin_threads(spec, at_once.threads).model_copy(update={"resources": resources})
 
 
 def print_cells(spec: StudySpec, trials: list[Cell], *, numbered: bool, at_most: bool) -> None:

@@ -133,7 +133,19 @@ def _cache_dir() -> Path:
 
 
 def load_corpus(config: DataConfig) -> Corpus:
-    """Load (from cache when possible) the numericalised splits for ``config``."""
+    """Load (from cache when possible) the numericalised splits for ``config``, caching them on a miss."""
+    corpus = read_corpus(config)
+    save_to_cache(corpus)
+    return corpus
+
+
+def _cache_file(name: str, digest: str) -> Path:
+    return _cache_dir() / f"{name}-{digest}.npz"
+
+
+def read_corpus(config: DataConfig) -> Corpus:
+    """The numericalised splits for ``config``, from the cache or tokenised here; writes nothing (a command that may
+    still refuse, e.g. a rerun on changed data, must leave no new cache file behind)."""
     files = split_files(config)
     hashes = {}
     for split, path in files.items():
@@ -144,7 +156,7 @@ def load_corpus(config: DataConfig) -> Corpus:
         hashes[split] = _sha256(path)
     key = json.dumps({"v": CACHE_VERSION, "files": hashes, "min_freq": config.min_freq, "max_vocab": config.max_vocab})
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cached = _cache_dir() / f"{config.name}-{digest}.npz"
+    cached = _cache_file(config.name, digest)
     if cached.is_file():
         try:
             with np.load(cached) as saved:
@@ -156,13 +168,20 @@ def load_corpus(config: DataConfig) -> Corpus:
     words = {split: tokenize(read_lines(path)) for split, path in files.items()}
     vocab = build_vocab(words["train"], config.min_freq, config.max_vocab)
     index = {w: i for i, w in enumerate(vocab)}
-    arrays_np = {split: _numericalise(w, index) for split, w in words.items()}
+    arrays = {split: torch.from_numpy(_numericalise(w, index).astype(np.int64)) for split, w in words.items()}
+    return Corpus(config.name, vocab, arrays["train"], arrays["validation"], arrays["test"], digest, hashes)
+
+
+def save_to_cache(corpus: Corpus) -> None:
+    """Cache ``corpus``'s splits (int32, as tokenised) unless the cache holds them already."""
+    cached = _cache_file(corpus.name, corpus.digest)
+    if cached.is_file():
+        return
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(partial, vocab=np.array(vocab), **arrays_np)
+    arrays = {split: corpus.split(split).numpy().astype(np.int32) for split in SPLITS}
+    np.savez(partial, vocab=np.array(corpus.vocab), **arrays)
     os.replace(partial, cached)  # atomic: concurrent trials never read a half-written cache
-    arrays = {s: torch.from_numpy(a.astype(np.int64)) for s, a in arrays_np.items()}
-    return Corpus(config.name, vocab, arrays["train"], arrays["validation"], arrays["test"], digest, hashes)
 
 
 def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:

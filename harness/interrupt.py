@@ -38,6 +38,15 @@ def _record(signum: int, _frame: object) -> None:
 def install() -> None:
     """Route SIGINT and SIGTERM to the flag (main thread only, as Python requires)."""
     _received.clear()
+    reclaim()
+
+
+def reclaim() -> None:
+    """Route SIGINT and SIGTERM to the flag again, keeping any signal already received.
+
+    For after a library took them over: ``ray.init`` installs a SIGTERM handler of its own in the driver, at the C
+    level (it prints a native stack dump and aborts), where SIGTERM must stop the harness as Ctrl-C does.
+    """
     if threading.current_thread() is threading.main_thread():
         for signum in HANDLED:
             signal.signal(signum, _record)

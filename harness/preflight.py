@@ -23,7 +23,7 @@ from mlflow.utils.validation import (
 
 from harness.checkpoint import cell_checkpointer, check_room, checkpoint_bytes, human_bytes
 from harness.config import DATA_ENV, SpecError, StudySpec, TrialConfig, shorten
-from harness.data import Corpus, DataError, load_corpus, split_files
+from harness.data import Corpus, DataError, read_corpus, split_files
 from harness.fingerprint import run_params
 from harness.matrix import Cell
 from harness.step import resolve_device
@@ -51,7 +51,7 @@ def preflight(
     parameters: dict[str, int] = {}  # cell key -> parameter count (the meta build is done once per cell)
     for trial in trials:
         if corpus_key(trial) not in corpora:
-            corpora[corpus_key(trial)] = load_corpus(trial.config.data)
+            corpora[corpus_key(trial)] = read_corpus(trial.config.data)  # cached once the study may go on
         corpus = corpora[corpus_key(trial)]
         check_splits(trial.config, corpus)
         check_budget(trial.config, corpus, f"{where}: {trial.key}")

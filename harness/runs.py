@@ -140,8 +140,9 @@ def finish_study_run(store: TrackingStore, run_id: str, status: str) -> None:
     """End a study's parent run with what its trials say: per variant, the mean test PPL over its results
     (:func:`harness.health.is_result`, the report's rule) and how many there are; the health verdicts as a tag.
 
-    Summary metrics at step 0 (the UI shows them as values, not as one-point charts), logged again only when a
-    value changed (a study extended with more cells, or the last of several array tasks to end)."""
+    Summary metrics first at step 0 (the UI shows them as values, not as one-point charts), logged again only when a
+    value changed (a study extended with more cells, a superseded cell, the last of several array tasks to end), at
+    the step after its previous value: one value per step, the latest the current one."""
     client = store.client
     parent = client.get_run(run_id)
     trials = store.runs(parent.info.experiment_id, f"tags.`{PARENT}` = '{run_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}'")
@@ -157,9 +158,16 @@ def finish_study_run(store: TrackingStore, run_id: str, status: str) -> None:
         if values:
             figures[f"mean_test_ppl_{variant}"] = sum(values) / len(values)
     now = int(time.time() * 1000)
-    changed = [Metric(k, v, now, 0) for k, v in figures.items() if parent.data.metrics.get(k) != v]
+    changed = [
+        Metric(k, v, now, next_step(client, run_id, k)) for k, v in figures.items() if parent.data.metrics.get(k) != v
+    ]
     client.log_batch(run_id, metrics=changed, tags=[RunTag(HEALTH_SUMMARY, health_summary(trials))])
     end_run(client, run_id, status)
+
+
+def next_step(client: MlflowClient, run_id: str, key: str) -> int:
+    """The step after the last one ``key`` was logged at in the run; 0 for a new metric."""
+    return max((metric.step + 1 for metric in client.get_metric_history(run_id, key)), default=0)
 
 
 def health_summary(trials: list[Run]) -> str:

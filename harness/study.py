@@ -26,7 +26,7 @@ from harness import interrupt
 from harness.changes import changed_cells, refusal, supersede_run
 from harness.checkpoint import cell_checkpointer
 from harness.config import SpecError, StudySpec
-from harness.data import Corpus, load_corpus
+from harness.data import Corpus, load_corpus, save_to_cache
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.engine.lock import lock_path, study_lock
 from harness.fingerprint import describe
@@ -51,6 +51,7 @@ from harness.runs import (
 )
 from harness.speed import ARTIFACT as SPEED_ARTIFACT
 from harness.speed import measure_speed
+from harness.step import set_threads
 from harness.study_run import study_parent_run
 from harness.tags import (
     CELL,
@@ -108,6 +109,7 @@ class StudyWorker:
         if run is not None and is_finished(run):
             return run.info.run_id, True
         device = resolve_device(trial.config.train.device).type
+        set_threads(trial.config)  # before the device tag records them (a Ray worker keeps its previous cell's)
         corpus = self.corpora[corpus_key(trial)]
         run_id = open_trial_run(
             self.store,
@@ -203,6 +205,8 @@ def prepare_study(
     changed = changed_cells(store, spec.name, trials, corpora)
     if changed and not supersede:
         raise SpecError(refusal(spec.name, changed))
+    for corpus in corpora.values():  # cached only now: a refused rerun (changed data) leaves no new cache file
+        save_to_cache(corpus)
     experiment_id = store.experiment_id(spec.name, spec.description)
     parent_id = study_parent_run(spec, store, experiment_id, relog_spec=bool(changed))
     worker = StudyWorker(spec, store, experiment_id, parent_id, **worker_args)

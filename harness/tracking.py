@@ -8,9 +8,11 @@ matrix cell (role ``trial``, tag ``harness.cell``). How a trial's run is opened 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import queue
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -161,8 +163,23 @@ def create_atomically(database: Path, build: Callable[[str], None]) -> None:
         for leftover in database.parent.glob(f".{database.name}.*.partial"):  # an interrupted build's
             leftover.unlink(missing_ok=True)
         partial = database.with_name(f".{database.name}.{os.getpid()}.partial")
-        build(f"sqlite:///{partial}")
-        os.replace(partial, database)
+        try:
+            build(f"sqlite:///{partial}")
+            os.replace(partial, database)
+        except BaseException as error:  # a full disk, a signal: no half-built file left behind (nor its journal)
+            for leftover in database.parent.glob(f"{partial.name}*"):
+                leftover.unlink(missing_ok=True)
+            if _disk_full(error):
+                free = shutil.disk_usage(database.parent).free
+                raise SpecError(
+                    f"{database}: the disk is full ({free:,} bytes free): no room to create the store"
+                ) from None
+            raise
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC, or SQLite's own word for it (wrapped by SQLAlchemy, MLflow or Optuna)."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "database or disk is full" in str(error)
 
 
 def build_mlflow_store(url: str) -> None:

@@ -11,6 +11,9 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   index=()
   [ -n "${TORCH_INDEX_URL:-}" ] && index=(--index-url "$TORCH_INDEX_URL")
+  # numpy first, from the default index: torch imported without it warns "Failed to initialize NumPy" (the CUDA
+  # check below runs before the harness's own dependencies bring numpy).
+  "${pip[@]}" numpy 2> >(grep -v "^WARNING: Location" >&2)
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     "${pip[@]}" "${index[@]}" "torch==$torch_version"
   else

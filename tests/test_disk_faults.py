@@ -211,6 +211,18 @@ def test_a_study_refuses_a_checkpoint_folder_without_room_before_writing_anythin
     assert not store.exists() and list(checkpoints.iterdir()) == []
 
 
+def test_a_store_that_does_not_fit_on_the_disk_is_refused_in_one_line_leaving_nothing(
+    tmp_path: Path, tmpfs: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmpfs("256k")  # MLflow's empty tables alone take about 600 kB
+    spec = tiny_spec(tmp_path, "nowhere", ["dense"], [0])
+    assert run_study(tmp_path, spec, f"sqlite:///{store / 'mlflow.db'}") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"harness: error: {store / 'mlflow.db'}: the disk is full ("), line
+    # Only the empty lock file the builders share: removing it could let a second builder in beside a waiting one.
+    assert [(path.name, path.stat().st_size) for path in store.iterdir()] == [("mlflow.db.lock", 0)]
+
+
 # ------------------------------------------------------------------ harness store relocate on a read-only store
 
 

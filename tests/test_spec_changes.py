@@ -13,7 +13,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.report.gather import load_study
-from harness.tags import FINGERPRINT, ROLE, SUPERSEDED
+from harness.runs import finish_study_run
+from harness.tags import FINGERPRINT, HEALTH, PARENT, ROLE, ROLE_TRIAL, SUPERSEDED
+from harness.tracking import TrackingStore
 from tests.studies import run_study, tiny_spec
 
 STUDY = "edited"
@@ -95,7 +97,9 @@ def test_a_changed_data_file_refuses_the_rerun(
     table = pq.read_table(path)
     pq.write_table(pa.table({"text": table.column("text").to_pylist()[:-1]}), path)  # one line fewer
     monkeypatch.setenv("MOE_HARNESS_DATA", str(changed))
+    cache = sorted((tmp_path / "cache").iterdir())
     assert "data.sha256.validation" in refused_line(tmp_path, finished_study, tracking_uri, capsys)
+    assert sorted((tmp_path / "cache").iterdir()) == cache  # the changed data's tokenised cache is not written
 
 
 def test_the_same_data_elsewhere_and_other_threads_count_as_done(
@@ -143,3 +147,24 @@ def test_a_run_recorded_before_fingerprints_is_judged_by_its_params_and_dataset_
     pq.write_table(pa.table({"text": pq.read_table(path).column("text").to_pylist()[:-5]}), path)
     monkeypatch.setenv("MOE_HARNESS_DATA", str(changed))
     assert "data.digest" in refused_line(tmp_path, finished_study, tracking_uri, capsys)
+
+
+def test_a_changed_summary_goes_to_the_parent_run_s_next_step(tracking_uri: str) -> None:
+    """A superseded cell (or any rerun) changes a variant's mean: the parent run holds one value per step."""
+    store = TrackingStore(tracking_uri)
+    experiment_id = store.experiment_id(STUDY)
+    parent = store.client.create_run(experiment_id, tags={ROLE: "study"}).info.run_id
+
+    def trial(ppl: float) -> None:
+        tags = {PARENT: parent, ROLE: ROLE_TRIAL, "variant": "switch", HEALTH: "ok"}
+        run_id = store.client.create_run(experiment_id, tags=tags).info.run_id
+        store.client.log_metric(run_id, "test_ppl", ppl)
+        store.client.set_terminated(run_id, "FINISHED")
+
+    trial(100.0)
+    finish_study_run(store, parent, "FINISHED")
+    trial(200.0)
+    finish_study_run(store, parent, "FINISHED")
+    finish_study_run(store, parent, "FINISHED")  # nothing changed: nothing logged
+    history = store.client.get_metric_history(parent, "mean_test_ppl_switch")
+    assert [(metric.step, metric.value) for metric in history] == [(0, 100.0), (1, 150.0)]

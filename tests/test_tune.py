@@ -265,6 +265,7 @@ def test_budget_counts_running_and_waiting_but_not_retried_surplus_or_interrupte
         ({"heartbeat_interval_s": 5, "grace_period_s": 5}, "must exceed tune.heartbeat_interval_s"),
         ({"objectives": ["time_per_mtok"]}, "must start with val_ppl"),
         ({"variant": "dense"}, "no MoE layer to tune"),
+        ({"variant": "baseline"}, "tune.space.moe.lora_rank has no effect on variant 'baseline' (moe.expert = mlp"),
         ({"pruner": "asha"}, "tune.pruner"),
     ],
 )

@@ -8,6 +8,7 @@ import socket
 import psutil
 import ray
 
+from harness import interrupt
 from harness.config import ResourcesConfig, SpecError
 from harness.engine.watchdog import wait_watchdogs, watch_cluster
 
@@ -33,6 +34,8 @@ def connect(address: str) -> bool:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise SpecError(f"--ray {address}: cannot join the Ray cluster ({str(error).splitlines()[0]})") from None
+    finally:
+        interrupt.reclaim()  # ray.init's SIGTERM handler dumps a stack and aborts: SIGTERM must end as Ctrl-C does
     if address == "local":
         watch_cluster(before)
     return True

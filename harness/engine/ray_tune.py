@@ -11,6 +11,7 @@ import sys
 
 import ray
 
+from harness import interrupt
 from harness.config import StudySpec
 from harness.engine.ray_cluster import connect, disconnect, trial_resources
 
@@ -31,11 +32,26 @@ def tune_on_ray(
         options = {**trial_resources(spec.resources, address, "spec"), "max_retries": 0}
         worker = tune_worker.options(**options)
         refs = [worker.remote(spec, tracking_uri, storage_url, n_trials) for _ in range(workers)]
-        for ref in refs:
+        try:
+            wait_workers(refs)
+        except BaseException:  # Ctrl-C, SIGTERM: stop the workers (each leaves its trial as an interruption)
+            for ref in refs:
+                ray.cancel(ref)
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+            raise
+    finally:
+        if started:
+            disconnect()
+
+
+def wait_workers(refs: list[ray.ObjectRef]) -> None:
+    """Until every worker ended; a signal's flag is checked each second (``ray.get`` would wait out the budget)."""
+    waiting = refs
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
+        interrupt.check()
+        for ref in ready:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as error:  # its trial is retried through Optuna's heartbeat
                 print(f"tuning worker lost: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
-    finally:
-        if started:
-            disconnect()

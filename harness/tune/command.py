@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from harness.config import SpecError, load_spec, resolve_trial
+from harness.config import SpecError, TrialConfig, TuneConfig, load_spec, resolve_trial
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -31,7 +31,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise SpecError(f"--workers must be at least 1, got {args.workers}")
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials must be at least 1, got {args.n_trials}")
-    check_host([resolve_trial(spec, spec.tune.variant, spec.tune.seeds[0])], args.spec)  # CUDA, data: before writing
+    trial = resolve_trial(spec, spec.tune.variant, spec.tune.seeds[0])
+    check_space(spec.tune, trial, args.spec)
+    check_host([trial], args.spec)  # CUDA, data: before writing
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)
     storage = args.storage or os.environ.get("OPTUNA_STORAGE") or default_storage(spec, uri)
@@ -56,6 +58,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         print(f"report: {write_report(spec.name, uri, optuna_storage=storage) / 'report.pdf'}")
     return 0 if best else 1
+
+
+def check_space(tune: TuneConfig, trial: TrialConfig, where: str) -> None:
+    """Refuse a searched key the tuned variant never reads (a LoRA key on MLP experts): its trials would differ in
+    nothing but the recorded value."""
+    for key in tune.space:
+        if key.startswith("moe.lora_") and trial.moe.expert != "lora":
+            raise SpecError(
+                f"{where}: tune.space.{key} has no effect on variant '{tune.variant}' (moe.expert = "
+                f"{trial.moe.expert}, not lora): tune a LoRA variant or drop the key"
+            )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
