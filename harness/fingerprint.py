@@ -45,9 +45,12 @@ MOE_KEYS_WITHOUT_ROUTER = {"dense": frozenset({"moe.d_hidden", "moe.activation"}
 
 
 def used(key: str, config: TrialConfig) -> bool:
-    """Whether the model reads ``key``: every key but the MoE layer's, for a model that has none."""
+    """Whether the model reads ``key``: every key but the MoE layer's, for a model that has none, and but the LoRA
+    keys, for MLP experts."""
     kept = MOE_KEYS_WITHOUT_ROUTER.get(config.model.ffn)
-    return kept is None or not key.startswith("moe.") or key in kept
+    if kept is not None:
+        return not key.startswith("moe.") or key in kept
+    return config.moe.expert == "lora" or not key.startswith("moe.lora_")
 
 
 def run_params(config: TrialConfig, corpus: Corpus) -> dict[str, str]:

@@ -154,7 +154,7 @@ def finish_study_run(store: TrackingStore, run_id: str, status: str) -> None:
             results[variant].append(trial.data.metrics["test_ppl"])
     figures = {"trials_finished": float(sum(trial.info.status == FINISHED for trial in trials))}
     for variant, values in results.items():
-        figures[f"results_{variant}"] = float(len(values))
+        figures[f"seeds_counted_{variant}"] = float(len(values))
         if values:
             figures[f"mean_test_ppl_{variant}"] = sum(values) / len(values)
     now = int(time.time() * 1000)

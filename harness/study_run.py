@@ -23,7 +23,8 @@ def study_parent_run(spec: StudySpec, store: TrackingStore, experiment_id: str, 
     (``relog_spec``: the spec artifact replaced by this one, whose changed cells supersede their old runs)."""
     every_cell = expand(spec)
     tags = {ROLE: ROLE_STUDY, STUDY: spec.name, "n_trials": str(len(every_cell))}
-    tags["device"] = device_description(every_cell[0].config.train.device)
+    first = every_cell[0].config.train
+    tags["device"] = device_description(first.device, first.threads)  # the cells' threads, not the driver's
     tags |= {NOTE: spec.description} if spec.description else {}
     parent_id = shared_run(store, experiment_id, f"tags.`{ROLE}` = '{ROLE_STUDY}'", spec.name, tags)
     describe_study_run(store, parent_id, spec, every_cell, relog_spec)

@@ -66,12 +66,12 @@ def git_commit(full: bool = False) -> str:
         return "unknown"
 
 
-def device_description(device: str) -> str:
+def device_description(device: str, threads: int | None = None) -> str:
     """The device and its model (CPU numerics differ between CPU models: a result reruns bit-identically only on
-    the same model, at the same commit and thread count)."""
+    the same model, at the same commit and thread count); ``threads``: a cell's, else this process's."""
     if device != "cpu" and torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name()}"
-    return f"cpu:{cpu_model()} x{torch.get_num_threads()} threads"
+    return f"cpu:{cpu_model()} x{threads or torch.get_num_threads()} threads"
 
 
 def cpu_model() -> str:

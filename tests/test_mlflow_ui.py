@@ -68,9 +68,9 @@ def check_view(url: str) -> None:
     parent = view["parent"]
     assert parent["info"]["status"] == "FINISHED" and int(parent["info"]["end_time"]) > 0
     metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
-    results = {variant: metrics[f"results_{variant}"] for variant in ("baseline", "dense")}
+    results = {variant: metrics[f"seeds_counted_{variant}"] for variant in ("baseline", "dense")}
     means = {f"mean_test_ppl_{variant}" for variant, n in results.items() if n}  # untrained trials are no result
-    assert set(metrics) == {"trials_finished", "results_baseline", "results_dense", *means}
+    assert set(metrics) == {"trials_finished", "seeds_counted_baseline", "seeds_counted_dense", *means}
     assert metrics["trials_finished"] == 2
     assert parent["tags"]["harness.health_summary"].startswith(f"{int(sum(results.values()))} ok")
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
@@ -143,7 +143,7 @@ def check_truthful(url: str, study: str, *, sequential_driver: bool) -> None:
     table = {variant: runs["metrics.test_ppl"] for variant, runs in data.per_variant(backbone)}
     assert table, "no trial trained: the comparison below would be empty"
     for variant in ("baseline", "dense", "plain"):
-        assert parent.data.metrics[f"results_{variant}"] == len(table.get(variant, []))
+        assert parent.data.metrics[f"seeds_counted_{variant}"] == len(table.get(variant, []))
         if variant in table:
             assert parent.data.metrics[f"mean_test_ppl_{variant}"] == pytest.approx(table[variant].mean(), rel=1e-12)
     finished = sum(trial.info.status == "FINISHED" for trial in trials)

@@ -44,6 +44,8 @@ def test_one_nested_run_per_variant_and_seed_with_tags_and_params(lstm_study: tu
     hybrid = runs[runs["tags.variant"] == "hybrid"].iloc[0]
     assert hybrid["params.moe.router"] == "switch" and hybrid["params.moe.expert"] == "lora"
     assert hybrid["params.moe.top_k"] == "1" and hybrid["params.moe.lora_rank"] == "4"
+    switch = runs[runs["tags.variant"] == "switch"].iloc[0]  # MLP experts read no LoRA key: none is logged
+    assert switch["params.moe.expert"] == "mlp" and pd.isna(switch.get("params.moe.lora_rank"))
 
 
 def test_summary_metrics_are_present_and_finite(lstm_study: tuple[str, Path]) -> None:

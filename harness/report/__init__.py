@@ -22,12 +22,14 @@ import argparse
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from harness.config import SpecError
 
 __all__ = ["register", "write_report"]
 
 VERDICTS = "verdicts.json"  # the report's decisions, for a program to compare (statistics.verdicts)
+DESCRIPTION_MARK = "---"  # the study run's description: the spec's description, then this, then the verdict
 
 
 # MLflow's artifact preview shows a Markdown file's relative image links as text (MLflow 3.17): say where they are.
@@ -65,7 +67,7 @@ def write_report(
         old.unlink()
     tuning = tuning_study(data, optuna_storage)
     tests = analyse(data)
-    figures = make_figures(data, out, tuning)
+    figures = make_figures(data, out, tuning, tests)
     document = build_document(data, tests, figures, generated=datetime.now(UTC), tuning=tuning)
     (out / "report.md").write_text(MARKDOWN_FIRST_LINE + to_markdown(document))
     (out / VERDICTS).write_text(json.dumps(verdicts(data, tests), indent=2, sort_keys=True) + "\n")
@@ -73,10 +75,33 @@ def write_report(
     if log_artifacts and data.parent is not None and data.parent.info.status != "RUNNING":
         # A RUNNING study run belongs to a driver still at work (or killed before it could end the run): its
         # report would be overwritten or stale, so it stays on disk only.
-        client = MlflowClient(tracking_uri)
-        for file in ["report.md", "report.pdf", VERDICTS, *(figure.file for figure in figures)]:
-            client.log_artifact(data.parent.info.run_id, str(out / file), "report")
+        log_to_study_run(MlflowClient(tracking_uri), data.parent.info.run_id, out, figures, document)
     return out
+
+
+def log_to_study_run(client: Any, run_id: str, out: Path, figures: list, document: list) -> None:
+    """The report under ``report/``, the headline figure at the artifact root, and the verdict as the run's
+    description (the MLflow run page renders it as Markdown), so the answer is seen without the PDF."""
+    from harness.report.blocks import Heading, Image
+    from harness.report.figures import VERDICT_FIGURE
+    from harness.report.findings import VERDICT_HEADING
+    from harness.report.render import to_markdown
+    from harness.tags import NOTE
+
+    for file in ["report.md", "report.pdf", VERDICTS, *(figure.file for figure in figures)]:
+        client.log_artifact(run_id, str(out / file), "report")
+    if (out / VERDICT_FIGURE).is_file():
+        client.log_artifact(run_id, str(out / VERDICT_FIGURE))
+    headings = [i for i, block in enumerate(document) if isinstance(block, Heading)]
+    start = next((i for i in headings if document[i].text == VERDICT_HEADING), None)
+    if start is None:
+        return
+    end = next((i for i in headings if i > start), len(document))
+    verdict = [block for block in document[start:end] if not isinstance(block, Image)]
+    description = client.get_run(run_id).data.tags.get(NOTE, "").split(DESCRIPTION_MARK)[0].rstrip()
+    answer = to_markdown(verdict).replace("](", "](report/")  # any link points into the report folder
+    pointer = f"Full report: `report/report.pdf` (artifacts); headline figure: `{VERDICT_FIGURE}`."
+    client.set_tag(run_id, NOTE, f"{description}\n\n{DESCRIPTION_MARK}\n\n{answer}\n\n{pointer}".lstrip())
 
 
 def cmd_report(args: argparse.Namespace) -> int:

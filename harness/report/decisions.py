@@ -94,7 +94,12 @@ def intervals(look: Look) -> list[str]:
     return [interval_text(look.difference, look.two_sided_bound), interval_text(look.margin, look.one_sided_bound)]
 
 
+WIDEST = 100.0  # an interval reaching past 1/100 or 100x the reference's PPL is shown by its boundary alone
+
+
 def interval_text(interval: Interval, bound: float) -> str:
     if not interval.bounded:
         return f"unbounded (bound {bound_text(bound)})"
+    if interval.high > WIDEST or interval.low < 1 / WIDEST:  # e^(19,021 se) at an early look: digits say nothing
+        return f"wider than 0.01–100 (bound {fmt(bound, 0)})"
     return f"{fmt(interval.low, 3)}–{fmt(interval.high, 3)}"

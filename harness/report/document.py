@@ -42,7 +42,7 @@ def build_document(
         *header(data, generated),
         *status_note(data, open_variants),  # an unfinished study says so before anything else
         *health_section(data, figures),  # first: whether each trial trained decides what the rest may claim
-        *verdict_section(data, tests),  # then the answer to the study's question, the tables behind it after
+        *verdict_section(data, tests, figures),  # then the answer to the study's question, the tables behind it after
         *decisions_section(data, tests),  # how the design decided each question, look by look
         *main_comparison(data, tests),
         *matched_section(data, tests),

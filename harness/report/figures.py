@@ -24,6 +24,7 @@ from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 from harness.colours import OKABE_ITO, colour  # noqa: E402
 from harness.report.blocks import Figure  # noqa: E402
 from harness.report.gather import GRAD_COMPONENTS, HEALTH_UNKNOWN, StudyData, variant_key  # noqa: E402
+from harness.report.statistics import BackboneTests  # noqa: E402
 from harness.tags import HEALTH  # noqa: E402
 
 MARKERS = {"baseline": "o", "switch": "s", "lora": "^", "hybrid": "D", "dense": "X", "plain": "P"}
@@ -341,13 +342,48 @@ def grad_norm_curves(data: StudyData, out: Path) -> Figure | None:
     )
 
 
-def make_figures(data: StudyData, out: Path, study: optuna.Study | None = None) -> list[Figure]:
+VERDICT_FIGURE = "verdict.png"  # the headline figure, also at the study run's artifact root
+
+
+def verdict_figure(data: StudyData, tests: dict[str, BackboneTests], out: Path) -> Figure | None:
+    """Each variant's test-PPL ratio to the reference with its difference interval (thin) and margin interval
+    (thick), on an axis that spans the intervals, so differences of a percent are visible."""
+    rows = [(a, found.reference) for found in tests.values() for a in found.against.values() if a.look is not None]
+    if not rows:
+        return None
+    margin = data.design.margin
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.4))
+    for y, (a, _) in enumerate(rows):
+        look, c = a.look, colour(a.variant)
+        for interval, width in ((look.difference, 1.2), (look.margin, 4.0)):
+            if interval.bounded and interval.low > 0.01 and interval.high < 100:  # an early look's can be e^19,021
+                ax.plot([interval.low, interval.high], [y, y], color=c, linewidth=width, solid_capstyle="butt")
+        ax.plot(look.ratio, y, "o", color="white", markeredgecolor=c, markersize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.axvline(1 + margin, color="grey", linestyle="--", linewidth=0.8, label=f"margin {1 + margin:.2f}")
+    ax.set_yticks(range(len(rows)), [f"{a.variant}: {a.words}" for a, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"test PPL ratio to {rows[0][1]} (left of 1: better)")
+    ax.legend(loc="lower right")
+    return Figure(
+        _save(fig, out, VERDICT_FIGURE),
+        "Test PPL ratio to the reference",
+        "Each variant's test-PPL ratio (circle) with its difference interval (thin) and margin interval (thick): "
+        "the repeated confidence intervals the design's decisions were read off (section Design and decisions).",
+        "verdict",
+    )
+
+
+def make_figures(
+    data: StudyData, out: Path, study: optuna.Study | None = None, tests: dict[str, BackboneTests] | None = None
+) -> list[Figure]:
     """Every figure the data allows, written to ``out``; tuning studies get Optuna's views only."""
     with plt.rc_context(STYLE):
         figures = (
             []
             if data.tuning_only
             else [  # tuning trials differ in hyperparameters: no per-variant views
+                verdict_figure(data, tests or {}, out),
                 val_curves(data, out),
                 grad_norm_curves(data, out),
                 cost_quality(data, out),

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from harness.report.blocks import MISSING, Block, Heading, Para, Table, fmt, fmt_count, fmt_duration
+from harness.report.blocks import MISSING, Block, Figure, Heading, Para, Table, fmt, fmt_count, fmt_duration
 from harness.report.decisions import coverage, interval_text
 from harness.report.gather import StudyData, is_routed, load_cv, metric_values, peak_memory, with_flops
-from harness.report.overview import flag_note
+from harness.report.overview import figure_section, flag_note
 from harness.report.statistics import Against, BackboneTests, Summary, describe, matched_points
 
 LOWER, HIGHER = "lower", "higher"
+VERDICT_HEADING = "Verdict against the reference"
 Tests = dict[str, BackboneTests]  # by backbone: every backbone with a finished trial
 
 
@@ -73,10 +74,10 @@ def _verdict_row(a: Against) -> list[str]:
     ]
 
 
-def verdict_section(data: StudyData, tests: Tests) -> list[Block]:
+def verdict_section(data: StudyData, tests: Tests, figures: list[Figure] | None = None) -> list[Block]:
     """Does each variant reach a smaller parameter count without significant loss in perplexity against the
     reference, at a lower time per million tokens? (The question the project was built to answer.)"""
-    blocks: list[Block] = [Heading("Verdict against the reference")]
+    blocks: list[Block] = [Heading(VERDICT_HEADING)]
     study = data.design
     _, margin_label = coverage(study)
     for backbone, found in tests.items():
@@ -99,7 +100,7 @@ def verdict_section(data: StudyData, tests: Tests) -> list[Block]:
             f"{_speed_method(data)} Answer: yes when smaller, no loss and faster are all yes, no when any is no."
         )
         blocks += [Table(header, rows, caption=caption), *flag_note(data, backbone, "this verdict")]
-    return blocks
+    return blocks + figure_section(figures or [], "verdict")
 
 
 def _speed_method(data: StudyData) -> str:
