@@ -290,3 +290,33 @@ def test_collapsed_trials_stay_ranked_with_a_note_untrained_ones_are_left_out() 
     notes = " ".join(block.text for block in flag_note(data, "lstm", "this table"))
     assert "Left out of this table, flagged in Training health:** hybrid seed 1 (stalled), lora seed 1" in notes
     assert "Included in this table with collapsed routing (Training health):** switch seed 1 (collapsed)" in notes
+
+
+def test_an_unfinished_sequential_study_says_so_decides_nothing_open_and_is_not_logged(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    """Issue 34: a driver killed between rounds left the study run RUNNING after two of up to five seeds."""
+    spec = load_spec(tiny_spec(tmp_path, "seqt", ["baseline"], [0]))
+    client = MlflowClient(tracking_uri)
+    eid = client.create_experiment("seqt")
+    design = dataclasses.replace(
+        DESIGN_OF_CLAIMS, initial=[1, 2], max=5, sequential=True, variants=["baseline", "switch"]
+    )
+    parent = client.create_run(eid, tags={ROLE: ROLE_STUDY, DESIGN: design.tag()}).info.run_id
+    for variant, ppl in (("baseline", {1: 100.0, 2: 104.0}), ("switch", {1: 101.0, 2: 104.5})):
+        for seed, value in ppl.items():
+            _trial(client, eid, parent, resolve_trial(spec, variant, seed), value, "ok")
+    out = write_report("seqt", tracking_uri, tmp_path / "out")
+    markdown = (out / "report.md").read_text()
+    assert "**Incomplete study:** the study run is RUNNING" in markdown and "comparisons still open: switch" in markdown
+    assert json.loads((out / "verdicts.json").read_text())["answers"]["lstm"]["variants"]["switch"] == {
+        "difference": "open",
+        "non_inferiority": "open",
+        "smaller": "yes",
+        "no_loss": "undecided",
+        "faster": "undecided",
+        "answer": "undecided",
+    }
+    looks = records(tables(document(tracking_uri, "seqt"), "Design and decisions")[0])
+    assert [(r["variant"], r["paired seeds"]) for r in looks] == [("switch", "2")]  # the look taken so far
+    assert client.list_artifacts(parent) == []  # nothing written into a run its driver may still write
