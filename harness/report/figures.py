@@ -364,7 +364,7 @@ def verdict_figure(data: StudyData, tests: dict[str, BackboneTests], out: Path) 
     ax.set_yticks(range(len(rows)), [f"{a.variant}: {a.words}" for a, _ in rows])
     ax.invert_yaxis()
     ax.set_xlabel(f"test PPL ratio to {rows[0][1]} (left of 1: better)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes: never over an interval
     return Figure(
         _save(fig, out, VERDICT_FIGURE),
         "Test PPL ratio to the reference",
