@@ -84,7 +84,7 @@ def sampled_cells(spec_path: Path, uri: str, committed: dict[str, Any], count: i
         names = [name for name in committed["trials"] if name.startswith(f"{cell.variant} seed {cell.seed} (")]
         if names and cell.depends_on is None:
             cells.append((index, cell, names[0]))
-    return cells[:: max(1, len(cells) // count)][:count]
+    return cells[:: max(1, len(cells) // count + 1)][:count]  # seed-major: different variants and seeds
 
 
 def rerun_sample(study: str, committed: dict[str, Any], count: int) -> list[str]:
@@ -97,12 +97,10 @@ def rerun_sample(study: str, committed: dict[str, Any], count: int) -> list[str]
     problems, spec = [], REPO / "studies" / f"{study}.yaml"
     same_commit = current_commit() in committed["commits"]
     with tempfile.TemporaryDirectory(prefix=f"sample-{study}-") as name:
-        uri = store(Path(name))
-        for index, cell, trial in sampled_cells(spec, uri, committed, count):
+        for index, cell, trial in sampled_cells(spec, store(Path(name) / "listing"), committed, count):
+            uri = store(Path(name) / f"cell-{index}")  # a fresh store per cell: --cell numbers the store's round
             harness("run-study", str(spec), "--cell", str(index), "--tracking-uri", uri, "--no-progress", cwd=REPO)
-            tracking = TrackingStore(uri)
-            experiment = MlflowClient(uri).get_experiment_by_name(study)
-            run = cell_run(tracking, experiment.experiment_id, cell)
+            run = cell_run(TrackingStore(uri), MlflowClient(uri).get_experiment_by_name(study).experiment_id, cell)
             new, old = run.data.metrics["test_loss"], committed["trials"][trial]["test_loss"]
             device, old_device = run.data.tags.get("device"), committed["trials"][trial]["device"]
             if same_commit and device == old_device:

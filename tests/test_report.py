@@ -220,7 +220,11 @@ def test_report_is_logged_to_the_study_parent_run(study: tuple[str, Path]) -> No
     experiment = client.get_experiment_by_name("rep")
     parent = client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'study'")[0]
     logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report.md", "report.pdf", "val_ppl_vs_tokens.png"} <= logged
+    assert {"report.md", "report.pdf", "val_ppl_vs_tokens.png", "verdict.png"} <= logged
+    assert "verdict.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # the headline, at the root
+    description = parent.data.tags["mlflow.note.content"]  # the run page shows its first lines: the answers
+    assert description.startswith("- **switch: ") and "## Verdict against the reference" in description
+    assert "`report/report.pdf`" in description
 
 
 @pytest.mark.slow

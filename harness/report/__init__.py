@@ -29,7 +29,7 @@ from harness.config import SpecError
 __all__ = ["register", "write_report"]
 
 VERDICTS = "verdicts.json"  # the report's decisions, for a program to compare (statistics.verdicts)
-DESCRIPTION_MARK = "---"  # the study run's description: the spec's description, then this, then the verdict
+RULE = "---"  # a horizontal rule in the study run's description, between the answers, the spec's words and the table
 
 
 # MLflow's artifact preview shows a Markdown file's relative image links as text (MLflow 3.17): say where they are.
@@ -75,13 +75,31 @@ def write_report(
     if log_artifacts and data.parent is not None and data.parent.info.status != "RUNNING":
         # A RUNNING study run belongs to a driver still at work (or killed before it could end the run): its
         # report would be overwritten or stale, so it stays on disk only.
-        log_to_study_run(MlflowClient(tracking_uri), data.parent.info.run_id, out, figures, document)
+        summary = answer_summary(tests)
+        log_to_study_run(MlflowClient(tracking_uri), data.parent.info.run_id, out, figures, document, summary)
     return out
 
 
-def log_to_study_run(client: Any, run_id: str, out: Path, figures: list, document: list) -> None:
-    """The report under ``report/``, the headline figure at the artifact root, and the verdict as the run's
-    description (the MLflow run page renders it as Markdown), so the answer is seen without the PDF."""
+def answer_summary(tests: dict) -> str:
+    """One line per variant with its answer, for the top of the study run's description (the run page shows its
+    first lines and folds the rest under "Show more")."""
+    from harness.report.blocks import fmt
+
+    lines = []
+    for found in tests.values():
+        for a in found.against.values():
+            time = f"{fmt(a.time.ratio, 3)}× the time" if a.time else "time not measured"
+            lines.append(
+                f"- **{a.variant}: {a.answer}** ({fmt(a.params_ratio, 3)}× the parameters; {a.words}; {time}; "
+                f"vs {found.reference})"
+            )
+    return "\n".join(lines)
+
+
+def log_to_study_run(client: Any, run_id: str, out: Path, figures: list, document: list, summary: str) -> None:
+    """The report under ``report/``, the headline figure at the artifact root, and the answer as the run's
+    description (the MLflow run page renders it as Markdown), so the answer is seen without the PDF: a line per
+    variant first, then the spec's description, the verdict table and where the full report is."""
     from harness.report.blocks import Heading, Image
     from harness.report.figures import VERDICT_FIGURE
     from harness.report.findings import VERDICT_HEADING
@@ -98,10 +116,12 @@ def log_to_study_run(client: Any, run_id: str, out: Path, figures: list, documen
         return
     end = next((i for i in headings if i > start), len(document))
     verdict = [block for block in document[start:end] if not isinstance(block, Image)]
-    description = client.get_run(run_id).data.tags.get(NOTE, "").split(DESCRIPTION_MARK)[0].rstrip()
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    description = experiment.tags.get(NOTE, "")  # the spec's description (run-study gives it to the experiment)
     answer = to_markdown(verdict).replace("](", "](report/")  # any link points into the report folder
     pointer = f"Full report: `report/report.pdf` (artifacts); headline figure: `{VERDICT_FIGURE}`."
-    client.set_tag(run_id, NOTE, f"{description}\n\n{DESCRIPTION_MARK}\n\n{answer}\n\n{pointer}".lstrip())
+    parts = [summary, RULE, description, RULE, answer, pointer]
+    client.set_tag(run_id, NOTE, "\n\n".join(part for part in parts if part))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
