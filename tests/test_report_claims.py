@@ -1,5 +1,5 @@
-"""The report's claims: TOST / Holm / power equal statsmodels' own figures, compute matching interpolates, and
-trials flagged in Training health (logged into a real MLflow store here) are named and left out of rankings."""
+"""The report's claims: the design's decisions on intervals that can be checked by hand, one statement in the
+verdict table, the decisions section and verdicts.json, compute matching, and flagged trials named, never ranked."""
 
 from __future__ import annotations
 
