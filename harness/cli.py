@@ -37,17 +37,18 @@ def cmd_run_study(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     trials = expand(spec, where=args.spec)
+    needed = None
     if args.list_cells and spec.matrix.sequential is not None:  # the current round's cells, from the store
-        from harness.study import select_cells
+        from harness.study import needed_cells
         from harness.tracking import resolve_tracking_uri
 
-        trials = select_cells(spec, None, args.spec, resolve_tracking_uri(args.tracking_uri))
+        needed = {cell.key for cell in needed_cells(spec, resolve_tracking_uri(args.tracking_uri), trials)}
     if args.dry_run and len(spec.matrix.variants) > 1:
         from harness.rounds import describe_design
 
         print("\n".join(describe_design(spec)))
     if args.dry_run or args.list_cells:
-        print_cells(spec, trials, numbered=args.list_cells, at_most=spec.matrix.sequential is not None and args.dry_run)
+        print_cells(spec, trials, numbered=args.list_cells, at_most=spec.matrix.sequential is not None, needed=needed)
         return 0
     if args.ray and args.cell is not None:
         raise SpecError("--cell runs one cell in this process (a Slurm array task); it does not take --ray")
@@ -71,6 +72,8 @@ def cmd_run_study(args: argparse.Namespace) -> int:
         from harness.study import run_study
 
         outcome = run_study(spec, uri, retry_failed=args.retry_failed, cell_index=args.cell, **common)
+        if not outcome.experiment_id:  # --cell N not needed by a sequential study's current round: said, done
+            return 0
     print(
         f"study '{spec.name}': {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
         f"{len(outcome.failed)} failed; tracking {uri} (experiment {outcome.experiment_id})"
@@ -110,20 +113,25 @@ def choose_cells_at_once(spec: StudySpec, trials: list[Cell], args: argparse.Nam
     return pin_threads(spec, at_once.threads).model_copy(update={"resources": resources})
 
 
-def print_cells(spec: StudySpec, trials: list[Cell], *, numbered: bool, at_most: bool) -> None:
-    """``--list-cells`` (each cell with the index ``--cell`` takes) or ``--dry-run`` (each cell's setup)."""
+def print_cells(
+    spec: StudySpec, trials: list[Cell], *, numbered: bool, at_most: bool, needed: set[str] | None = None
+) -> None:
+    """``--list-cells`` (each cell with the index ``--cell`` takes; ``needed``: a sequential study's current round,
+    marked ``*``) or ``--dry-run`` (each cell's setup)."""
     for index, trial in enumerate(trials):
         c = trial.config
         budget = f"{c.budget.tokens:,} tokens" if c.budget.tokens else f"{c.budget.epochs:g} epochs"
         moe = f"router={c.moe.router} expert={c.moe.expert}"
         block = {"dense": "dense FFN", "none": "no block"}.get(c.model.ffn, moe)
         after = f" after {trial.depends_on}" if trial.depends_on else ""
+        mark = "" if needed is None else " *" if trial.key in needed else ""
         print(
-            f"{index:3d} {trial.key}"
+            f"{index:3d} {trial.key}{mark}"
             if numbered
             else f"{trial.key:40s} backbone={c.model.backbone} {block} budget={budget}{after}"
         )
-    print(f"{'at most ' if at_most else ''}{len(trials)} trials in study '{spec.name}'")
+    round_note = f" ({len(needed)} needed by the current round, marked *)" if needed is not None else ""
+    print(f"{'at most ' if at_most else ''}{len(trials)} trials in study '{spec.name}'{round_note}")
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:

@@ -101,7 +101,10 @@ def plan_round(
             wanted |= {(variant, seed) for seed in following}
     if not comparisons:  # a matrix of the reference alone: nothing to compare, run the initial seeds
         wanted = {(reference, seed) for seed in seeds[:initial]}
-    needed_by_reference = {seed for _, seed in wanted}
+    # The reference runs every seed an open variant runs next, and every seed a variant already has a result for
+    # (array tasks end in any order: a variant's cell can finish before the reference's of the same round).
+    ran = {seed for (variant, seed), result in results.items() if variant != reference and result is not None}
+    needed_by_reference = {seed for _, seed in wanted} | (ran if comparisons else set())
     wanted |= {(reference, seed) for seed in needed_by_reference}
     rank = {variant: i for i, variant in enumerate(variants)}
     next_cells = sorted((cell for cell in wanted if cell not in results), key=lambda c: (c[1], rank[c[0]]))

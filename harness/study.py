@@ -328,17 +328,25 @@ def end_unfinished(store: TrackingStore, experiment_id: str, trials: list[Cell],
 def select_cells(
     spec: StudySpec, cell_index: int | None, where: str = "spec", tracking_uri: str | None = None
 ) -> list[Cell]:
-    """Every cell, or the one at ``cell_index`` (``--cell N``, a Slurm array index). Given ``tracking_uri``: the
-    cells ``--list-cells`` numbers, which for a sequential study are its current round's (by what the store
-    holds; a Slurm user submits one array per round)."""
+    """Every cell, or the one at ``cell_index`` (``--cell N``, a Slurm array index). The numbering is the matrix's
+    (a sequential design's up to ``max`` seeds), the same whatever the store holds: an array task that starts after
+    others finished runs the cell it was given. Given ``tracking_uri``, a cell of a sequential study that the
+    current round does not need (:func:`needed_cells`) is left out: an empty list, nothing to run."""
     trials = expand(spec, where)
-    if spec.matrix.sequential is not None and tracking_uri is not None:
-        trials = round_cells(current_plan(spec, existing_store(tracking_uri), trials), trials)
     if cell_index is None:
         return trials
     if not 0 <= cell_index < len(trials):
         raise SpecError(f"--cell {cell_index}: study '{spec.name}' has cells 0..{len(trials) - 1}")
-    return [trials[cell_index]]
+    chosen = trials[cell_index]
+    if spec.matrix.sequential is not None and tracking_uri is not None:
+        return [cell for cell in needed_cells(spec, tracking_uri, trials) if cell.key == chosen.key]
+    return [chosen]
+
+
+def needed_cells(spec: StudySpec, tracking_uri: str, trials: list[Cell]) -> list[Cell]:
+    """The cells a sequential study's current round needs, by what the store at ``tracking_uri`` holds (finished
+    cells are no longer needed; the round after needs the cells the last results open)."""
+    return round_cells(current_plan(spec, existing_store(tracking_uri), trials), trials)
 
 
 def existing_store(tracking_uri: str) -> TrackingStore | None:
@@ -363,6 +371,10 @@ def run_study(
 ) -> StudyOutcome:
     """Run the study's pending cells (or only cell ``cell_index``) one after another in this process."""
     trials = select_cells(spec, cell_index, where, tracking_uri if cell_index is not None else None)
+    if not trials:  # --cell N of a sequential study: not needed by the current round (decided, or not yet)
+        key = expand(spec, where)[cell_index].key  # type: ignore[index]  # select_cells checked the index
+        print(f"--cell {cell_index} ({key}): not needed by the study's current round; nothing to run", flush=True)
+        return StudyOutcome(experiment_id="", parent_run_id="")
     corpora = preflight(spec, trials, checkpoint_dir, where, supersede=supersede)
     store = TrackingStore(tracking_uri)  # checks a tracking server is up; nothing written before here
     name = spec.name if cell_index is None else trials[0].name

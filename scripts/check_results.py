@@ -77,12 +77,15 @@ def sampled_cells(spec_path: Path, uri: str, committed: dict[str, Any], count: i
     """(``--cell`` index, cell, committed trial name) of ``count`` cells of a fresh store's first round that start
     from no other cell, spread over the round."""
     from harness.config import load_spec
-    from harness.study import select_cells
+    from harness.study import needed_cells, select_cells
 
+    spec = load_spec(spec_path)
+    every = select_cells(spec, None, str(spec_path))  # --cell's numbering
+    first_round = {c.key for c in needed_cells(spec, uri, every)} if spec.matrix.sequential else None
     cells = []
-    for index, cell in enumerate(select_cells(load_spec(spec_path), None, str(spec_path), uri)):
+    for index, cell in enumerate(every):
         names = [name for name in committed["trials"] if name.startswith(f"{cell.variant} seed {cell.seed} (")]
-        if names and cell.depends_on is None:
+        if names and cell.depends_on is None and (first_round is None or cell.key in first_round):
             cells.append((index, cell, names[0]))
     return cells[:: max(1, len(cells) // count + 1)][:count]  # seed-major: different variants and seeds
 

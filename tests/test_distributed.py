@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 from harness.cli import main
 from harness.engine.lock import study_lock
 from harness.runs import finish_study_run, shared_run
+from harness.tags import HEALTH
 from harness.tracking import TrackingStore
-from tests.studies import run_study, tiny_spec, trial_runs
+from tests.studies import run_study, tiny_config, tiny_spec, trial_runs, write_spec
 from tests.workers import start_worker, wait_for
 
 
@@ -30,6 +31,31 @@ def test_a_second_invocation_of_the_study_is_refused_naming_the_holder(
     assert len(err.splitlines()) == 1 and f"already running in process {os.getpid()}" in err, err
     assert trial_runs(uri, "locked").empty  # the second invocation ran nothing
     assert run_study(tmp_path, spec, uri) == 0  # the lock is gone with its holder
+
+
+def test_cell_n_of_a_sequential_study_keeps_its_number_as_cells_finish(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An array task that starts after others finished runs the cell it was given (the numbering once shrank with
+    every finished cell of the round, so a late task ran another cell); a cell no round needs yet runs nothing."""
+    config = tiny_config("rounds", ["baseline", "dense"])
+    config["matrix"]["seeds"] = {"initial": [1, 2], "max": 3}
+    spec, uri = write_spec(tmp_path / "rounds.yaml", config), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run-study", str(spec), "--list-cells", "--tracking-uri", uri]) == 0
+    *listed, total = capsys.readouterr().out.splitlines()
+    assert total == "at most 6 trials in study 'rounds' (4 needed by the current round, marked *)"
+    keys = [line.split()[1] for line in listed]
+    assert keys == [f"{v}/seed={s}" for s in (1, 2, 3) for v in ("baseline", "dense")]
+    assert all(line.endswith(" *") == (index < 4) for index, line in enumerate(listed))
+    assert run_study(tmp_path, spec, uri, "--cell", "4") == 0  # seed 3 while the first round runs: not needed
+    assert "--cell 4 (baseline/seed=3): not needed by the study's current round" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    for index in (3, 2, 1, 0):  # each task finds the ones before it finished
+        assert run_study(tmp_path, spec, uri, "--cell", str(index)) == 0
+        for _, run in trial_runs(uri, "rounds").iterrows():  # 1,500 tiny tokens stall; the plan needs results
+            client.set_tag(run["run_id"], HEALTH, "ok")
+    ran = trial_runs(uri, "rounds")
+    assert sorted(ran["tags.harness.cell"]) == sorted(keys[:4]) and set(ran["status"]) == {"FINISHED"}
 
 
 def test_cell_n_for_every_n_gives_the_same_store_as_one_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

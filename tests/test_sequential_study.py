@@ -98,7 +98,7 @@ def test_rounds_stop_a_worse_variant_early_survive_a_kill_and_agree_with_ray(
     assert "look  seeds" in capsys.readouterr().out
     uri = f"sqlite:///{tmp_path / 'in-process.db'}"
     assert main(["run-study", str(spec), "--list-cells", "--tracking-uri", uri]) == 0
-    assert "6 trials" in capsys.readouterr().out  # the first round: seeds 1 and 2 of every variant
+    assert "(6 needed by the current round, marked *)" in capsys.readouterr().out  # seeds 1, 2 of every variant
 
     first_round = kill_between_rounds(spec, uri, tmp_path / "ck")
     assert run_study(tmp_path, spec, uri) == 0  # the rerun goes on with the round the kill stopped
