@@ -59,7 +59,7 @@ from harness.tags import (
     SUMMARY,
     USER,
 )
-from harness.tracking import MlflowSink, TrackingStore, device_description, git_commit
+from harness.tracking import AttemptSuperseded, MlflowSink, TrackingStore, device_description, git_commit
 
 FINISHED, FAILED, KILLED, RUNNING, SCHEDULED = (
     RunStatus.to_string(status)
@@ -255,8 +255,10 @@ class TrialRun:
         self, summary: dict[str, float], tables: dict[str, pd.DataFrame], tags: dict[str, str] | None = None
     ) -> None:
         """Log the summary metrics and ``tags`` (once, whatever interrupted an earlier save) and the tables
-        (as CSV artifacts), then end FINISHED."""
+        (as CSV artifacts), then end FINISHED. A sink whose run another attempt took over raises first
+        (``check_owner``): the run is the newer attempt's to end."""
         self.sink.flush()
+        self.sink.check_owner()
         if SUMMARY not in self.client.get_run(self.run_id).data.tags:
             now = int(time.time() * 1000)
             metrics = [Metric(k, float(v), now, 0) for k, v in summary.items()]
@@ -276,6 +278,12 @@ class TrialRun:
         how = ending(error)
         with contextlib.suppress(Exception):  # the sink's own logging error (a full disk): the run ends all the same
             self.sink.flush()
+        try:
+            self.sink.check_owner()
+        except AttemptSuperseded:
+            return how  # the run is a newer attempt's now: not this one's to end
+        except Exception:  # the store unreachable: end_run below tries all the same
+            pass
         end_run(self.client, self.run_id, how.status, how.reason)
         return how
 

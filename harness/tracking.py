@@ -275,6 +275,10 @@ def _dataset_inserted_concurrently(error: BaseException) -> bool:
     )
 
 
+class AttemptSuperseded(RuntimeError):
+    """Another attempt at this cell has taken its run over: this one must stop writing (``harness/engine/attempt``)."""
+
+
 class MlflowSink:
     """Step metrics to MLflow off the training thread: ``log_metrics`` queues and returns at once.
 
@@ -291,6 +295,9 @@ class MlflowSink:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="mlflow-sink", daemon=True)
         self._thread.start()
+
+    def check_owner(self) -> None:
+        """Raise when another writer has taken the run over; every writer owns its run here (see ``AttemptSink``)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from harness.config import SpecError, load_spec
 from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.metric_names import TRAIN_LOSS
+from harness.runs import TrialRun
 from tests.conftest import free_port
 from tests.studies import tiny_spec
 from tests.workers import REPO, harness_env, wait_for
@@ -38,6 +39,19 @@ def test_a_superseded_attempt_stops_at_its_next_log_step(tmp_path: Path) -> None
         sink.log_metrics({"loss": 0.9}, 2)
     sink.flush()
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]
+
+
+def test_a_lost_attempt_never_ends_the_newer_attempt_s_run(tmp_path: Path) -> None:
+    """Issue 33: the lost attempt checked ownership only while logging; ending the run it did not check."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("lost")).info.run_id
+    lost = TrialRun(AttemptSink(client, run_id, None, new_attempt(client, run_id), check_every_s=3600.0))
+    new_attempt(client, run_id)  # Ray retried the cell elsewhere; the lost attempt has not logged since
+    with pytest.raises(AttemptSuperseded):
+        lost.finish({"test_loss": 9.9}, {})
+    assert lost.fail(RuntimeError("the lost attempt's own failure")).status == "FAILED"
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and "test_loss" not in run.data.metrics  # the newer attempt's, untouched
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 Ray retries a task it declared lost (its node stopped answering) even if the old process still
 runs. Each attempt writes its own token in the run's ``harness.attempt`` tag when it starts; the
 metric sink compares the tag with its token at log steps, at most every ``check_every_s`` seconds
-(one ``get_run`` call), and stops the trial once another attempt has taken the run.
+(one ``get_run`` call), and stops the trial once another attempt has taken the run; a trial run checks again
+before it ends its run (``TrialRun.finish`` / ``fail``), so a lost attempt never ends the newer one's run.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import uuid
 from mlflow.tracking import MlflowClient
 
 from harness.tags import ATTEMPT
-from harness.tracking import MlflowSink
+from harness.tracking import AttemptSuperseded, MlflowSink
 
-
-class AttemptSuperseded(RuntimeError):
-    """Another attempt at this cell has taken its run over: this one must stop writing."""
+__all__ = ["AttemptSink", "AttemptSuperseded", "new_attempt"]
 
 
 def new_attempt(client: MlflowClient, run_id: str) -> str:
@@ -45,10 +44,14 @@ class AttemptSink(MlflowSink):
         self.attempt, self.check_every_s = attempt, check_every_s
         self.checked = time.monotonic()
 
+    def check_owner(self) -> None:
+        """:class:`AttemptSuperseded` unless the run's attempt tag is still this attempt's (one ``get_run``)."""
+        self.checked = time.monotonic()
+        current = self.client.get_run(self.run_id).data.tags.get(ATTEMPT)
+        if current != self.attempt:
+            raise AttemptSuperseded(f"run {self.run_id} now belongs to attempt {current}, not {self.attempt}")
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if time.monotonic() - self.checked >= self.check_every_s:
-            self.checked = time.monotonic()
-            current = self.client.get_run(self.run_id).data.tags.get(ATTEMPT)
-            if current != self.attempt:
-                raise AttemptSuperseded(f"run {self.run_id} now belongs to attempt {current}, not {self.attempt}")
+            self.check_owner()
         super().log_metrics(metrics, step)
