@@ -110,8 +110,7 @@ def build_train_state(
     """A fresh model, optimiser and ``n_steps`` learning-rate schedule (seed the RNGs first); the vocabulary is
     ``token_counts``' length, and its output biases start at their log frequencies (``model.output_prior``). The
     model starts from ``initial_weights`` (a dense model's, upcycled: ``models/upcycle.py``) when given."""
-    model = build_model(config.model, config.moe, token_counts.numel())
-    model.init_output_prior(token_counts)
+    model = build_model(config.model, config.moe, token_counts.numel(), token_counts=token_counts)
     if initial_weights is not None:
         model.load_state_dict(upcycle_state_dict(initial_weights, model))
     model = model.to(device)

@@ -1,4 +1,5 @@
-"""The models package on its own: built from ``models.config`` types alone, nothing from the harness."""
+"""The models package on its own: built from ``models.config`` types alone, nothing from the harness (one test
+compares such a build with the harness's own)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,26 @@ def test_token_spread_is_zero_for_a_constant_output_and_near_one_for_a_varied_on
     constant = torch.full((4, 7, 16), 0.9)  # (B, T, C): every token the same saturated vector
     assert token_spread(constant).item() == pytest.approx(0.0, abs=1e-6)
     assert token_spread(torch.randn(4, 7, 16)).item() == pytest.approx(1.0, abs=0.15)
+
+
+def test_a_models_only_build_with_token_counts_is_the_model_the_harness_trains(tmp_path) -> None:
+    """Issue 33: ``models`` alone gave a model without the output prior, whose LSTM the quick recipe saturates."""
+    from harness.config import load_spec, resolve_trial
+    from harness.data import load_corpus
+    from harness.step import build_train_state, seed_everything
+    from tests.studies import tiny_spec
+
+    config = resolve_trial(load_spec(tiny_spec(tmp_path, "alone", ["plain"], [1])), "plain", 1)
+    counts = load_corpus(config.data).train_counts()
+    seed_everything(1)
+    harness_model = build_train_state(config, counts, torch.device("cpu"), 10)[0].model
+    seed_everything(1)
+    alone = build_model(config.model, config.moe, counts.numel(), token_counts=counts)
+    assert alone.state_dict().keys() == harness_model.state_dict().keys()
+    assert all(torch.equal(alone.state_dict()[k], v) for k, v in harness_model.state_dict().items())
+    seed_everything(1)
+    bare = build_model(config.model, config.moe, counts.numel())  # no counts: only the output biases differ
+    differ = [k for k, v in alone.state_dict().items() if not torch.equal(bare.state_dict()[k], v)]
+    assert differ and all(k.startswith("head.") and k.endswith("bias") for k in differ), differ
+    with pytest.raises(ModelError, match="token_counts has 3 entries for a vocabulary of"):
+        build_model(config.model, config.moe, counts.numel(), token_counts=torch.ones(3))
