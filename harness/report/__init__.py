@@ -100,6 +100,8 @@ def log_to_study_run(client: Any, run_id: str, out: Path, figures: list, documen
     """The report under ``report/``, the headline figure at the artifact root, and the answer as the run's
     description (the MLflow run page renders it as Markdown), so the answer is seen without the PDF: a line per
     variant first, then the spec's description, the verdict table and where the full report is."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
     from harness.report.blocks import Heading, Image
     from harness.report.figures import VERDICT_FIGURE
     from harness.report.findings import VERDICT_HEADING
@@ -121,7 +123,10 @@ def log_to_study_run(client: Any, run_id: str, out: Path, figures: list, documen
     answer = to_markdown(verdict).replace("](", "](report/")  # any link points into the report folder
     pointer = f"Full report: `report/report.pdf` (artifacts); headline figure: `{VERDICT_FIGURE}`."
     parts = [summary, RULE, description, RULE, answer, pointer]
-    client.set_tag(run_id, NOTE, "\n\n".join(part for part in parts if part))
+    text = "\n\n".join(part for part in parts if part)
+    if len(text) > MAX_TAG_VAL_LENGTH:  # a tag holds 8,000 characters: many variants keep their lines, not the table
+        text = "\n\n".join(part for part in (summary, pointer) if part)[:MAX_TAG_VAL_LENGTH]
+    client.set_tag(run_id, NOTE, text)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
