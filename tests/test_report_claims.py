@@ -68,6 +68,15 @@ def _trial(client: MlflowClient, eid: str, parent: str, config: TrialConfig, tes
     client.set_terminated(run_id, "FINISHED")
 
 
+# A comparison whose seeds are still to come: nothing about its PPL or speed is decided, only its size.
+OPEN_BUT_SMALLER = {
+    "difference": "open",
+    "non_inferiority": "open",
+    "smaller": "yes",
+    "no_loss": "undecided",
+    "faster": "undecided",
+    "answer": "undecided",
+}
 DESIGN_OF_CLAIMS = StudyDesign(
     initial=[0, 1, 2],
     max=3,
@@ -124,14 +133,7 @@ def test_the_verdict_answers_each_healthy_variant_and_verdicts_json_holds_the_de
         "answer": "no",
     }
     # lora: one seed of three (its others never ran), not in the speed measurement: only its size is decided
-    assert answers["variants"]["lora"] == {
-        "difference": "open",
-        "non_inferiority": "open",
-        "smaller": "yes",
-        "no_loss": "undecided",
-        "faster": "undecided",
-        "answer": "undecided",
-    }
+    assert answers["variants"]["lora"] == OPEN_BUT_SMALLER
     switch = row(tables(doc, "Verdict against the reference")[0], "switch")
     assert (
         switch["Params ratio"] == "0.900"
@@ -309,14 +311,7 @@ def test_an_unfinished_sequential_study_says_so_decides_nothing_open_and_is_not_
     out = write_report("seqt", tracking_uri, tmp_path / "out")
     markdown = (out / "report.md").read_text()
     assert "**Incomplete study:** the study run is RUNNING" in markdown and "comparisons still open: switch" in markdown
-    assert json.loads((out / "verdicts.json").read_text())["answers"]["lstm"]["variants"]["switch"] == {
-        "difference": "open",
-        "non_inferiority": "open",
-        "smaller": "yes",
-        "no_loss": "undecided",
-        "faster": "undecided",
-        "answer": "undecided",
-    }
+    assert json.loads((out / "verdicts.json").read_text())["answers"]["lstm"]["variants"]["switch"] == OPEN_BUT_SMALLER
     looks = records(tables(document(tracking_uri, "seqt"), "Design and decisions")[0])
     assert [(r["variant"], r["paired seeds"]) for r in looks] == [("switch", "2")]  # the look taken so far
     assert client.list_artifacts(parent) == []  # nothing written into a run its driver may still write
