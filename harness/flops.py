@@ -1,9 +1,11 @@
-"""Analytic FLOP count of a training step, per token, for the achieved-FLOP/s figure.
+"""Analytic FLOP count of a training step, per token: the achieved-FLOP/s figure and the report's compute matching.
 
-Counts multiply-adds of the matrix products as 2 FLOPs; element-wise work, softmax and the
-optimizer are ignored (they are a few percent at these widths). Backward costs twice the
-forward for trainable weights (input and weight gradients) and once for frozen ones (input
-gradients only), so a step costs 3x the forward FLOPs of trainable matmuls and 2x of frozen.
+Counts multiply-adds of the matrix products as 2 FLOPs; element-wise work, softmax and the optimizer are ignored
+(they are a few percent at these widths). Causal attention counts the causal half: query ``i`` of a length-``S``
+sequence scores ``i`` keys, so scores and values take ``d (S + 1)`` multiply-adds per token together (a kernel that
+computes the masked half as well, as torch's math path does, spends ``2 d S``). Backward costs twice the forward for
+trainable weights (input and weight gradients) and once for frozen ones (input gradients only), so a step costs 3x
+the forward FLOPs of trainable matmuls and 2x of frozen. ``tests/test_flops.py`` checks it against torch's counter.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ def train_flops_per_token(config: TrialConfig, vocab_size: int, unigram: torch.T
         n_blocks_with_ffn, n_moe = (0 if m.ffn == "none" else 1), (1 if m.ffn == "moe" else 0)
     else:
         seq = config.train.seq_len
-        trainable += m.n_layers * (2.0 * d * 3 * d + 2.0 * d * d + 2.0 * 2 * seq * d)  # qkv, proj, scores+values
+        attention = 2.0 * d * 3 * d + 2.0 * d * d + 2.0 * d * (seq + 1)  # qkv, proj, causal scores + values
+        trainable += m.n_layers * attention
         n_moe = 0 if m.ffn != "moe" else sum((i + 1) % m.moe_every == 0 for i in range(m.n_layers))
         n_blocks_with_ffn = 0 if m.ffn == "none" else m.n_layers
     trainable += (n_blocks_with_ffn - n_moe) * _ffn_flops(d, moe.d_hidden, moe.activation)
     if n_moe:
-        per_layer_trainable = 2.0 * d * moe.routed_experts  # router
+        routers = 2 if moe.router == "noisy_topk" else 1  # Shazeer's noise scale is a second linear map
+        per_layer_trainable = routers * 2.0 * d * moe.routed_experts
         per_layer_frozen = 0.0
         if moe.expert == "lora":
             base = _ffn_flops(d, moe.d_hidden, moe.activation)

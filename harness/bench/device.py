@@ -7,8 +7,9 @@ each step in its own process under its own time limit (a step that fails or hang
 2. ``bench moe`` on CUDA in fp32 and bf16, both kernels, time against the roofline bound from the GPU's measured
    GEMM peak and copy bandwidth;
 3. ``bench train`` of the ablation study's hybrid and baseline with bf16 and ``torch.compile``;
-4. a 3-cell slice of ``studies/ablation.yaml`` (baseline, switch, hybrid; one seed; a fixed token budget) through
-   ``run-study``, whose runs hold tokens/s and the NVML figures (device and process) beside torch's allocator peak.
+4. slices of ``studies/ablation.yaml`` (baseline, switch, hybrid) and ``studies/gpt-gpu.yaml`` (top2, fine_shared;
+   bf16, compiled) through ``run-study``, one seed and a fixed token budget each, whose runs hold tokens/s and the
+   NVML figures (device and process) beside torch's allocator peak.
 
 It writes one JSON (every step's command, exit status, seconds and figures) and prints a summary table. On a
 machine without CUDA it prints what it would measure and exits 0.
@@ -31,8 +32,35 @@ from tabulate import tabulate
 
 REPO = Path(__file__).resolve().parents[2]
 ABLATION = REPO / "studies" / "ablation.yaml"
-SLICE_VARIANTS = ["baseline", "switch", "hybrid"]
-SLICE_TOKENS = 200_000  # per cell: about 10 s of bf16 training on an H100 at the ablation size, after warm-up
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A few cells of a shipped study: one seed, ``tokens`` per cell, no mid-run checkpoints."""
+
+    study: str
+    variants: list[str]
+    tokens: int
+    limit_s: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.study}-slice"
+
+    def spec(self) -> dict[str, Any]:
+        spec = yaml.safe_load((REPO / "studies" / f"{self.study}.yaml").read_text())
+        spec["name"] = self.name
+        spec["matrix"] = {"variants": self.variants, "seeds": [1]}
+        spec.pop("design", None)  # one seed decides nothing; the slice measures speed and memory
+        spec["base"]["budget"] |= {"tokens": self.tokens, "epochs": None, "checkpoint_every_steps": 1_000_000}
+        spec["base"]["train"] |= {"device": "cuda"}
+        return spec
+
+
+SLICES = [
+    Slice("ablation", ["baseline", "switch", "hybrid"], 200_000, 120),
+    Slice("gpt-gpu", ["top2", "fine_shared"], 300_000, 120),
+]
 NVML_KEYS = ("gpu_mem_peak_nvml_mb", "gpu_mem_peak_process_mb", "gpu_mem_peak_torch_mb", "train_tokens_per_s")
 
 
@@ -57,10 +85,8 @@ class Check:
 
 
 def plan(folder: Path, python: str = sys.executable) -> list[Step]:
-    """The steps, writing their files under ``folder``; their limits add up to 7.5 minutes."""
+    """The steps, writing their files under ``folder``; their limits add up to 9 minutes."""
     harness = [python, "-m", "harness"]
-    slice_spec = folder / "ablation-slice.yaml"
-    store = f"sqlite:///{folder / 'slice' / 'mlflow.db'}"
     steps = [Step("cuda tests", [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 60)]
     for precision in ("fp32", "bf16"):
         json_file = str(folder / f"moe-{precision}.json")
@@ -69,29 +95,29 @@ def plan(folder: Path, python: str = sys.executable) -> list[Step]:
     train_json = str(folder / "train-bf16-compile.json")
     sets = ["--set", "train.precision=bf16", "--set", "train.compile=true", "--set", "train.device=cuda"]
     command = [*harness, "bench", "train", str(ABLATION), "--variants", "baseline", "hybrid", *sets, "--json"]
-    steps.append(Step("bench train bf16+compile", [*command, train_json], 110, train_json))
-    slice_command = [*harness, "run-study", str(slice_spec), "--tracking-uri", store, "--no-progress"]
-    slice_command += ["--checkpoint-dir", str(folder / "slice" / "ck")]
-    steps.append(Step("ablation slice", slice_command, 140))
+    steps.append(Step("bench train bf16+compile", [*command, train_json], 100, train_json))
+    for part in SLICES:
+        slice_command = [*harness, "run-study", str(folder / f"{part.name}.yaml"), "--tracking-uri"]
+        slice_command += [slice_store(folder), "--no-progress", "--checkpoint-dir", str(folder / "slice" / "ck")]
+        steps.append(Step(f"{part.study} slice", slice_command, part.limit_s))
     return steps
 
 
-def write_slice_spec(path: Path) -> None:
-    """``studies/ablation.yaml`` cut to three variants, one seed, a fixed token budget, no mid-run checkpoints."""
-    spec = yaml.safe_load(ABLATION.read_text())
-    spec["name"] = "ablation-slice"
-    spec["matrix"] = {"variants": SLICE_VARIANTS, "seeds": [1]}
-    spec["base"]["budget"] |= {"tokens": SLICE_TOKENS, "epochs": None, "checkpoint_every_steps": 1_000_000}
-    spec["base"]["train"] |= {"device": "cuda"}
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+def slice_store(folder: Path) -> str:
+    return f"sqlite:///{folder / 'slice' / 'mlflow.db'}"
 
 
-def slice_figures(store: str) -> list[dict[str, Any]]:
+def write_slice_specs(folder: Path) -> None:
+    for part in SLICES:
+        (folder / f"{part.name}.yaml").write_text(yaml.safe_dump(part.spec(), sort_keys=False))
+
+
+def slice_figures(store: str, part: Slice) -> list[dict[str, Any]]:
     """Per cell of the slice: tokens/s and the memory figures its run recorded."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("ablation-slice")
+    experiment = client.get_experiment_by_name(part.name)
     if experiment is None:
         return []
     runs = client.search_runs([experiment.experiment_id], "tags.`harness.role` = 'trial'")
@@ -146,7 +172,7 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("no CUDA device here: nothing measured. On a CUDA machine this check runs, in under 8 minutes:")
+        print("no CUDA device here: nothing measured. On a CUDA machine this check runs, in under 9 minutes:")
         for step in plan(Path(args.folder or "FOLDER")):
             print(f"  {step.name} (at most {step.limit_s} s): {' '.join(step.command[1:])}")
         print(f"and writes every figure to one JSON ({args.json or 'FOLDER/device-check.json'}).")
@@ -154,12 +180,13 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
     folder = Path(args.folder or tempfile.mkdtemp(prefix="device-check-"))
     folder.mkdir(parents=True, exist_ok=True)
     check = Check(device=torch.cuda.get_device_name(0), steps=plan(folder))
-    write_slice_spec(folder / "ablation-slice.yaml")
+    write_slice_specs(folder)
+    slices = {f"{part.study} slice": part for part in SLICES}
     for step in check.steps:
         print(f"{step.name} ...", flush=True)
         run_step(step)
-        if step.name == "ablation slice":
-            step.figures = slice_figures(f"sqlite:///{folder / 'slice' / 'mlflow.db'}")
+        if step.name in slices:
+            step.figures = slice_figures(slice_store(folder), slices[step.name])
     out = Path(args.json or folder / "device-check.json")
     out.write_text(json.dumps(asdict(check), indent=2) + "\n")
     print(f"device: {check.device}")

@@ -23,7 +23,13 @@ from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from harness.colours import OKABE_ITO, colour  # noqa: E402
 from harness.report.blocks import Figure  # noqa: E402
-from harness.report.gather import GRAD_COMPONENTS, HEALTH_UNKNOWN, StudyData, variant_key  # noqa: E402
+from harness.report.gather import (  # noqa: E402
+    GRAD_COMPONENTS,
+    HEALTH_UNKNOWN,
+    StudyData,
+    flops_per_token,
+    variant_key,
+)
 from harness.report.statistics import BackboneTests  # noqa: E402
 from harness.tags import HEALTH  # noqa: E402
 
@@ -125,11 +131,14 @@ def cost_quality(data: StudyData, out: Path) -> Figure | None:
     if runs.empty or any(c not in runs for c in needed):
         return None
     several = runs["tags.backbone"].nunique() > 1
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(10.0, 3.4), sharey=True)
     frame = runs.rename(columns={"tags.variant": "variant", "tags.backbone": "backbone", "tags.seed": "seed"})
+    per_token = {run_id: flops_per_token(config) for run_id, config in data.configs.items()}
+    frame["flops_per_token"] = frame["run_id"].map(per_token).astype(float)
     for ax, column, label in [
         (axes[0], "metrics.params_trainable", "trainable parameters"),
-        (axes[1], "metrics.time_per_mtok_s", "training time per million tokens (s)"),
+        (axes[1], "flops_per_token", "training FLOPs per token"),
+        (axes[2], "metrics.time_per_mtok_s", "training time per million tokens (s)"),
     ]:
         means = []
         for i, (backbone, variant, rows) in enumerate(_groups(frame)):
@@ -164,7 +173,8 @@ def cost_quality(data: StudyData, out: Path) -> Figure | None:
     return Figure(
         name,
         "Quality against cost",
-        "Final test perplexity against trainable parameters (left) and training time per million tokens (right). "
+        "Final test perplexity against trainable parameters (left), training FLOPs per token (middle: the active "
+        "compute, harness/flops.py) and training time per million tokens (right). "
         + ("Small markers: single seeds; large markers: mean ± sd; " if _max_seeds(frame) > 1 else "One seed each; ")
         + "dotted line: variants no other variant beats on both axes (lower-left is better).",
         "cost",
