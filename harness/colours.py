@@ -1,5 +1,6 @@
 """One colour per variant, shared by the report's figures and the MLflow UI (each trial run's ``mlflow.runColor``
-tag): the Okabe-Ito palette, readable by colour-blind readers."""
+tag): the Okabe-Ito palette for the built-in variants, Paul Tol's muted palette for a spec's own variant names (so a
+custom name never takes a built-in's colour), both readable by colour-blind readers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ VARIANT_COLOURS = {
     "dense": "#000000",
     "plain": "#999999",
 }
+CUSTOM_COLOURS = ["#56B4E9", "#D55E00", "#882255", "#44AA99", "#DDCC77", "#117733", "#AA4499", "#332288", "#88CCEE"]
 
 
 def colour(variant: str, index: int | None = None) -> str:
@@ -21,4 +23,4 @@ def colour(variant: str, index: int | None = None) -> str:
     hash of its name (the same in every run and session)."""
     if variant in VARIANT_COLOURS:
         return VARIANT_COLOURS[variant]
-    return OKABE_ITO[(zlib.crc32(variant.encode()) if index is None else index) % len(OKABE_ITO)]
+    return CUSTOM_COLOURS[(zlib.crc32(variant.encode()) if index is None else index) % len(CUSTOM_COLOURS)]

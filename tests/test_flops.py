@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.config import TrialConfig
+from harness.config import TrialConfig, load_spec, resolve_trial
 from harness.flops import train_flops_per_token
 from models import build_model
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 500
 
 
@@ -93,3 +96,22 @@ def test_gpt_flops_are_the_counted_matmuls_less_the_masked_half(variant: str, ou
     masked_half = layers * 3 * (2.0 * 2 * d * seq - 2.0 * d * (seq + 1))
     counted = counter.get_total_flops() / (batch * seq) - masked_half
     assert train_flops_per_token(config, VOCAB, _batch_unigram(y)) == pytest.approx(counted, rel=1e-3)
+
+
+@pytest.mark.parametrize("study", ["gpt", "gpt-gpu"])
+def test_the_gpt_studies_match_active_compute_as_their_specs_say(study: str) -> None:
+    """Every variant but switch (half the experts) and dense_wide (four times the FFN) spends top2's FFN FLOPs per
+    token: the training FLOPs differ by the routers alone (each layer's router, and the noise map of a noisy one)."""
+    spec = load_spec(REPO / "studies" / f"{study}.yaml")
+    unigram = torch.full((VOCAB,), 1.0 / VOCAB, dtype=torch.float64)
+    without_router = {}
+    for variant in spec.matrix.variants:
+        config = resolve_trial(spec, variant, 1)
+        m, moe = config.model, config.moe
+        maps = 0 if m.ffn != "moe" else 2 if moe.router == "noisy_topk" else 1
+        router = 3 * m.n_layers * maps * 2.0 * m.d_model * moe.routed_experts
+        without_router[variant] = train_flops_per_token(config, VOCAB, unigram) - router
+    matched = {v for v in without_router if v not in ("switch", "dense_wide")}
+    assert matched == {"top2", "dense", "experts4", "deterministic", "aux_free", "fine_shared"}
+    assert {round(without_router[v]) for v in matched} == {round(without_router["top2"])}
+    assert without_router["switch"] < without_router["top2"] < without_router["dense_wide"]

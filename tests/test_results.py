@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,20 @@ def test_a_result_of_several_commits_or_uncommitted_changes_is_refused() -> None
     ]
     assert "uncommitted changes" in provenance({"commits": ["abc1234-dirty"]})[0]
     assert provenance({"commits": []}) == ["its trials ran at 0 commits (none recorded), not one"]
+
+
+README_ANSWERS = {"claim": "## The answer, at CPU scale", "gpt": "## The transformer answer, at CPU scale"}
+
+
+@pytest.mark.parametrize("study", sorted(README_ANSWERS))
+def test_the_readme_s_answer_quotes_its_committed_result(study: str) -> None:
+    """The README's answer names the commit that made the result, and every ratio and interval end it quotes
+    (three decimals) is a figure of the committed report."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split(README_ANSWERS[study], 1)[1].split("\n## ", 1)[0]
+    verdicts = json.loads((REPO / "docs" / "results" / study / "verdicts.json").read_text())
+    (commit,) = verdicts["commits"]
+    assert f"one commit ({commit})" in section and f"docs/results/{study}" in section
+    report = (REPO / "docs" / "results" / study / "report.md").read_text()
+    quoted = re.findall(r"\b\d\.\d{3}\b", section)
+    assert len(quoted) >= 4 and [figure for figure in quoted if figure not in report] == []
