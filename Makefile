@@ -23,13 +23,13 @@ results: $(VENV)/.installed
 	$(BIN)/python scripts/check_results.py $(RESULTS)
 
 ## Every test, the slow end-to-end ones included, then RELIABILITY_SLICE reliability cases per part drawn with
-## RELIABILITY_SEED (what CI runs).
+## RELIABILITY_SEED (what CI runs); the 15 slowest tests are listed at the end of the first.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not reliability" --durations=15
 	$(BIN)/python -m pytest -m reliability --reliability-seed $(RELIABILITY_SEED) --reliability-slice $(RELIABILITY_SLICE) tests/reliability
 
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not slow and not reliability"
+	$(BIN)/python -m pytest
 
 ## Every reliability case (tests/reliability): the command line as subprocesses fed bad input, killed, signalled,
 ## started together and hit by faults of the machine; a table per part at the end. RELIABILITY_SEED=N: other moments.

@@ -20,19 +20,30 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: this mod
 if TYPE_CHECKING:
     from typing import Any
 
-    from harness.config import SpecError, StudySpec, TrialConfig, load_spec
+    from harness.cells import StudyOutcome
+    from harness.config import HarnessError, SpecError, StudySpec, TrialConfig, load_spec
     from harness.report import write_report
-    from harness.study import StudyOutcome, run_study
+    from harness.study.driver import run_study
 
-__all__ = ["SpecError", "StudyOutcome", "StudySpec", "TrialConfig", "load_spec", "run_study", "write_report"]
+__all__ = [
+    "HarnessError",
+    "SpecError",
+    "StudyOutcome",
+    "StudySpec",
+    "TrialConfig",
+    "load_spec",
+    "run_study",
+    "write_report",
+]
 
 _HOMES = {
+    "HarnessError": "harness.config",
     "SpecError": "harness.config",
     "StudySpec": "harness.config",
     "TrialConfig": "harness.config",
     "load_spec": "harness.config",
-    "StudyOutcome": "harness.study",
-    "run_study": "harness.study",
+    "StudyOutcome": "harness.cells",
+    "run_study": "harness.study.driver",
     "write_report": "harness.report",
 }
 

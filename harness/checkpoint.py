@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.config import SpecError, StudySpec
+from harness.config import HarnessError, SpecError, StudySpec
 from harness.data import Corpus
 from harness.fingerprint import identity
 from harness.matrix import Cell
@@ -76,6 +76,10 @@ class TrainState:
         self.recurrent = tuple(s.to(self.device) for s in saved["state"]) if saved["state"] else None
 
 
+class CheckpointUnusable(HarnessError):
+    """A checkpoint on disk that cannot resume its cell: unreadable, or written for another config."""
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written: ``str`` is one line, "<reason> writing <path>"."""
 
@@ -121,11 +125,11 @@ class Checkpointer:
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise SpecError(
+            raise CheckpointUnusable(
                 f"{self.path}: unreadable checkpoint ({type(error).__name__}); delete it to restart the trial"
             ) from None
         if payload.get("fingerprint") != self.fingerprint:
-            raise SpecError(
+            raise CheckpointUnusable(
                 f"{self.path}: checkpoint was written for a different config; delete it to restart the trial "
                 f"(or rerun with --supersede: a changed cell starts as a new run)"
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from harness import interrupt
-from harness.config import DEFAULT_DATA_PATH, SpecError, StudySpec, load_spec
+from harness.config import DEFAULT_DATA_PATH, HarnessError, StudySpec, load_spec
 from harness.tune import command as tune
 from models.config import ModelError
 
@@ -26,7 +26,7 @@ MESSAGE_CHARS = 400  # one line for the user, however long the offending value
 def _quiet_libraries() -> None:
     # MLflow and Alembic log every migration and warn about optional extras; the user wants the study.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per trial
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per cell
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
@@ -36,25 +36,22 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     from harness.matrix import expand
 
     spec = load_spec(args.spec)
-    trials = expand(spec, where=args.spec)
+    cells = expand(spec, where=args.spec)
     needed = None
     if args.list_cells and spec.matrix.sequential is not None:  # the current round's cells, from the store
-        from harness.study import needed_cells
+        from harness.study.driver import needed_cells
         from harness.tracking import resolve_tracking_uri
 
-        needed = {cell.key for cell in needed_cells(spec, resolve_tracking_uri(args.tracking_uri), trials)}
+        needed = {cell.key for cell in needed_cells(spec, resolve_tracking_uri(args.tracking_uri), cells)}
     if args.dry_run and len(spec.matrix.variants) > 1:
-        from harness.rounds import describe_design
+        from harness.study.rounds import describe_design
 
         print("\n".join(describe_design(spec)))
     if args.dry_run or args.list_cells:
-        print_cells(spec, trials, numbered=args.list_cells, at_most=spec.matrix.sequential is not None, needed=needed)
+        print_cells(spec, cells, numbered=args.list_cells, at_most=spec.matrix.sequential is not None, needed=needed)
         return 0
-    if args.ray and args.cell is not None:
-        raise SpecError("--cell runs one cell in this process (a Slurm array task); it does not take --ray")
-    spec = choose_cells_at_once(spec, trials, args)
-
-    from harness import study_run
+    from harness.study import parent_run as study_run
+    from harness.study.driver import run_study
     from harness.tracking import check_tracking_uri, check_writable, resolve_tracking_uri
     from harness.urls import ui_link
 
@@ -62,18 +59,20 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking_uri(uri)  # everything that can refuse the command does so before anything is written
     check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
-    common = {"progress": not args.no_progress, "checkpoint_dir": Path(args.checkpoint_dir), "where": args.spec}
-    common["supersede"] = args.supersede
-    if args.ray:
-        from harness.engine.ray_study import run_study_on_ray
-
-        outcome = run_study_on_ray(spec, uri, args.ray, retry_failed=args.retry_failed, **common)
-    else:
-        from harness.study import run_study
-
-        outcome = run_study(spec, uri, retry_failed=args.retry_failed, cell_index=args.cell, **common)
-        if not outcome.experiment_id:  # --cell N not needed by a sequential study's current round: said, done
-            return 0
+    outcome = run_study(
+        spec,
+        uri,
+        ray=args.ray,
+        workers=args.workers,
+        cell=args.cell,
+        progress=not args.no_progress,
+        checkpoint_dir=Path(args.checkpoint_dir),
+        retry_failed=args.retry_failed,
+        supersede=args.supersede,
+        where=args.spec,
+    )
+    if not outcome.needed:  # --cell N not needed by a sequential study's current round: said, done
+        return 0
     print(
         f"study '{spec.name}': {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
         f"{len(outcome.failed)} failed; tracking {uri} (experiment {outcome.experiment_id})"
@@ -90,48 +89,25 @@ def cmd_run_study(args: argparse.Namespace) -> int:
     return EXIT_TRIALS_FAILED if outcome.failed else 0
 
 
-def choose_cells_at_once(spec: StudySpec, trials: list[Cell], args: argparse.Namespace) -> StudySpec:
-    """Several cells at once go on a local Ray cluster (``args.ray`` set to local, each cell's CPUs its threads);
-    the spec as it then runs."""
-    if args.workers is not None and (args.ray or args.cell is not None):
-        raise SpecError("--workers sets how many cells run at once on this machine; it takes neither --ray nor --cell")
-    if args.ray or args.cell is not None:
-        return spec
-    from harness.data import read_corpus
-    from harness.engine.parallel import cells_at_once, pin_threads
-
-    at_once = cells_at_once(spec, trials, args.workers, lambda data: read_corpus(data).train.numel())
-    if at_once.threads is None:  # one cell at a time, in this process
-        return spec
-    resources = spec.resources.model_copy(update={"cpus_per_trial": float(at_once.threads)})
-    args.ray = "local"  # one process per cell: its threads are its own
-    print(
-        f"{at_once.cells} cells at once on a local Ray cluster, {at_once.threads} thread(s) each "
-        f"({at_once.why}; --workers 1: one at a time in this process)",
-        flush=True,
-    )
-    return pin_threads(spec, at_once.threads).model_copy(update={"resources": resources})
-
-
 def print_cells(
-    spec: StudySpec, trials: list[Cell], *, numbered: bool, at_most: bool, needed: set[str] | None = None
+    spec: StudySpec, cells: list[Cell], *, numbered: bool, at_most: bool, needed: set[str] | None = None
 ) -> None:
     """``--list-cells`` (each cell with the index ``--cell`` takes; ``needed``: a sequential study's current round,
     marked ``*``) or ``--dry-run`` (each cell's setup)."""
-    for index, trial in enumerate(trials):
-        c = trial.config
+    for index, cell in enumerate(cells):
+        c = cell.config
         budget = f"{c.budget.tokens:,} tokens" if c.budget.tokens else f"{c.budget.epochs:g} epochs"
         moe = f"router={c.moe.router} expert={c.moe.expert}"
         block = {"dense": "dense FFN", "none": "no block"}.get(c.model.ffn, moe)
-        after = f" after {trial.depends_on}" if trial.depends_on else ""
-        mark = "" if needed is None else " *" if trial.key in needed else ""
+        after = f" after {cell.depends_on}" if cell.depends_on else ""
+        mark = "" if needed is None else " *" if cell.key in needed else ""
         print(
-            f"{index:3d} {trial.key}{mark}"
+            f"{index:3d} {cell.key}{mark}"
             if numbered
-            else f"{trial.key:40s} backbone={c.model.backbone} {block} budget={budget}{after}"
+            else f"{cell.key:40s} backbone={c.model.backbone} {block} budget={budget}{after}"
         )
     round_note = f" ({len(needed)} needed by the current round, marked *)" if needed is not None else ""
-    print(f"{'at most ' if at_most else ''}{len(trials)} trials in study '{spec.name}'{round_note}")
+    print(f"{'at most ' if at_most else ''}{len(cells)} trials in study '{spec.name}'{round_note}")
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:
@@ -241,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (SpecError, ModelError) as error:
+    except (HarnessError, ModelError) as error:
         return _bad_input(str(error))
     except KeyboardInterrupt as stop:
         print("harness: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -128,7 +128,8 @@ def _numericalise(words: list[str], index: dict[str, int]) -> np.ndarray:
     return np.fromiter((index.get(w, unk) for w in words), dtype=np.int32, count=len(words))
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where the harness keeps what it can rebuild: tokenised splits, an empty store of this MLflow version."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moe-harness")
 
 
@@ -140,7 +141,7 @@ def load_corpus(config: DataConfig) -> Corpus:
 
 
 def _cache_file(name: str, digest: str) -> Path:
-    return _cache_dir() / f"{name}-{digest}.npz"
+    return cache_dir() / f"{name}-{digest}.npz"
 
 
 def read_corpus(config: DataConfig) -> Corpus:

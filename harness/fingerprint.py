@@ -32,7 +32,6 @@ EXECUTION_KEYS = frozenset(
     }
 )
 DATA_KEY = "data.sha256.{split}"
-LEGACY_DIGEST = "data.digest"  # a run from before fingerprints: its dataset input's digest
 
 
 def param_value(value: Any) -> str:
@@ -70,28 +69,15 @@ def fingerprint(cell_identity: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(cell_identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def changes(run: Run, cell_identity: dict[str, str], data_digest: str) -> dict[str, tuple[str | None, str | None]]:
-    """Key -> (recorded, now) for every identity key on which ``run`` differs from the cell now; empty: the same.
-
-    A run from before identities were recorded (no fingerprint tag) has no data hashes among its params; its
-    data is compared by the digest of the dataset MLflow holds as its input (``data_digest``: the corpus's now).
-    """
+def changes(run: Run, cell_identity: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
+    """Key -> (recorded, now) for every identity key on which ``run`` differs from the cell now; empty: the same."""
     if run.data.tags.get(FINGERPRINT) == fingerprint(cell_identity):
         return {}
-    recorded = {key: value for key, value in run.data.params.items() if key not in EXECUTION_KEYS}
-    now = dict(cell_identity)
-    if FINGERPRINT not in run.data.tags:
-        data_key = DATA_KEY.format(split="")
-        recorded, now = ({k: v for k, v in d.items() if not k.startswith(data_key)} for d in (recorded, now))
-        inputs = run.inputs.dataset_inputs if run.inputs is not None else []
-        recorded[LEGACY_DIGEST] = inputs[0].dataset.digest if inputs else data_digest
-        now[LEGACY_DIGEST] = data_digest
-    # A recorded key the identity no longer has (a router setting of a run logged before references dropped them)
-    # cannot change what the cell computes now: only the identity's keys are compared.
-    return {key: (recorded.get(key), now[key]) for key in sorted(now) if recorded.get(key) != now[key]}
+    recorded = run.data.params
+    return {key: (recorded.get(key), now) for key, now in sorted(cell_identity.items()) if recorded.get(key) != now}
 
 
-def describe(differences: dict[str, tuple[str | None, str | None]], shown: int = 4) -> str:
+def describe_changes(differences: dict[str, tuple[str | None, str | None]], shown: int = 4) -> str:
     """``key old -> new`` for the first ``shown`` differences, on one line."""
     items = [f"{key} {_short(old)} -> {_short(new)}" for key, (old, new) in differences.items()]
     more = f" and {len(items) - shown} more" if len(items) > shown else ""

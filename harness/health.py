@@ -1,7 +1,7 @@
 """Training health: is a trial's result a measurement of its design, or an artefact of a broken run?
 
 A trial is judged from what MLflow holds (its step metrics and summary), by :func:`judge`, a pure
-function, so the report can re-judge any stored run and tests can feed constructed histories. Three
+function, so the report can re-judge any stored run and tests can feed constructed histories. Four
 detectors, each with its evidence:
 
 * **stalled**: the train loss never leaves the unigram plateau (a model that learned only word
@@ -9,7 +9,7 @@ detectors, each with its evidence:
 * **saturated**: the backbone's output no longer depends on its input (``backbone_spread`` near 0 over the
   second half): saturated LSTM units pass no gradient to the embedding, so whatever the trial learns, a
   block on top of the backbone learns it from a constant (``docs/backbone-stall.md``).
-* **collapsed**: validation routing has dead experts, or one expert takes most of the traffic.
+* **collapsed**: validation routing has dead experts, or one expert is chosen for most tokens.
 * **unstable**: the train loss is above the uniform loss ln V after warm-up, a gradient norm is not
   finite, or nearly every step is clipped by a gradient far above the bound while the loss does not improve.
 
@@ -55,8 +55,9 @@ DEAD_EXPERT_FACTOR = 0.1
 """An expert is dead below a tenth of the uniform share 1/E (ST-MoE reports balanced routers within a few x of
 uniform, so a tenth is far outside normal imbalance)."""
 DOMINANT_SHARE = 0.5
-"""Collapse onto one expert: more than half of all routed slots, and more than twice uniform (so E = 2 needs
-the dead-expert rule instead). With top-2 routing a share cannot exceed 0.5: only dead experts flag it."""
+"""Collapse onto one expert: it is chosen for more than half of the tokens (its share of the routed slots x the
+slots per token, top-k), and it takes more than twice its uniform share of the slots (so two experts top-1 need
+the dead-expert rule instead)."""
 SATURATED_SPREAD = 0.01
 """A backbone is saturated while the median ``backbone_spread`` of the second half is below this: a trained
 LSTM's output varies across tokens by about its own size, a saturated one by orders of magnitude less
@@ -149,7 +150,9 @@ def saturated(history: Mapping[str, Points]) -> str | None:
 
 
 def collapsed(summary: Mapping[str, float]) -> str | None:
-    """Dead or dominant experts in any MoE layer's validation shares (``util_val_l<layer>_e<expert>``)."""
+    """Dead or dominant experts in any MoE layer's validation shares of routed slots (``util_val_l<layer>_e<expert>``;
+    ``health_top_k`` slots per token, 1 when absent)."""
+    top_k = summary.get("health_top_k", 1.0)
     layers: dict[str, list[float]] = {}
     for key, share in summary.items():
         if key.startswith("util_val_l") and "_e" in key:
@@ -160,8 +163,8 @@ def collapsed(summary: Mapping[str, float]) -> str | None:
         dead = [s for s in shares if s < DEAD_EXPERT_FACTOR / n]
         if dead:
             found.append(f"{layer}: {len(dead)} of {n} experts dead (share < {DEAD_EXPERT_FACTOR / n:.3g})")
-        if max(shares) > max(DOMINANT_SHARE, 2 / n):
-            found.append(f"{layer}: one expert takes {max(shares):.2f} of the traffic")
+        if max(shares) * top_k > DOMINANT_SHARE and max(shares) > 2 / n:
+            found.append(f"{layer}: one expert is chosen for {min(1.0, max(shares) * top_k):.0%} of the tokens")
     if not found:
         return None
     top = sorted((s for shares in layers.values() for s in shares), reverse=True)[:2]
@@ -266,9 +269,11 @@ def assess(
     utilisation: pd.DataFrame,
     corpus: Corpus,
     grad_clip: float | None,
+    top_k: int,
 ) -> tuple[dict[str, float], HealthVerdict]:
     """Judge a trial whose step metrics are all in MLflow (its sink flushed), against its data's references
-    (:func:`reference_summary`) and its validation routing (:func:`validation_shares`): the summary metrics
+    (:func:`reference_summary`) and its validation routing (:func:`validation_shares`, ``top_k`` slots per token):
+    the summary metrics
     ``health_clip_fraction`` (whole run) and ``health_train_loss_<p>pct`` (:func:`loss_at_shares`), and the
     verdict."""
     history = history_from_mlflow(client, run_id)
@@ -276,4 +281,5 @@ def assess(
     if history[TRAIN_LOSS]:
         figures |= loss_at_shares(history[TRAIN_LOSS])
     evidence = {**summary, **validation_shares(utilisation), **reference_summary(corpus, grad_clip)}
+    evidence["health_top_k"] = float(top_k)
     return figures, judge(history, evidence)

@@ -1,4 +1,4 @@
-"""The study lock of the in-process runner: two invocations of one study on one machine never both run.
+"""The study lock: two invocations of one study on one machine never both run.
 
 A ``fcntl.flock`` on a file beside the store; the holder writes its PID into the file so the second
 invocation can name it. Hand-written (20 lines) because ``filelock`` does not report the holder.
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.config import SpecError
+from harness.config import HarnessError
 from harness.urls import sqlite_path
 
 
@@ -24,9 +24,13 @@ def lock_path(tracking_uri: str, checkpoint_dir: Path, name: str) -> Path:
     return folder / f"{name}.lock"
 
 
+class StudyLocked(HarnessError):
+    """Another process on this machine runs the study."""
+
+
 @contextmanager
 def study_lock(path: Path) -> Iterator[None]:
-    """Hold ``path`` for the block, or raise :class:`SpecError` naming the process that holds it."""
+    """Hold ``path`` for the block, or raise :class:`StudyLocked` naming the process that holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
         try:
@@ -34,7 +38,7 @@ def study_lock(path: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise SpecError(f"{path}: the study is already running in process {holder}; wait or stop it") from None
+            raise StudyLocked(f"{path}: the study is already running in process {holder}; wait or stop it") from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

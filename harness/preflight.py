@@ -43,7 +43,7 @@ def preflight(
     """The corpora the cells read (by :func:`corpus_key`), once every cell has passed every check.
 
     A leftover checkpoint of what a cell no longer computes is refused, unless ``supersede`` (then a changed cell's
-    checkpoint goes with its old run: :func:`harness.study.prepare_study`).
+    checkpoint goes with its old run: ``harness.study.driver.Study.prepare``).
     """
     check_strings(spec, where)
     check_host((trial.config for trial in trials), where)
@@ -59,7 +59,7 @@ def preflight(
         parameters[trial.key] = count_parameters(trial, corpus, where)
         check_memory(trial.config, parameters[trial.key], f"{where}: {trial.key}")
         if not supersede:
-            cell_checkpointer(checkpoint_dir, spec, trial, corpus).load()  # SpecError: another config's checkpoint
+            cell_checkpointer(checkpoint_dir, spec, trial, corpus).load()  # CheckpointUnusable: another config's
     check_checkpoint_room(spec, trials, corpora, parameters, checkpoint_dir)
     return corpora
 

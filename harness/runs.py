@@ -186,6 +186,24 @@ def cell_run(store: TrackingStore, experiment_id: str, cell: Cell) -> Run | None
     return oldest(store.runs(experiment_id, f"tags.`{CELL}` = '{cell.key}' and tags.`{ROLE}` != '{ROLE_SUPERSEDED}'"))
 
 
+def cell_runs(store: TrackingStore, experiment_id: str) -> dict[str, Run]:
+    """Cell key -> the cell's current run, for every cell of the study that has one: the store read once (a round's
+    plan and clean-up read every cell's run)."""
+    found: dict[str, list[Run]] = {}
+    for run in store.runs(experiment_id, f"tags.`{ROLE}` = '{ROLE_TRIAL}'"):
+        found.setdefault(run.data.tags[CELL], []).append(run)
+    return {key: run for key, runs in found.items() if (run := oldest(runs)) is not None}
+
+
+def end_unfinished(store: TrackingStore, experiment_id: str, cells: list[Cell], reason: str) -> None:
+    """Mark the runs of ``cells`` that are still RUNNING or SCHEDULED as KILLED (idempotent): nothing stays open."""
+    runs = cell_runs(store, experiment_id)
+    for cell in cells:
+        run = runs.get(cell.key)
+        if run is not None and run.info.status in (RUNNING, SCHEDULED):
+            end_run(store.client, run.info.run_id, KILLED, reason)
+
+
 def open_trial_run(
     store: TrackingStore,
     cell: Cell,

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from harness.bench.roofline import sync
 from harness.config import SpeedConfig, TrialConfig
 from harness.data import Corpus, batchify, get_batch
 from harness.sequential import UNBOUNDED, Interval, ratio_interval
-from harness.step import build_train_state, resolve_device, seed_everything, set_threads, train_step
+from harness.step import build_train_state, resolve_device, seed_everything, set_threads, sync, train_step
 from harness.trainer import steps_per_epoch, total_steps
 
 ARTIFACT = "speed.json"  # on the study run

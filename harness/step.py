@@ -28,6 +28,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA timing must not stop the clock before the kernels ran)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice for this machine, before any trial changes it
 
 
@@ -47,8 +53,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def build_optimizer(model: LanguageModel, config: TrialConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; with ``optim.block_lr_scale`` below 1, the router and expert parameters are a second
-    group at the scaled learning rate (one group otherwise, as checkpoints written before the key hold)."""
+    """SGD or AdamW; with ``optim.block_lr_scale`` other than 1, the block's parameters (router, experts, a dense FFN)
+    are a second group at the scaled learning rate, else all are one group."""
     o = config.optim
     params: list[nn.Parameter] | list[dict[str, object]] = [p for p in model.parameters() if p.requires_grad]
     if o.block_lr_scale != 1.0:

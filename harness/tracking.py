@@ -32,7 +32,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Run
 from mlflow.tracking import MlflowClient
 
 from harness.config import SpecError
-from harness.data import Corpus
+from harness.data import Corpus, cache_dir
 from harness.retry import retry_race
 from harness.tags import NOTE
 from harness.urls import sqlite_path
@@ -182,12 +182,28 @@ def _disk_full(error: BaseException) -> bool:
     return getattr(error, "errno", None) == errno.ENOSPC or "database or disk is full" in str(error)
 
 
-def build_mlflow_store(url: str) -> None:
+def migrate_mlflow_store(url: str) -> None:
     """Every MLflow table and the default experiment, as MLflow itself creates them on first use."""
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     SqlAlchemyStore(url, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH).engine.dispose()  # closed before the move
+
+
+def build_mlflow_store(url: str) -> None:
+    """A new embedded store: a copy of this MLflow version's empty store in the cache, migrated there once. MLflow's
+    migrations take seconds for every new store; the copy, milliseconds, and it is the same file (nothing in an empty
+    store depends on where it lies: the default experiment's artifact location is relative). Migrated in place when
+    the cache cannot be written."""
+    template = cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
+    try:
+        create_atomically(template, migrate_mlflow_store)
+    except (OSError, SpecError):  # an unwritable or full cache folder: the store is still made, more slowly
+        migrate_mlflow_store(url)
+        return
+    database = sqlite_path(url)
+    assert database is not None  # create_atomically hands a sqlite:/// URL
+    shutil.copyfile(template, database)
 
 
 class TrackingStore:
@@ -276,7 +292,7 @@ def _dataset_inserted_concurrently(error: BaseException) -> bool:
 
 
 class AttemptSuperseded(RuntimeError):
-    """Another attempt at this cell has taken its run over: this one must stop writing (``harness/engine/attempt``)."""
+    """Another attempt at this cell has taken its run over: this one must stop writing (``harness/attempt.py``)."""
 
 
 class MlflowSink:

@@ -37,6 +37,7 @@ from harness.step import (
     resolve_device,
     seed_everything,
     set_threads,
+    sync,
     train_step,
 )
 from models import LanguageModel, LMOutput
@@ -238,16 +239,16 @@ class TrainClock:
     """Training wall time, lap by lap; time inside ``with clock.paused(phase):`` (evaluation, checkpoints) is left
     out, and summed per phase in ``phases`` (seconds)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.mark, self.pause_start = device, time.perf_counter(), 0.0
+    def __init__(self, device: torch.device, now: Callable[[], float] = time.perf_counter) -> None:
+        self.device, self.now = device, now
+        self.mark, self.pause_start = now(), 0.0
         self.phases: dict[str, float] = {}
         self.phase = ""
 
     def lap(self) -> float:
         """Seconds of training since the last lap (after the device has finished the queued work)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
+        sync(self.device)
+        now = self.now()
         elapsed, self.mark = now - self.mark, now
         return elapsed
 
@@ -256,10 +257,10 @@ class TrainClock:
         return self  # a plain context manager: entered every step, so no generator-based one
 
     def __enter__(self) -> None:
-        self.pause_start = time.perf_counter()
+        self.pause_start = self.now()
 
     def __exit__(self, *exc: object) -> None:
-        paused = time.perf_counter() - self.pause_start
+        paused = self.now() - self.pause_start
         self.mark += paused
         self.phases[self.phase] = self.phases.get(self.phase, 0.0) + paused
 

@@ -15,8 +15,7 @@ from torch import Tensor, nn
 from models.config import MoEConfig
 from models.grouped import FFN_KERNELS, LOW_RANK_KERNELS, ExpertGroups, activate
 
-# ``moe.kernel: auto`` on CPU: grouped_mm measured slower than the loop kernels there (``harness bench moe``;
-# FIELD-NOTES "torch 2.13 grouped GEMM").
+# ``moe.kernel: auto`` on CPU: the kernel ``harness bench moe`` measures faster there (README, "Expert kernels").
 AUTO_CPU_KERNEL = "loop"
 
 

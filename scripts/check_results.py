@@ -77,7 +77,7 @@ def sampled_cells(spec_path: Path, uri: str, committed: dict[str, Any], count: i
     """(``--cell`` index, cell, committed trial name) of ``count`` cells of a fresh store's first round that start
     from no other cell, spread over the round."""
     from harness.config import load_spec
-    from harness.study import needed_cells, select_cells
+    from harness.study.driver import needed_cells, select_cells
 
     spec = load_spec(spec_path)
     every = select_cells(spec, None, str(spec_path))  # --cell's numbering

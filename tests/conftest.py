@@ -54,12 +54,25 @@ def tiny_data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return write_tiny_data(shared_data, tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One harness cache for the whole run: the tiny data tokenised once, MLflow's empty store migrated once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_env(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test reads the tiny data and caches under its own temp dir; nothing touches ./mlruns."""
+def isolated_env(tiny_data: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test reads the tiny data and the run's shared cache; nothing touches ./mlruns or ~/.cache."""
     monkeypatch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-    monkeypatch.setenv("MOE_HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache of the test's own, for a test about what the cache holds."""
+    monkeypatch.setenv("MOE_HARNESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ they hold for code paths the other tests never execute.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,35 @@ def test_no_import_cycle_among_harness_and_models() -> None:
     graph = import_graph(module_files(REPO, PACKAGES))
     assert len(graph) > 20 and "harness.config" in graph["harness.matrix"]  # the walk found the code
     assert tangles(graph) == []
+
+
+ENTRY = {"harness", "harness.__main__", "harness.cli"}  # the command line and the lazy public names: above all
+
+
+def package_of(module: str, modules: dict[str, Path]) -> str:
+    """The package a module belongs to: its own when it is one, else its parent's; the entry points stand apart."""
+    if module in ENTRY:
+        return "entry"
+    return module if modules[module].name == "__init__.py" else module.rpartition(".")[0]
+
+
+def package_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module, targets in import_graph(modules).items():
+        home = package_of(module, modules)
+        graph.setdefault(home, set()).update(package_of(t, modules) for t in targets if package_of(t, modules) != home)
+    return graph
+
+
+def test_no_import_cycle_among_packages() -> None:
+    """Dependencies point one way between packages too: the core (``harness``'s own modules) under the executors
+    (``harness.engine``), both under the study driver (``harness.study``) and the tuner (``harness.tune``)."""
+    modules = module_files(REPO, PACKAGES)
+    graph = package_graph(modules)
+    assert {"harness", "harness.engine", "harness.study", "harness.tune", "entry"} <= set(graph)  # the walk found them
+    assert "harness" in graph["harness.engine"] and "harness.engine" in graph["harness.study"]  # edges are seen
+    assert tangles(graph) == []
+    assert not graph["harness"] & {"harness.engine", "harness.study", "harness.tune", "harness.report", "entry"}
 
 
 def test_models_import_nothing_from_harness() -> None:
@@ -207,3 +237,29 @@ def test_functions_fit_on_a_screen(tmp_path: Path) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mod.py").write_text(f"def f():\n{long_body}\n\ndef g():  {LONG_OK} a table\n{long_body}\n")
     assert long_functions(module_files(tmp_path, ("pkg",))) == ["pkg.mod.f: 61 lines"]  # the check sees them
+
+
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+NAMED_PATH = re.compile(r"\b((?:harness|models|tests|docs|scripts|studies)/[\w/.*-]*[\w*/])")
+MODULE_LIST = re.compile(r"`((?:harness|models)/[\w/]+/)` \(([^)]*)\)")
+
+
+def named_files(text: str) -> set[str]:
+    """Every path the page names, and ``package/module.py`` for each module a package's list names."""
+    names = set(NAMED_PATH.findall(text))
+    for package, listed in MODULE_LIST.findall(text):
+        names |= {f"{package}{module}.py" for module in re.findall(r"`(\w+)`", listed)}
+    return names
+
+
+def test_the_architecture_page_names_files_that_exist_and_every_core_module() -> None:
+    text = ARCHITECTURE.read_text()
+    names = named_files(text)
+    assert {"harness/study/driver.py", "harness/engine/in_process.py", "harness/report/gather.py"} <= names
+    missing = sorted(name for name in names if not any(REPO.glob(name.rstrip("/"))))
+    assert missing == [], f"docs/architecture.md names files that do not exist: {missing}"
+    documented = {name for name in names if name.endswith(".py")}
+    core = [path for folder in ("harness", "harness/engine", "harness/study") for path in (REPO / folder).glob("*.py")]
+    unnamed = sorted(str(path.relative_to(REPO)) for path in core if path.name != "__init__.py")
+    unnamed = [name for name in unnamed if name not in documented]
+    assert unnamed == [], f"docs/architecture.md does not say what these modules own: {unnamed}"

@@ -318,12 +318,12 @@ def test_parquet_without_text_column(tmp_path: Path, tiny_data: Path, capsys, mo
 def test_a_full_disk_is_one_line_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import harness.study
+    import harness.study.driver
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(harness.study, "run_study", full)
+    monkeypatch.setattr(harness.study.driver, "run_study", full)
     spec = tiny_spec(tmp_path, "bad", ["baseline"])
     rejected_once(capsys, run_cli(tmp_path, spec), "No space left on device")
 

@@ -29,7 +29,9 @@ def test_min_freq_and_max_vocab_shrink_the_vocabulary(tiny_data: Path) -> None:
     assert (capped.train == unk).sum() > (full.train == unk).sum()
 
 
-def test_numericalised_splits_are_cached_and_not_retokenised(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_numericalised_splits_are_cached_and_not_retokenised(
+    tiny_data: Path, private_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = load_corpus(DataConfig(path=str(tiny_data)))
     monkeypatch.setattr("harness.data.tokenize", lambda lines: pytest.fail("tokenised again despite the cache"))
     second = load_corpus(DataConfig(path=str(tiny_data)))

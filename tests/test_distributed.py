@@ -12,7 +12,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.engine.lock import study_lock
+from harness.lock import study_lock
 from harness.runs import finish_study_run, shared_run
 from harness.tags import HEALTH
 from harness.tracking import TrackingStore

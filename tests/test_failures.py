@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import harness.study
+import harness.cells
 from harness.cli import main
 from harness.config import DataConfig
 from harness.data import batchify, load_corpus
@@ -27,7 +27,7 @@ def test_failed_trials_are_contained_recorded_and_reported(
     variants = ["baseline", "switch", "lora", "hybrid", "dense"]
     spec_path = tiny_spec(tmp_path, "faults", variants, [0], overrides, budget={"tokens": 24 * 128})
 
-    real_train = harness.study.train
+    real_train = harness.cells.train
 
     def train_running_out_of_memory(config, corpus, sink, **kwargs):  # noqa: ANN001, ANN003, ANN202
         if config.variant == "lora":  # data that fails at run time (what is knowable before is refused up front)
@@ -48,7 +48,7 @@ def test_failed_trials_are_contained_recorded_and_reported(
 
         return real_train(config, corpus, Exhausting(), **kwargs)
 
-    monkeypatch.setattr(harness.study, "train", train_running_out_of_memory)
+    monkeypatch.setattr(harness.cells, "train", train_running_out_of_memory)
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     args = ["run-study", str(spec_path), "--tracking-uri", uri, "--no-progress", "--checkpoint-dir", str(tmp_path)]
     assert main(args) == 1
@@ -74,7 +74,7 @@ def test_failed_trials_are_contained_recorded_and_reported(
     # A rerun does not repeat failed trials unless asked to, and still says some failed.
     assert main(args) == 1
     assert "0 finished, 1 already done, 4 failed" in capsys.readouterr().out
-    monkeypatch.setattr(harness.study, "train", real_train)
+    monkeypatch.setattr(harness.cells, "train", real_train)
     assert main([*args, "--retry-failed"]) == 1  # dense fails again; switch, hybrid and lora now finish
     assert "3 finished, 1 already done, 1 failed" in capsys.readouterr().out
     experiment_id = runs["switch"].info.experiment_id
@@ -106,10 +106,10 @@ def test_a_logging_error_does_not_leave_the_run_running(tmp_path: Path, error: B
 
 
 @pytest.mark.parametrize("torn", [b"", b"PK\x03\x04 torn", b"not a zip file at all"])
-def test_a_torn_tokeniser_cache_is_a_miss_and_is_rebuilt(tmp_path: Path, torn: bytes) -> None:
+def test_a_torn_tokeniser_cache_is_a_miss_and_is_rebuilt(private_cache: Path, torn: bytes) -> None:
     config = DataConfig()
     first = load_corpus(config)
-    (cached,) = (tmp_path / "cache").glob("*.npz")
+    (cached,) = private_cache.glob("*.npz")
     cached.write_bytes(torn)  # an interrupted or foreign write
     again = load_corpus(config)
     assert torch.equal(again.train, first.train) and again.vocab == first.vocab

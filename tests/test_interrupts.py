@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-import harness.study
+import harness.cells
 import harness.tracking
 from harness.metric_names import TRAIN_LOSS, VAL_LOSS, VAL_SUBSET_LOSS
 from harness.tracking import TrackingStore
@@ -65,13 +65,15 @@ def assert_clean(uri: str, study: str) -> dict[str, dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, dict[str, object]]:
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path
+) -> dict[str, dict[str, object]]:
     """The two-trial study, uninterrupted (on the tiny data: this runs before the per-test environment)."""
     folder = tmp_path_factory.mktemp("reference")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(folder / "cache"))
+        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
         assert run_study(folder, two_trials(folder, "intr"), uri) == 0
     return assert_clean(uri, "intr")
 
@@ -93,7 +95,7 @@ def interrupt_then_rerun(
 def test_sigterm_mid_training_kills_the_run_and_the_rerun_matches(
     tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch, reference: dict
 ) -> None:
-    real_train = harness.study.train
+    real_train = harness.cells.train
 
     def signalled_at_step_6(config, corpus, sink, **kwargs):  # noqa: ANN001, ANN003, ANN202
         class Signalling:
@@ -108,7 +110,7 @@ def test_sigterm_mid_training_kills_the_run_and_the_rerun_matches(
         return real_train(config, corpus, Signalling(), **kwargs)
 
     runs = interrupt_then_rerun(
-        tmp_path, tracking_uri, monkeypatch, harness.study, "train", signalled_at_step_6, 128 + signal.SIGTERM
+        tmp_path, tracking_uri, monkeypatch, harness.cells, "train", signalled_at_step_6, 128 + signal.SIGTERM
     )
     assert runs["switch/seed=0"].info.status == "KILLED"
     assert "SIGTERM" in runs["switch/seed=0"].data.tags["harness.error"]
@@ -119,7 +121,7 @@ def test_sigterm_mid_training_kills_the_run_and_the_rerun_matches(
 def test_a_signal_while_the_trial_run_is_created_leaves_no_running_ghost(
     tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch, reference: dict
 ) -> None:
-    real_open = harness.study.open_trial_run
+    real_open = harness.cells.open_trial_run
 
     def open_then_signal(*args, **kwargs) -> str:  # noqa: ANN002, ANN003
         run_id = real_open(*args, **kwargs)
@@ -127,7 +129,7 @@ def test_a_signal_while_the_trial_run_is_created_leaves_no_running_ghost(
         return run_id
 
     runs = interrupt_then_rerun(
-        tmp_path, tracking_uri, monkeypatch, harness.study, "open_trial_run", open_then_signal, 128 + signal.SIGINT
+        tmp_path, tracking_uri, monkeypatch, harness.cells, "open_trial_run", open_then_signal, 128 + signal.SIGINT
     )
     assert [run.info.status for run in runs.values()] == ["KILLED"]
     assert assert_clean(tracking_uri, "intr") == reference

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from harness.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.config import SpecError, load_spec
-from harness.engine.attempt import AttemptSink, AttemptSuperseded, new_attempt
 from harness.metric_names import TRAIN_LOSS
 from harness.runs import TrialRun
+from harness.study.driver import run_study
 from tests.conftest import free_port
 from tests.studies import tiny_spec
 from tests.workers import REPO, harness_env, wait_for
@@ -89,7 +90,7 @@ def most_at_once(uri: str, runs: list) -> int:
 
 @pytest.mark.slow
 def test_six_cells_on_two_gpu_nodes_each_finish_once(cluster, tmp_path: Path) -> None:
-    from harness.engine.ray_study import guard_study, run_study_on_ray
+    from harness.engine.ray_study import guard_study
 
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=1)
@@ -98,16 +99,16 @@ def test_six_cells_on_two_gpu_nodes_each_finish_once(cluster, tmp_path: Path) ->
     spec, uri = load_spec(path), f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     too_big = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus_per_trial": 2})})
     with pytest.raises(SpecError, match="gpus_per_trial=2 but no node"):
-        run_study_on_ray(too_big, uri, cluster.address, progress=False, checkpoint_dir=tmp_path / "ck")
+        run_study(too_big, uri, ray=cluster.address, progress=False, checkpoint_dir=tmp_path / "ck")
     assert not (tmp_path / "mlruns").exists()  # refused before anything was written
-    guard = guard_study(spec, uri)  # another driver holds the study
+    guard = guard_study(spec.name, uri)  # another driver holds the study
     with pytest.raises(SpecError, match="already has a driver on this Ray cluster"):
-        run_study_on_ray(spec, uri, cluster.address, progress=False, checkpoint_dir=tmp_path / "ck")
+        run_study(spec, uri, ray=cluster.address, progress=False, checkpoint_dir=tmp_path / "ck")
     import ray
 
     ray.kill(guard)
     wait_for(lambda: not ray.util.list_named_actors(all_namespaces=True), 30, "the guard to go")
-    outcome = run_study_on_ray(spec, uri, cluster.address, progress=False, checkpoint_dir=tmp_path / "ck")
+    outcome = run_study(spec, uri, ray=cluster.address, progress=False, checkpoint_dir=tmp_path / "ck")
     assert len(outcome.finished) == 6 and not outcome.failed
     runs = trial_runs(uri, "six")
     assert Counter(r.data.tags["harness.cell"] for r in runs) == {c: 1 for c in outcome.finished}
@@ -117,16 +118,13 @@ def test_six_cells_on_two_gpu_nodes_each_finish_once(cluster, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_a_lost_node_s_cell_resumes_on_another_node_into_the_same_run(cluster, tmp_path: Path) -> None:
-    from harness.engine.ray_study import run_study_on_ray
-
     victim = cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
     path = tiny_spec(tmp_path, "lost", ["switch"], [0], budget={"tokens": 300 * 128, "checkpoint_every_steps": 5})
     spec, uri = load_spec(path), f"sqlite:///{tmp_path / 'ray' / 'mlflow.db'}"
     result = {}
-    driver = threading.Thread(
-        target=lambda: result.update(outcome=run_study_on_ray(spec, uri, cluster.address, False, tmp_path / "ck"))
-    )
+    ray_options = {"ray": cluster.address, "progress": False, "checkpoint_dir": tmp_path / "ck"}
+    driver = threading.Thread(target=lambda: result.update(outcome=run_study(spec, uri, **ray_options)))
     driver.start()
     wait_for(lambda: any((tmp_path / "ck" / "lost").glob("*.pt")), 300, "the first checkpoint", 0.1)
     cluster.add_node(num_cpus=2, num_gpus=1)
@@ -135,7 +133,7 @@ def test_a_lost_node_s_cell_resumes_on_another_node_into_the_same_run(cluster, t
     assert result["outcome"].finished == ["switch/seed=0"], result
     (run,) = trial_runs(uri, "lost")
     whole = f"sqlite:///{tmp_path / 'whole' / 'mlflow.db'}"  # uninterrupted, also as a Ray task (same threads)
-    run_study_on_ray(spec, whole, cluster.address, progress=False, checkpoint_dir=tmp_path / "ck-whole")
+    run_study(spec, whole, ray=cluster.address, progress=False, checkpoint_dir=tmp_path / "ck-whole")
     (reference,) = trial_runs(whole, "lost")
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, TRAIN_LOSS)]
     assert steps == sorted(set(steps)) and len(steps) == 150  # resumed: no step twice, none lost

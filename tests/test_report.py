@@ -19,8 +19,8 @@ from harness.report.blocks import Block, Heading, Table
 from harness.report.document import build_document
 from harness.report.gather import load_study
 from harness.report.render import table_markdown
-from harness.report.statistics import analyse, describe
-from harness.rounds import StudyDesign
+from harness.report.statistics import analyse, summarise
+from harness.study.rounds import StudyDesign
 from harness.tags import DESIGN, HEALTH
 from tests.studies import run_study, tiny_spec, trial_runs
 
@@ -34,13 +34,13 @@ def squash(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[str, Path]:
+def study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path) -> tuple[str, Path]:
     """Two MoE variants x two seeds plus dense on one seed (too few to test), then ``harness report`` on it."""
     folder = tmp_path_factory.mktemp("report")
     uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(folder / "cache"))
+        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
         spec = tiny_spec(folder, "rep", ["baseline", "switch"], [0, 1])
         assert run_study(folder, spec, uri) == 0
         assert run_study(folder, tiny_spec(folder, "rep", ["dense"], [0]), uri) == 0
@@ -57,7 +57,9 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[st
 
 
 @pytest.fixture(scope="module")
-def failed_single_seed(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[str, Path]:
+def failed_single_seed(
+    tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path
+) -> tuple[str, Path]:
     """One seed; switch diverges (absurd learning rate, no clipping) so the trainer raises NonFiniteLoss.
 
     Run with ``run-study --report`` from a scratch working directory: the report lands in reports/<study>/.
@@ -66,7 +68,7 @@ def failed_single_seed(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path
     uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(folder / "cache"))
+        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
         patch.chdir(folder)
         overrides = {"switch": {"optim": {"lr": 1.0e30, "grad_clip": None}}}
         spec = tiny_spec(folder, "onefail", ["baseline", "switch"], [0], overrides)
@@ -305,10 +307,10 @@ def test_tuning_study_adds_optuna_history_importances_and_pareto_front(tmp_path:
 
 
 def test_descriptive_summaries_over_seeds() -> None:
-    single = describe([5.0])
+    single = summarise([5.0])
     assert single.n == 1 and single.mean == 5.0 and math.isnan(single.sd) and math.isnan(single.ci_low)
-    summary = describe([10.0, 12.0, 11.5])
+    summary = summarise([10.0, 12.0, 11.5])
     expected = stats.t.interval(0.95, 2, loc=np.mean([10.0, 12.0, 11.5]), scale=stats.sem([10.0, 12.0, 11.5]))
     assert (summary.ci_low, summary.ci_high) == pytest.approx(expected, rel=1e-12)
-    constant = describe([5.0, 5.0])  # no spread: a point interval, not scipy's nan for a zero scale
+    constant = summarise([5.0, 5.0])  # no spread: a point interval, not scipy's nan for a zero scale
     assert (constant.sd, constant.ci_low, constant.ci_high) == (0.0, 5.0, 5.0)

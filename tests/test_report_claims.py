@@ -24,7 +24,7 @@ from harness.report.findings import verdict_section
 from harness.report.gather import StudyData
 from harness.report.overview import flag_note
 from harness.report.statistics import analyse, matched_points, ppl_at, results_of, verdicts
-from harness.rounds import StudyDesign, decision_tag
+from harness.study.rounds import StudyDesign, decision_tag
 from harness.tags import DESIGN, HEALTH, HEALTH_EVIDENCE, PARENT, ROLE, ROLE_STUDY, ROLE_TRIAL
 from tests.studies import tiny_spec
 from tests.test_report import document, records, row, tables

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from harness.rounds import decision_tag, plan_round, seed_order
 from harness.sequential import (
     UNDECIDED,
     Design,
@@ -26,6 +25,7 @@ from harness.sequential import (
     spent,
     t_boundaries,
 )
+from harness.study.rounds import decision_tag, plan_round, seed_order
 
 STUDIES = 2000
 SIZES = tuple(range(3, 11))  # seeds {initial: [1, 2, 3], max: 10}

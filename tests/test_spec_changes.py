@@ -89,7 +89,7 @@ def test_every_path_refuses_a_changed_cell(
 
 
 def test_a_changed_data_file_refuses_the_rerun(
-    tmp_path: Path, tracking_uri: str, finished_study: Path, tiny_data: Path, monkeypatch, capsys
+    tmp_path: Path, tracking_uri: str, finished_study: Path, tiny_data: Path, monkeypatch, capsys, shared_cache: Path
 ) -> None:
     changed = tmp_path / "data"
     shutil.copytree(tiny_data, changed)
@@ -97,9 +97,9 @@ def test_a_changed_data_file_refuses_the_rerun(
     table = pq.read_table(path)
     pq.write_table(pa.table({"text": table.column("text").to_pylist()[:-1]}), path)  # one line fewer
     monkeypatch.setenv("MOE_HARNESS_DATA", str(changed))
-    cache = sorted((tmp_path / "cache").iterdir())
+    cache = sorted(shared_cache.iterdir())
     assert "data.sha256.validation" in refused_line(tmp_path, finished_study, tracking_uri, capsys)
-    assert sorted((tmp_path / "cache").iterdir()) == cache  # the changed data's tokenised cache is not written
+    assert sorted(shared_cache.iterdir()) == cache  # the changed data's tokenised cache is not written
 
 
 def test_the_same_data_elsewhere_and_other_threads_count_as_done(
@@ -131,22 +131,6 @@ def test_supersede_runs_only_the_changed_cells_and_the_report_reads_the_new_runs
     data = load_study(STUDY, tracking_uri)
     assert sorted(data.runs["run_id"]) == sorted(run.info.run_id for run in trials.values())
     assert run_study(tmp_path, finished_study, tracking_uri) == 0  # the new runs are the cells' runs now
-
-
-def test_a_run_recorded_before_fingerprints_is_judged_by_its_params_and_dataset_digest(
-    tmp_path: Path, tracking_uri: str, finished_study: Path, tiny_data: Path, monkeypatch, capsys
-) -> None:
-    client = MlflowClient(tracking_uri)
-    for run in runs(tracking_uri):
-        client.delete_tag(run.info.run_id, FINGERPRINT)
-    assert run_study(tmp_path, finished_study, tracking_uri) == 0
-    assert "0 finished, 2 already done" in capsys.readouterr().out
-    changed = tmp_path / "data"
-    shutil.copytree(tiny_data, changed)
-    path = changed / "wikitext-2-v1" / "train-00000-of-00001.parquet"
-    pq.write_table(pa.table({"text": pq.read_table(path).column("text").to_pylist()[:-5]}), path)
-    monkeypatch.setenv("MOE_HARNESS_DATA", str(changed))
-    assert "data.digest" in refused_line(tmp_path, finished_study, tracking_uri, capsys)
 
 
 def test_a_changed_summary_goes_to_the_parent_run_s_next_step(tracking_uri: str) -> None:

@@ -15,12 +15,12 @@ from tests.studies import run_study, tiny_spec, trial_runs
 
 
 @pytest.fixture(scope="module")
-def lstm_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tuple[str, Path]:
+def lstm_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path) -> tuple[str, Path]:
     tmp_path = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(tmp_path / "cache"))
+        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
         spec = tiny_spec(tmp_path, "e2e", ["baseline", "switch", "lora", "hybrid", "dense"], [0, 1])
         assert run_study(tmp_path, spec, uri) == 0
     return uri, spec

@@ -46,7 +46,7 @@ def mlflow_runs(uri: str, study: str, role: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def local_tune(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Any]:
+def local_tune(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path) -> dict[str, Any]:
     """4 trials: two good and one hopeless learning rate enqueued first, then one from TPE."""
     tmp_path = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
@@ -59,7 +59,7 @@ def local_tune(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dic
         study.enqueue_trial({**fixed, "optim.lr": lr})
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(tmp_path / "cache"))
+        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
         patch.chdir(tmp_path)
         code = main(["tune", str(spec), "--tracking-uri", uri, "--no-progress", "--report"])
     assert code == 0

@@ -142,11 +142,11 @@ def run_step(step: Step) -> None:
 
 
 def summary(check: Check) -> str:
-    rows = [[s.name, s.status, s.seconds, describe(s)] for s in check.steps]
+    rows = [[s.name, s.status, s.seconds, headline(s)] for s in check.steps]
     return tabulate(rows, headers=["step", "exit", "seconds", "figures"])
 
 
-def describe(step: Step) -> str:
+def headline(step: Step) -> str:
     """The step's headline figures, one line."""
     figures = step.figures
     if not figures:

@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from harness.bench.roofline import gemm_peak_flops, layer_cost, memory_bandwidth, sync
+from harness.bench.roofline import gemm_peak_flops, layer_cost, memory_bandwidth
 from harness.config import MoEConfig
+from harness.step import sync
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that building the CLI parser stays fast
     import torch

@@ -11,13 +11,9 @@ import time
 
 import torch
 
+from harness.step import sync
+
 COPY_BYTES = 256 * 1024**2  # large enough to leave every cache
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (a CUDA timing must not stop the clock before the kernels ran)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def gemm_peak_flops(device: torch.device, precision: str, size: int = 2048, repeats: int = 10) -> float:

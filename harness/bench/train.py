@@ -25,11 +25,11 @@ import yaml
 from pydantic import ValidationError
 from tabulate import tabulate
 
-from harness.bench.roofline import gemm_peak_flops, sync
+from harness.bench.roofline import gemm_peak_flops
 from harness.config import VARIANTS, SpecError, TrialConfig, deep_merge, load_spec, resolve_trial
 from harness.data import Corpus, batchify, get_batch, load_corpus
 from harness.flops import train_flops_per_token
-from harness.step import build_train_state, resolve_device, seed_everything, set_threads, train_step
+from harness.step import build_train_state, resolve_device, seed_everything, set_threads, sync, train_step
 from harness.trainer import MetricSink, NullSink, steps_per_epoch, total_steps, train
 
 EVAL_TOKENS = 4096  # the bench's final evaluation is not timed; keep it short

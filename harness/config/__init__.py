@@ -5,7 +5,7 @@
 the machine it runs on (see :mod:`harness.preflight`). Import the names from here.
 """
 
-from harness.config.errors import SpecError, describe_error, shorten
+from harness.config.errors import HarnessError, SpecError, describe_error, shorten
 from harness.config.loading import check_spec, check_tune, load_spec
 from harness.config.resolution import ResolvedTrial, deep_merge, resolve_matrix, resolve_trial, set_dotted, source_order
 from harness.config.schema import (
@@ -53,6 +53,7 @@ __all__ = [
     "SpeedConfig",
     "ResolvedTrial",
     "ResourcesConfig",
+    "HarnessError",
     "SpecError",
     "StudySpec",
     "TrainConfig",

@@ -1,4 +1,5 @@
-"""Bad input in words: the one-line :class:`SpecError` and how a validation error becomes one."""
+"""Bad input in words: the one-line :class:`HarnessError` family (:class:`SpecError` for a spec or option) and how a
+validation error becomes one."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from pydantic import BaseModel, ValidationError
 VALUE_CHARS = 200  # an offending value is echoed up to this many characters
 
 
-class SpecError(ValueError):
-    """A study spec or CLI input that cannot be used; the message is one line for the user."""
+class HarnessError(Exception):
+    """What the user must fix or wait for before a command can run; the message is one line for the user, and the
+    command exits 2 with it (``harness.cli``)."""
+
+
+class SpecError(HarnessError, ValueError):
+    """A study spec or CLI input that cannot be used."""
 
 
 def shorten(value: Any) -> str:

@@ -48,10 +48,9 @@ class OptimConfig(StrictConfig):
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     block_lr_scale: float = Field(1.0, gt=0.0)
-    """The residual block's parameters (router, experts, a dense FFN) train at ``lr`` x this. A linear block
-    between the LSTM and a tied softmax is unstable at the classic recipe's SGD lr 20 whatever its init, while
-    the plain LSTM is not; 0.05 (lr 1 for the block) keeps every variant stable (``tests/test_references.py``;
-    figures in docs/references.md)."""
+    """The residual block's parameters (router, experts, a dense FFN) train at ``lr`` x this: a block that is
+    unstable at the backbone's learning rate (the classic LSTM recipe's SGD lr 20) trains at a smaller one
+    (docs/references.md)."""
     fused: bool = True
     """AdamW: torch's fused kernel (one pass over all parameters instead of one per tensor). A speed lever only:
     it changes no result beyond rounding."""

@@ -9,8 +9,12 @@ import psutil
 import ray
 
 from harness import interrupt
-from harness.config import ResourcesConfig, SpecError
+from harness.config import HarnessError, ResourcesConfig, SpecError
 from harness.engine.watchdog import wait_watchdogs, watch_cluster
+
+
+class ClusterUnreachable(HarnessError):
+    """``--ray ADDRESS`` names no Ray cluster this machine can join."""
 
 
 def connect(address: str) -> bool:
@@ -27,13 +31,15 @@ def connect(address: str) -> bool:
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except (OSError, ValueError) as error:
-            raise SpecError(f"--ray {address}: no Ray cluster answers there ({error})") from None
+            raise ClusterUnreachable(f"--ray {address}: no Ray cluster answers there ({error})") from None
     before = {child.pid for child in psutil.Process().children()}
     try:
         # "local" is a new cluster here: address=None would join a cluster found on this machine, even a dead one
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise SpecError(f"--ray {address}: cannot join the Ray cluster ({str(error).splitlines()[0]})") from None
+        raise ClusterUnreachable(
+            f"--ray {address}: cannot join the Ray cluster ({str(error).splitlines()[0]})"
+        ) from None
     finally:
         interrupt.reclaim()  # ray.init's SIGTERM handler dumps a stack and aborts: SIGTERM must end as Ctrl-C does
     if address == "local":
@@ -45,6 +51,13 @@ def disconnect() -> None:
     """Leave the cluster (shut it down when this process started it) and see its watchdog go too."""
     ray.shutdown()
     wait_watchdogs()
+
+
+def cancel_all(refs: list[ray.ObjectRef], wait_s: float = 30) -> None:
+    """Cancel the tasks and give them ``wait_s`` to end (each ends its own run or trial as an interruption)."""
+    for ref in refs:
+        ray.cancel(ref)
+    ray.wait(refs, num_returns=len(refs), timeout=wait_s)
 
 
 def trial_resources(resources: ResourcesConfig, address: str, where: str) -> dict[str, float]:

@@ -1,14 +1,14 @@
 """The "Design and decisions" section: the questions the study's design asks, and each comparison's looks, the
 repeated confidence intervals and what each question read off them, rebuilt from the recorded runs the same way the
-runner decided (:mod:`harness.rounds`)."""
+runner decided (:mod:`harness.study.rounds`)."""
 
 from __future__ import annotations
 
 from harness.report.blocks import Block, Bullets, Heading, Para, Table, fmt
 from harness.report.gather import StudyData
 from harness.report.statistics import BackboneTests, results_of
-from harness.rounds import StudyDesign, bound_text
 from harness.sequential import SIMULATIONS, Interval, Look
+from harness.study.rounds import StudyDesign, bound_text
 from harness.tags import DECISION, TRIALS_SAVED
 
 Tests = dict[str, BackboneTests]

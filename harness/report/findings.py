@@ -15,7 +15,7 @@ from harness.report.blocks import MISSING, Block, Figure, Heading, Para, Table, 
 from harness.report.decisions import coverage, interval_text
 from harness.report.gather import StudyData, is_routed, load_cv, metric_values, peak_memory, with_flops
 from harness.report.overview import figure_section, flag_note
-from harness.report.statistics import Against, BackboneTests, Summary, describe, matched_points
+from harness.report.statistics import Against, BackboneTests, Summary, matched_points, summarise
 
 LOWER, HIGHER = "lower", "higher"
 VERDICT_HEADING = "Verdict against the reference"
@@ -134,7 +134,7 @@ def quality_table(found: BackboneTests) -> Table:
     header = ["Variant", "n", "Val PPL (mean ± sd)", "Val PPL 95% CI", "Test PPL (mean ± sd)", "Test PPL 95% CI"]
     rows, raw = [], []
     for variant, runs in found.groups.items():
-        val, test = describe(metric_values(runs, "final_val_ppl")), describe(metric_values(runs, "test_ppl"))
+        val, test = summarise(metric_values(runs, "final_val_ppl")), summarise(metric_values(runs, "test_ppl"))
         rows.append([variant, str(len(runs)), mean_sd(val), ci(val), mean_sd(test), ci(test)])
         raw.append([None, None, val.mean, None, test.mean, None])
     bold = {(i, c) for c in (2, 4) for i in best_rows(raw, c, LOWER)}
@@ -170,7 +170,7 @@ def cost_table(data: StudyData, found: BackboneTests) -> Table:
         means = []
         for _, metric, _, _ in columns:
             values = load_cv(runs) if metric is None else metric_values(runs, metric)
-            means.append(describe(values).mean if values else math.nan)
+            means.append(summarise(values).mean if values else math.nan)
         if not is_routed(runs):  # dense or plain: no router, so no aux loss and no load to balance
             means[-2:] = [math.nan, math.nan]
         rows.append([variant] + [f(m) for (_, _, f, _), m in zip(columns, means, strict=True)])
@@ -212,8 +212,8 @@ def matched(data: StudyData, found: BackboneTests) -> list[Block]:
     flops_budget, at_flops = matched_points(curves, "flops")
     rows, raw = [], []
     for variant, runs in found.groups.items():
-        by_time = describe([at_time.get(run_id, math.nan) for run_id in runs["run_id"]])
-        by_flops = describe([at_flops.get(run_id, math.nan) for run_id in runs["run_id"]])
+        by_time = summarise([at_time.get(run_id, math.nan) for run_id in runs["run_id"]])
+        by_flops = summarise([at_flops.get(run_id, math.nan) for run_id in runs["run_id"]])
         per_token = curves[curves["run_id"].isin(runs["run_id"])].eval("flops / tokens").mean()
         rows.append([variant, str(len(runs)), _flops_text(per_token), mean_sd(by_time), mean_sd(by_flops)])
         raw.append([None, None, None, by_time.mean, by_flops.mean])

@@ -30,8 +30,8 @@ from harness.data import load_corpus
 from harness.flops import train_flops_per_token
 from harness.health import UNTRAINED, is_result  # verdicts that keep a run out of rankings and tests
 from harness.metric_names import VAL_PPL, VAL_SUBSET_PPL
-from harness.rounds import StudyDesign
 from harness.speed import ARTIFACT as SPEED_ARTIFACT
+from harness.study.rounds import StudyDesign
 from harness.tags import (
     DESIGN,
     HEALTH,

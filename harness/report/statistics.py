@@ -3,7 +3,7 @@
 - Per variant over seeds: mean ± sd with the 95% t interval of the mean (scipy ``t.interval``), descriptive.
 - Each variant against the reference: the study's design decides each question it asks (difference,
   non-inferiority, equivalence) on the paired per-seed test log-PPL, read off repeated confidence intervals at the
-  per-comparison level (Bonferroni across comparisons): :mod:`harness.sequential` and :mod:`harness.rounds`, the
+  per-comparison level (Bonferroni across comparisons): :mod:`harness.sequential` and :mod:`harness.study.rounds`, the
   same code the runner used to choose its rounds. A fixed design is one look at the healthy paired seeds.
 - The founding question's other two parts: the parameter ratio against ``design.min_param_reduction``, and the
   paired time ratio (:mod:`harness.speed`) against ``design.min_speedup``.
@@ -24,9 +24,9 @@ from scipy import stats
 
 from harness.config import Question
 from harness.report.gather import StudyData, by_seed, health_of
-from harness.rounds import OPEN, Comparison, Plan, Result, StudyDesign, trial_result
 from harness.sequential import UNDECIDED, Look, verdict_words
 from harness.speed import TimeRatio, time_ratio
+from harness.study.rounds import OPEN, Comparison, Plan, Result, StudyDesign, recorded_result
 from harness.tags import COMMAND, HEALTH
 
 ALPHA = 0.05
@@ -42,7 +42,7 @@ class Summary:
     ci_high: float
 
 
-def describe(values: Sequence[float]) -> Summary:
+def summarise(values: Sequence[float]) -> Summary:
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     n = len(x)
     if n == 0:
@@ -85,7 +85,7 @@ class Against:
     and the founding question's answer read off them."""
 
     variant: str
-    comparison: Comparison  # the design's looks and question outcomes (harness.rounds)
+    comparison: Comparison  # the design's looks and question outcomes (harness.study.rounds)
     design: StudyDesign
     params_ratio: float  # mean total parameters, variant / reference
     time: TimeRatio | None  # paired speed measurement (harness.speed); None: not measured
@@ -158,11 +158,11 @@ def _mean(runs: pd.DataFrame, metric: str) -> float:
 
 
 def results_of(runs: pd.DataFrame) -> dict[tuple[str, int], Result]:
-    """(variant, seed) -> :func:`harness.rounds.trial_result` of each ended trial, as the runner counts them."""
+    """(variant, seed) -> :func:`~harness.study.rounds.recorded_result` of each ended trial, as the driver counts."""
     results: dict[tuple[str, int], Result] = {}
     for _, run in runs.iterrows():
         if run["status"] in ("FINISHED", "FAILED") and str(run["tags.seed"]).isdigit():
-            result = trial_result(run["status"], run.get(f"tags.{HEALTH}"), run.get("metrics.test_loss"))
+            result = recorded_result(run["status"], run.get(f"tags.{HEALTH}"), run.get("metrics.test_loss"))
             results[(run["tags.variant"], int(run["tags.seed"]))] = result
     return results
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from mlflow.entities import Run
 
 from harness.data import Corpus
-from harness.fingerprint import changes, describe, identity
+from harness.fingerprint import changes, describe_changes, identity
 from harness.matrix import Cell
 from harness.preflight import corpus_key
-from harness.runs import KILLED, RUNNING, SCHEDULED, cell_run, end_run
+from harness.runs import KILLED, RUNNING, SCHEDULED, cell_runs, end_run
 from harness.tags import ROLE, ROLE_SUPERSEDED, SUPERSEDED
 from harness.tracking import TrackingStore
 
@@ -17,7 +17,7 @@ Changes = dict[str, tuple[str | None, str | None]]
 
 
 def changed_cells(
-    store: TrackingStore, study: str, trials: list[Cell], corpora: dict[str, Corpus]
+    store: TrackingStore, study: str, cells: list[Cell], corpora: dict[str, Corpus]
 ) -> dict[str, Changes]:
     """Cell key -> how its recorded run differs from what the cell computes now; only cells that differ.
 
@@ -28,14 +28,15 @@ def changed_cells(
     if experiment is None:
         return {}
     changed: dict[str, Changes] = {}
-    for trial in trials:
-        run = cell_run(store, experiment.experiment_id, trial)
-        corpus = corpora[corpus_key(trial)]
-        differences = {} if run is None else changes(run, identity(trial.config, corpus), corpus.digest)
-        if trial.depends_on in changed:
-            differences = differences or {"init.source run": (trial.depends_on, "a new run")}
+    runs = cell_runs(store, experiment.experiment_id)
+    for cell in cells:
+        run = runs.get(cell.key)
+        corpus = corpora[corpus_key(cell)]
+        differences = {} if run is None else changes(run, identity(cell.config, corpus))
+        if cell.depends_on in changed:
+            differences = differences or {"init.source run": (cell.depends_on, "a new run")}
         if differences and run is not None:
-            changed[trial.key] = differences
+            changed[cell.key] = differences
     return changed
 
 
@@ -44,7 +45,7 @@ def refusal(study: str, changed: dict[str, Changes]) -> str:
     key, differences = next(iter(changed.items()))
     more = f" (and {len(changed) - 1} more cells)" if len(changed) > 1 else ""
     return (
-        f"study '{study}': cell {key} differs from its recorded run: {describe(differences)}{more}; "
+        f"study '{study}': cell {key} differs from its recorded run: {describe_changes(differences)}{more}; "
         f"rerun with --supersede to run changed cells as new runs (the old ones are kept, tagged superseded), "
         f"or give the study another name"
     )

@@ -12,8 +12,8 @@ from mlflow.entities import Param
 from harness import runs
 from harness.config import StudySpec
 from harness.matrix import Cell, expand
-from harness.rounds import StudyDesign
 from harness.runs import shared_run
+from harness.study.rounds import StudyDesign
 from harness.tags import COMMAND, DESIGN, NOTE, ROLE, ROLE_STUDY, STUDY
 from harness.tracking import TrackingStore, device_description
 

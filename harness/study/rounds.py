@@ -16,12 +16,13 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from mlflow.entities import Run
 
 from harness.config import DesignConfig, Question, StudySpec, reference_variant
 from harness.config.schema import SequentialSeeds
 from harness.health import is_result
 from harness.matrix import Cell
-from harness.runs import FAILED, FINISHED, cell_run
+from harness.runs import FAILED, FINISHED, cell_runs
 from harness.sequential import UNDECIDED, Design, Look, Outcome, all_decided, look_at, make_design, outcomes
 from harness.tags import DECISION, DESIGN, HEALTH, TRIALS_SAVED
 from harness.tracking import TrackingStore
@@ -253,37 +254,37 @@ class StudyDesign:
         return Plan(comparisons=comparisons, next_cells=missing, results=results)
 
 
-def trial_result(status: str, health: str | None, test_loss: float | None) -> Result:
+def recorded_result(status: str, health: str | None, test_loss: float | None) -> Result:
     """An ended trial (FINISHED or FAILED) as a seed: its test loss when it is a result (:func:`is_result`); None
     (no seed) otherwise."""
     usable = is_result(status, health) and test_loss is not None and not math.isnan(test_loss)
     return float(test_loss) if usable else None  # type: ignore[arg-type]  # test_loss is a float when usable
 
 
-def recorded_results(store: TrackingStore, experiment_id: str, trials: list[Cell]) -> dict[tuple[str, int], Result]:
-    """(variant, seed) -> :func:`trial_result` of each cell whose run ended."""
+def recorded_results(runs: dict[str, Run], cells: list[Cell]) -> dict[tuple[str, int], Result]:
+    """(variant, seed) -> :func:`recorded_result` of each cell whose run ended (``runs``: from ``cell_runs``)."""
     results: dict[tuple[str, int], Result] = {}
-    for trial in trials:
-        run = cell_run(store, experiment_id, trial)
+    for cell in cells:
+        run = runs.get(cell.key)
         if run is not None and run.info.status in (FINISHED, FAILED):
             health, loss = run.data.tags.get(HEALTH), run.data.metrics.get("test_loss")
-            results[(trial.variant, trial.seed)] = trial_result(run.info.status, health, loss)
+            results[(cell.variant, cell.seed)] = recorded_result(run.info.status, health, loss)
     return results
 
 
 def current_plan(spec: StudySpec, store: TrackingStore | None, trials: list[Cell]) -> Plan:
     """Where a study stands by what its store holds (None: no store yet), and its next round."""
     experiment = None if store is None else store.client.get_experiment_by_name(spec.name)
-    results = {} if experiment is None else recorded_results(store, experiment.experiment_id, trials)
+    results = {} if experiment is None else recorded_results(cell_runs(store, experiment.experiment_id), trials)
     return StudyDesign.of(spec).plan(results)
 
 
-def round_cells(plan: Plan, trials: list[Cell]) -> list[Cell]:
+def round_cells(plan: Plan, cells: list[Cell]) -> list[Cell]:
     """The cells of the plan's next round, with the cells they start from (``init.source``), in matrix order."""
     wanted = set(plan.next_cells)
-    keys = {trial.key for trial in trials if (trial.variant, trial.seed) in wanted}
-    keys |= {trial.depends_on for trial in trials if trial.key in keys and trial.depends_on is not None}
-    return [trial for trial in trials if trial.key in keys]
+    keys = {cell.key for cell in cells if (cell.variant, cell.seed) in wanted}
+    keys |= {cell.depends_on for cell in cells if cell.key in keys and cell.depends_on is not None}
+    return [cell for cell in cells if cell.key in keys]
 
 
 def record_plan(store: TrackingStore, parent_id: str, spec: StudySpec, plan: Plan) -> None:

@@ -39,7 +39,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     storage = args.storage or os.environ.get("OPTUNA_STORAGE") or default_storage(spec, uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.ray:  # the workers tune on the cluster; this process then records the best trial(s)
-        from harness.engine.ray_tune import tune_on_ray
+        from harness.tune.ray_workers import tune_on_ray
         from harness.urls import absolute
 
         uri, storage = absolute(uri), absolute(storage)

@@ -145,7 +145,13 @@ def objective(ctx: Context, trial: optuna.Trial) -> float | tuple[float, float]:
         raise
     run.sink.flush()  # the verdict reads the run's whole metric history
     health_metrics, verdict = assess(
-        run.client, run.run_id, result.summary, result.utilisation, ctx.corpus, config.optim.grad_clip
+        run.client,
+        run.run_id,
+        result.summary,
+        result.utilisation,
+        ctx.corpus,
+        config.optim.grad_clip,
+        config.moe.routed_top_k,
     )
     tables = {"utilisation": result.utilisation, "utilisation_history": result.utilisation_history}
     run.finish(result.summary | health_metrics, tables, verdict.tags())

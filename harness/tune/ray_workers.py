@@ -1,4 +1,5 @@
-"""``harness tune SPEC --ray ADDRESS --workers N``: N Optuna workers as Ray tasks.
+"""``harness tune SPEC --ray ADDRESS --workers N``: N Optuna workers as Ray tasks (Ray places them; Optuna, not
+Ray Tune, searches).
 
 Optuna's RDB storage stays the engine for sampling and pruning; Ray only places the workers (one
 GPU each by default, ``resources`` of the spec). A lost worker's running trial is failed by
@@ -13,13 +14,12 @@ import ray
 
 from harness import interrupt
 from harness.config import StudySpec
-from harness.engine.ray_cluster import connect, disconnect, trial_resources
+from harness.engine.ray_cluster import cancel_all, connect, disconnect, trial_resources
+from harness.tune.search import run_tune
 
 
 @ray.remote
 def tune_worker(spec: StudySpec, tracking_uri: str, storage_url: str, n_trials: int | None) -> None:
-    from harness.tune.search import run_tune
-
     run_tune(spec, tracking_uri, storage_url, n_trials, progress=False)
 
 
@@ -35,9 +35,7 @@ def tune_on_ray(
         try:
             wait_workers(refs)
         except BaseException:  # Ctrl-C, SIGTERM: stop the workers (each leaves its trial as an interruption)
-            for ref in refs:
-                ray.cancel(ref)
-            ray.wait(refs, num_returns=len(refs), timeout=30)
+            cancel_all(refs)
             raise
     finally:
         if started:
