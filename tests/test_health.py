@@ -3,6 +3,7 @@ component attribution, and tiny real trials made to stall, collapse and diverge.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -191,6 +192,8 @@ def trained_verdict(variant: str, **overrides: object):
 
 def verdict_of(config: TrialConfig):
     recorder, corpus = Recorder(), load_corpus(config.data)
+    # The verdict reads training only: the final evaluation runs on the first 20k tokens of each split, not all.
+    corpus = dataclasses.replace(corpus, validation=corpus.validation[:20_000], test=corpus.test[:20_000])
     result = train(config, corpus, recorder, progress=False)
     steps: dict[str, list[tuple[int, float]]] = {}
     for step, key, value in recorder.rows:
