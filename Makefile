@@ -17,7 +17,7 @@ quick: $(VENV)/.installed
 	$(BIN)/harness run-study studies/quick.yaml --report
 
 ## Check every committed result (docs/results/<study>/): one commit, two cells rerun alone (exact where commit and
-## device match), then the whole study rerun into a fresh store; fails when a decision changed (about 2 h on 2 CPU
+## device match), then the whole study rerun into a fresh store; fails when a decision changed (about 2.5 h on 2 CPU
 ## cores). RESULTS="claim --sample-only" skips the full rerun; RESULTS="claim --update" commits a new report.
 results: $(VENV)/.installed
 	$(BIN)/python scripts/check_results.py $(RESULTS)

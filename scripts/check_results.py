@@ -14,7 +14,7 @@ design, the commit and command that made it, every trial's health and test loss,
 
 Exit 1 names every refusal, differing cell and changed decision; 0 when all hold.
 
-    python scripts/check_results.py                    # every committed study, in full (about 2 h on 2 cores)
+    python scripts/check_results.py                    # every committed study, in full (about 2.5 h on 2 cores)
     python scripts/check_results.py claim --sample-only
     python scripts/check_results.py claim --update     # rerun one and commit its new report
 """
