@@ -33,12 +33,12 @@ from models import build_model
 MAX_EPOCHS = 1000  # a token budget beyond this many passes over the train split is refused as a likely typo
 
 
-def corpus_key(trial: Cell) -> str:
-    return trial.config.data.model_dump_json()
+def corpus_key(cell: Cell) -> str:
+    return cell.config.data.model_dump_json()
 
 
 def preflight(
-    spec: StudySpec, trials: list[Cell], checkpoint_dir: Path, where: str = "spec", *, supersede: bool = False
+    spec: StudySpec, cells: list[Cell], checkpoint_dir: Path, where: str = "spec", *, supersede: bool = False
 ) -> dict[str, Corpus]:
     """The corpora the cells read (by :func:`corpus_key`), once every cell has passed every check.
 
@@ -46,21 +46,21 @@ def preflight(
     checkpoint goes with its old run: ``harness.study.driver.Study.prepare``).
     """
     check_strings(spec, where)
-    check_host((trial.config for trial in trials), where)
+    check_host((cell.config for cell in cells), where)
     corpora: dict[str, Corpus] = {}
     parameters: dict[str, int] = {}  # cell key -> parameter count (the meta build is done once per cell)
-    for trial in trials:
-        if corpus_key(trial) not in corpora:
-            corpora[corpus_key(trial)] = read_corpus(trial.config.data)  # cached once the study may go on
-        corpus = corpora[corpus_key(trial)]
-        check_splits(trial.config, corpus)
-        check_budget(trial.config, corpus, f"{where}: {trial.key}")
-        check_params(trial, corpus, where)
-        parameters[trial.key] = count_parameters(trial, corpus, where)
-        check_memory(trial.config, parameters[trial.key], f"{where}: {trial.key}")
+    for cell in cells:
+        if corpus_key(cell) not in corpora:
+            corpora[corpus_key(cell)] = read_corpus(cell.config.data)  # cached once the study may go on
+        corpus = corpora[corpus_key(cell)]
+        check_splits(cell.config, corpus)
+        check_budget(cell.config, corpus, f"{where}: {cell.key}")
+        check_params(cell, corpus, where)
+        parameters[cell.key] = count_parameters(cell, corpus, where)
+        check_memory(cell.config, parameters[cell.key], f"{where}: {cell.key}")
         if not supersede:
-            cell_checkpointer(checkpoint_dir, spec, trial, corpus).load()  # CheckpointUnusable: another config's
-    check_checkpoint_room(spec, trials, corpora, parameters, checkpoint_dir)
+            cell_checkpointer(checkpoint_dir, spec, cell, corpus).load()  # CheckpointUnusable: another config's
+    check_checkpoint_room(spec, cells, corpora, parameters, checkpoint_dir)
     return corpora
 
 
@@ -107,15 +107,15 @@ def check_budget(config: TrialConfig, corpus: Corpus, where: str) -> None:
         )
 
 
-def count_parameters(trial: Cell, corpus: Corpus, where: str) -> int:
+def count_parameters(cell: Cell, corpus: Corpus, where: str) -> int:
     """The cell's model built on the meta device (shapes only: no memory, no initialisation cost)."""
     try:
         with torch.device("meta"):
-            model = build_model(trial.config.model, trial.config.moe, corpus.vocab_size)
+            model = build_model(cell.config.model, cell.config.moe, corpus.vocab_size)
     except (RuntimeError, OverflowError, MemoryError) as error:  # sizes beyond what a tensor can hold
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise SpecError(
-            f"{where}: {trial.key}: the model cannot be built ({first_line}); check model.*, moe.*"
+            f"{where}: {cell.key}: the model cannot be built ({first_line}); check model.*, moe.*"
         ) from None
     return sum(p.numel() for p in model.parameters())
 
@@ -138,7 +138,7 @@ def check_memory(config: TrialConfig, n_parameters: int, where: str) -> None:
 
 def check_checkpoint_room(
     spec: StudySpec,
-    trials: list[Cell],
+    cells: list[Cell],
     corpora: dict[str, Corpus],
     parameters: dict[str, int],
     checkpoint_dir: Path,
@@ -147,17 +147,17 @@ def check_checkpoint_room(
     beside the last one), less what that cell's checkpoint already takes. Cells run one at a time here; on a
     Ray cluster the cells running at once each need their room (not checked: the folder is the nodes')."""
     largest, room = None, 0
-    for trial in trials:
-        corpus = corpora[corpus_key(trial)]
-        config = trial.config
+    for cell in cells:
+        corpus = corpora[corpus_key(cell)]
+        config = cell.config
         if not writes_checkpoints(config, corpus):
             continue
-        n_parameters = parameters[trial.key]
-        path = cell_checkpointer(checkpoint_dir, spec, trial, corpus).path
+        n_parameters = parameters[cell.key]
+        path = cell_checkpointer(checkpoint_dir, spec, cell, corpus).path
         needed = 2 * checkpoint_bytes(n_parameters, config.optim.name, config.optim.momentum)
         needed -= path.stat().st_size if path.is_file() else 0
         if needed > room:
-            largest, room = trial, needed
+            largest, room = cell, needed
     if largest is not None:
         check_room(checkpoint_dir / spec.name, room, largest.key)
 
@@ -175,14 +175,14 @@ def check_strings(spec: StudySpec, where: str) -> None:
         )
 
 
-def check_params(trial: Cell, corpus: Corpus, where: str) -> None:
+def check_params(cell: Cell, corpus: Corpus, where: str) -> None:
     """The cell's key (a tag) and every config value (a param) must fit MLflow's limits."""
-    if len(trial.key) > MAX_TAG_VAL_LENGTH:
-        raise SpecError(f"{where}: cell {shorten(trial.key)}: the key is longer than MLflow's {MAX_TAG_VAL_LENGTH:,}")
-    for key, value in run_params(trial.config, corpus).items():
+    if len(cell.key) > MAX_TAG_VAL_LENGTH:
+        raise SpecError(f"{where}: cell {shorten(cell.key)}: the key is longer than MLflow's {MAX_TAG_VAL_LENGTH:,}")
+    for key, value in run_params(cell.config, corpus).items():
         if len(key) > MAX_ENTITY_KEY_LENGTH or len(value) > MAX_PARAM_VAL_LENGTH:
             raise SpecError(
-                f"{where}: {trial.key}: {shorten(key)} = {shorten(value)}: {len(value):,} characters; MLflow "
+                f"{where}: {cell.key}: {shorten(key)} = {shorten(value)}: {len(value):,} characters; MLflow "
                 f"params hold at most {MAX_PARAM_VAL_LENGTH:,}"
             )
 
