@@ -15,6 +15,9 @@ import ray
 from harness import interrupt
 from harness.config import StudySpec
 from harness.engine.ray_cluster import cancel_all, connect, disconnect, trial_resources
+from harness.runs import KILLED, RUNNING, end_run, ending
+from harness.tags import ROLE, ROLE_TUNE
+from harness.tracking import TrackingStore
 from harness.tune.search import run_tune
 
 
@@ -34,12 +37,25 @@ def tune_on_ray(
         refs = [worker.remote(spec, tracking_uri, storage_url, n_trials) for _ in range(workers)]
         try:
             wait_workers(refs)
-        except BaseException:  # Ctrl-C, SIGTERM: stop the workers (each leaves its trial as an interruption)
+        except BaseException as error:  # Ctrl-C, SIGTERM: stop the workers (each leaves its trial as an interruption)
             cancel_all(refs)
+            end_parent_run(spec, tracking_uri, ending(error).reason)
             raise
     finally:
         if started:
             disconnect()
+
+
+def end_parent_run(spec: StudySpec, tracking_uri: str, reason: str) -> None:
+    """The tuning parent run KILLED, as a worker's own interruption leaves it: a cancelled task's result is ready
+    before the worker has run its clean-up, and the cluster goes down with this driver, so the worker may not."""
+    store = TrackingStore(tracking_uri)
+    experiment = store.client.get_experiment_by_name(spec.name)
+    if experiment is None:
+        return
+    query = f"tags.`{ROLE}` = '{ROLE_TUNE}' and attributes.status = '{RUNNING}'"
+    for run in store.runs(experiment.experiment_id, query):
+        end_run(store.client, run.info.run_id, KILLED, reason)
 
 
 def wait_workers(refs: list[ray.ObjectRef]) -> None:
