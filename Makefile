@@ -22,11 +22,11 @@ quick: $(VENV)/.installed
 results: $(VENV)/.installed
 	$(BIN)/python scripts/check_results.py $(RESULTS)
 
-## Every test, the slow end-to-end ones included, then RELIABILITY_SLICE reliability cases per part drawn with
-## RELIABILITY_SEED (what CI runs); the 15 slowest tests are listed at the end of the first.
+## Every test, the slow end-to-end ones included, and RELIABILITY_SLICE reliability cases per part drawn with
+## RELIABILITY_SEED, in one pytest run (what CI runs; its fixtures built once); the 15 slowest tests listed at its end.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not reliability" --durations=15
-	$(BIN)/python -m pytest -m reliability --reliability-seed $(RELIABILITY_SEED) --reliability-slice $(RELIABILITY_SLICE) tests/reliability
+	$(BIN)/python -m pytest -m "slow or not slow" --reliability-seed $(RELIABILITY_SEED) \
+		--reliability-slice $(RELIABILITY_SLICE) --durations=15
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -1,9 +1,10 @@
-"""Shared fixtures: small real data, a throwaway MLflow store, a real PostgreSQL server."""
+"""Shared fixtures: small real data, a throwaway MLflow store, a real PostgreSQL server, a shared Ray cluster."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -73,6 +74,32 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache of the test's own, for a test about what the cache holds."""
     monkeypatch.setenv("MOE_HARNESS_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """Ends this process's Ray connection (and the cluster it started) when the run ends."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def shared_ray(ray_session: None, tiny_data: Path, shared_cache: Path) -> None:
+    """One local Ray cluster for the tests that run cells on Ray but are not about a cluster's life: started on first
+    use and kept for the run. ``--ray local`` and cells at once find this process connected and run on it, as from
+    a notebook (:func:`harness.engine.ray_cluster.connect`); a test that builds a cluster of its own ends it first."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    env = {"MOE_HARNESS_DATA": str(tiny_data), "MOE_HARNESS_CACHE": str(shared_cache)}  # the workers' environment
+    ray.init(address="local", log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": env})
+    for signum, handler in handlers.items():  # ray.init takes SIGTERM over; pytest's own handling stays
+        signal.signal(signum, handler)
 
 
 @pytest.fixture

@@ -152,6 +152,7 @@ def check_truthful(url: str, study: str, *, sequential_driver: bool) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")  # on Ray, not about a cluster's life
 def test_durations_means_and_references_agree_with_the_report_on_a_server(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

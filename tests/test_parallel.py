@@ -49,6 +49,7 @@ def test_bad_workers_are_refused_in_one_line(tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")  # on Ray, not about a cluster's life
 def test_cells_at_once_give_the_same_results_as_one_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -66,6 +67,7 @@ def test_cells_at_once_give_the_same_results_as_one_at_a_time(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")  # on Ray, not about a cluster's life
 def test_every_cell_runs_and_records_the_threads_printed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

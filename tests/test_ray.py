@@ -57,8 +57,10 @@ def test_a_lost_attempt_never_ends_the_newer_attempt_s_run(tmp_path: Path) -> No
 
 @pytest.fixture
 def cluster() -> Iterator:
+    import ray
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # the tests' shared cluster (conftest.shared_ray), when an earlier test started it
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     try:
         yield cluster

@@ -92,25 +92,32 @@ DESIGN_OF_CLAIMS = StudyDesign(
 )
 
 
-@pytest.fixture
-def flagged_study(tmp_path: Path, tracking_uri: str) -> tuple[Path, list[Block]]:
+@pytest.fixture(scope="module")
+def flagged_study(
+    tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path
+) -> tuple[Path, list[Block]]:
     """baseline and switch healthy over 3 seeds, hybrid stalled in both of its seeds, lora from an older store;
-    the paired speed measurement has switch at twice baseline's time."""
-    spec = load_spec(tiny_spec(tmp_path, "claims", ["baseline"], [0]))
-    client = MlflowClient(tracking_uri)
-    eid = client.create_experiment("claims")
-    parent = client.create_run(eid, tags={ROLE: ROLE_STUDY, DESIGN: DESIGN_OF_CLAIMS.tag()}).info.run_id
-    speed = {"baseline": [1000.0, 1010.0, 990.0, 1005.0], "switch": [2000.0, 2030.0, 1990.0, 2000.0]}
-    record = {"rounds": 4, "steps": 10, "warmup": 10, "threads": 1, "device": "cpu", "seconds_per_mtok": speed}
-    client.log_dict(parent, record, "speed.json")
-    client.set_terminated(parent, "FINISHED")
-    values = {"baseline": BASE, "switch": CLOSE, "hybrid": {"0": 1030.0, "1": 1040.0}, "lora": {"0": 99.0}}
-    health = {"baseline": "ok", "switch": "ok", "hybrid": "stalled", "lora": None}
-    for variant, by_seed in values.items():
-        for seed, ppl in by_seed.items():
-            _trial(client, eid, parent, resolve_trial(spec, variant, int(seed)), ppl, health[variant])
-    out = write_report("claims", tracking_uri, tmp_path / "out", log_artifacts=False)
-    return out, document(tracking_uri, "claims")
+    the paired speed measurement has switch at twice baseline's time. Made once: its tests only read the report."""
+    tmp_path = tmp_path_factory.mktemp("claims")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:  # module scope: before the per-test environment
+        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
+        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+        spec = load_spec(tiny_spec(tmp_path, "claims", ["baseline"], [0]))
+        client = MlflowClient(tracking_uri)
+        eid = client.create_experiment("claims")
+        parent = client.create_run(eid, tags={ROLE: ROLE_STUDY, DESIGN: DESIGN_OF_CLAIMS.tag()}).info.run_id
+        speed = {"baseline": [1000.0, 1010.0, 990.0, 1005.0], "switch": [2000.0, 2030.0, 1990.0, 2000.0]}
+        record = {"rounds": 4, "steps": 10, "warmup": 10, "threads": 1, "device": "cpu", "seconds_per_mtok": speed}
+        client.log_dict(parent, record, "speed.json")
+        client.set_terminated(parent, "FINISHED")
+        values = {"baseline": BASE, "switch": CLOSE, "hybrid": {"0": 1030.0, "1": 1040.0}, "lora": {"0": 99.0}}
+        health = {"baseline": "ok", "switch": "ok", "hybrid": "stalled", "lora": None}
+        for variant, by_seed in values.items():
+            for seed, ppl in by_seed.items():
+                _trial(client, eid, parent, resolve_trial(spec, variant, int(seed)), ppl, health[variant])
+        out = write_report("claims", tracking_uri, tmp_path / "out", log_artifacts=False)
+        return out, document(tracking_uri, "claims")
 
 
 def test_the_verdict_answers_each_healthy_variant_and_verdicts_json_holds_the_decisions(

@@ -37,6 +37,7 @@ def test_sigkilled_study_resumes_from_its_checkpoint_to_identical_results(tmp_pa
     log = tmp_path / "worker.log"
 
     ck_dir = tmp_path / "ck-killed"
+    uninterrupted = start_worker(spec, log, "--tracking-uri", whole_uri, "--checkpoint-dir", str(tmp_path / "ck"))
     worker = start_worker(spec, log, "--tracking-uri", killed_uri, "--checkpoint-dir", str(ck_dir))
     checkpoint = ck_dir / "resume" / "baseline-seed=0.pt"
     wait_for(lambda: checkpoint.is_file() or worker.poll() is not None, 300, "a checkpoint")
@@ -49,7 +50,6 @@ def test_sigkilled_study_resumes_from_its_checkpoint_to_identical_results(tmp_pa
     assert run.info.status == "RUNNING"  # killed: nothing got to close it
 
     rerun = start_worker(spec, log, "--tracking-uri", killed_uri, "--checkpoint-dir", str(ck_dir))
-    uninterrupted = start_worker(spec, log, "--tracking-uri", whole_uri, "--checkpoint-dir", str(tmp_path / "ck"))
     assert rerun.wait(timeout=400) == 0, log.read_text()
     assert uninterrupted.wait(timeout=400) == 0, log.read_text()
     assert "resuming its interrupted run" in log.read_text()

@@ -90,6 +90,7 @@ def kill_between_rounds(spec: Path, uri: str, checkpoints: Path) -> dict[str, tu
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")  # on Ray, not about a cluster's life
 def test_rounds_stop_a_worse_variant_early_survive_a_kill_and_agree_with_ray(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

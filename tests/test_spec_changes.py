@@ -12,6 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from harness.relocate import relocate
 from harness.report.gather import load_study
 from harness.runs import finish_study_run
 from harness.tags import FINGERPRINT, HEALTH, PARENT, ROLE, ROLE_TRIAL, SUPERSEDED
@@ -52,11 +53,25 @@ def refused_line(tmp_path: Path, spec: Path, uri: str, capsys: pytest.CaptureFix
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path) -> Path:
+    """The two-cell study, run once for the module: its folder (spec, embedded store)."""
+    folder = tmp_path_factory.mktemp("finished")
+    with pytest.MonkeyPatch.context() as patch:  # module scope: before the per-test environment
+        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
+        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+        spec = tiny_spec(folder, STUDY, ["dense", "switch"], [0])
+        assert run_study(folder, spec, f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}") == 0
+    return folder
+
+
 @pytest.fixture
-def finished_study(tmp_path: Path, tracking_uri: str) -> Path:
-    spec = tiny_spec(tmp_path, STUDY, ["dense", "switch"], [0])
-    assert run_study(tmp_path, spec, tracking_uri) == 0
-    return spec
+def finished_study(tmp_path: Path, tracking_uri: str, finished_once: Path) -> Path:
+    """A copy of the finished study at ``tracking_uri``, relocated (``harness store relocate``): its spec's path."""
+    store = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    shutil.copytree(finished_once / "mlruns", store)
+    relocate(store)
+    return Path(shutil.copy(finished_once / f"{STUDY}.yaml", tmp_path))
 
 
 @pytest.mark.parametrize(

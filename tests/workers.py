@@ -46,8 +46,11 @@ def mlflow_server(backend: str, log: Path, port: int, *options: str) -> Iterator
     """A real ``mlflow server`` on loopback over ``backend``; its URL while the block runs, stopped after."""
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, *options]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # No job runner: its seven queue consumers (MLflow's GenAI jobs, which the harness never submits) would take
+    # the cores the test's study runs on.
+    env = harness_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with log.open("ab") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=harness_env())
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: healthy(url) or server.poll() is not None, 180, "mlflow server /health", 0.5)
