@@ -69,6 +69,17 @@ def isolated_env(tiny_data: Path, shared_cache: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def torch_threads() -> Iterator[None]:
+    """Each test starts at torch's default thread count: a trial sets the process's count (``train.threads``), and a
+    test that trains in-process would otherwise leave the next one on a single thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache of the test's own, for a test about what the cache holds."""

@@ -83,7 +83,8 @@ def test_sigterm_leaves_no_running_run(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path, "term", ["dense", "baseline"], [0], budget=long)
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     log = tmp_path / "worker.log"
-    worker = start_worker(spec, log, "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck"))
+    args = ["--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck"), "--workers", "1"]  # in process
+    worker = start_worker(spec, log, *args)
     wait_for(lambda: any((tmp_path / "ck" / "term").glob("*.pt")), 300, "the first checkpoint", 0.2)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()  # 143: stopped by the signal

@@ -210,6 +210,7 @@ def quick_plain(shared_data: Path, monkeypatch: pytest.MonkeyPatch, prior: bool)
     monkeypatch.setenv("MOE_HARNESS_DATA", str(shared_data))
     config = resolve_trial(load_spec(REPO / "studies" / "quick.yaml"), "plain", seed=1)
     update = {"model": {"output_prior": prior}, "budget": {"tokens": STALL_STEPS * 20 * 35}}
+    update["train"] = {"threads": None}  # every core: the recipe's one thread is for two cells at once
     return TrialConfig.model_validate(deep_merge(config.model_dump(), update))
 
 

@@ -26,7 +26,7 @@ def test_pinned_threads_leave_cores_for_more_cells(tmp_path: Path, monkeypatch: 
     assert rule(tmp_path, train={"threads": 1}, budget=long) == parallel.CellsAtOnce(4, 1, "4 cores, train.threads = 1")
     assert rule(tmp_path, train={"threads": 2}, budget=long).cells == 2
     assert rule(tmp_path, train={"threads": 4}, budget=long).cells == 1  # one cell takes every core
-    assert rule(tmp_path, budget=long).cells == 1  # threads unset: a cell uses every core
+    assert rule(tmp_path, train={"threads": None}, budget=long).cells == 1  # threads unset: a cell uses every core
     assert rule(tmp_path, train={"threads": 1}, budget={"tokens": 10_000}).cells == 1  # shorter than Ray's start-up
     assert rule(tmp_path, workers=2) == parallel.CellsAtOnce(2, 2, "--workers")
     assert rule(tmp_path, workers=1).cells == 1

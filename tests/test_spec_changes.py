@@ -123,7 +123,7 @@ def test_the_same_data_elsewhere_and_other_threads_count_as_done(
     moved = tmp_path / "moved"
     shutil.copytree(tiny_data, moved)
     monkeypatch.setenv("MOE_HARNESS_DATA", str(moved))
-    edit(finished_study, "base.train.threads", 1)  # how fast, not what: the same cell
+    edit(finished_study, "base.train.threads", 2)  # how fast, not what: the same cell
     assert run_study(tmp_path, finished_study, tracking_uri) == 0
     assert "0 finished, 2 already done" in capsys.readouterr().out
 

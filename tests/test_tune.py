@@ -194,7 +194,7 @@ def test_two_workers_on_postgres_run_the_requested_trials_in_total(tmp_path: Pat
 def test_a_killed_workers_trial_is_marked_failed_and_retried(tmp_path: Path, postgres_db: str) -> None:
     # A grace period longer than a worker's start-up: the survivor usually finds the dead trial still
     # "running", has no new trial to start, and must wait for it to go stale rather than exit.
-    settings = {"pruner": "none", "heartbeat_interval_s": 2, "grace_period_s": 12}
+    settings = {"pruner": "none", "heartbeat_interval_s": 2, "grace_period_s": 8}
     # The victim's trial is long, so it is surely still training when killed; the survivor (same study,
     # same search space) runs the retried trial on a short budget.
     long_spec = tune_spec(tmp_path / "victim", "tk", settings, tokens=400_000)
