@@ -176,16 +176,28 @@ def test_checkpoint_from_an_incompatible_config(tmp_path: Path, capsys: pytest.C
 @pytest.mark.slow
 def test_unreachable_servers_from_the_real_command_line_print_one_line(tmp_path: Path) -> None:
     spec = tiny_spec(tmp_path, "bad", ["baseline"])
-    for extra, message in [
-        (["--tracking-uri", f"http://127.0.0.1:{free_port()}"], "tracking server"),
-        (["--ray", f"127.0.0.1:{free_port()}"], "no Ray cluster answers there"),
-    ]:
-        command = [sys.executable, "-m", "harness", "run-study", str(spec), "--checkpoint-dir", str(tmp_path / "ck")]
-        result = subprocess.run([*command, *extra], capture_output=True, text=True, env=harness_env(), cwd=tmp_path)
-        assert result.returncode == 2, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and not result.stdout
-        assert not (tmp_path / "ck").exists() and not (tmp_path / "mlruns").exists()
+    command = [sys.executable, "-m", "harness", "run-study", str(spec), "--checkpoint-dir", str(tmp_path / "ck")]
+    cases = {
+        "tracking server": ["--tracking-uri", f"http://127.0.0.1:{free_port()}"],
+        "no Ray cluster answers there": ["--ray", f"127.0.0.1:{free_port()}"],
+    }
+    started = {  # side by side: each only starts and refuses
+        message: subprocess.Popen(
+            [*command, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=harness_env(),
+            cwd=tmp_path,
+        )
+        for message, extra in cases.items()
+    }
+    for message, process in started.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 2, err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+        assert "Traceback" not in err and not out
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "mlruns").exists()
 
 
 # ------------------------------------------------------ issue 13: every class, against an existing store
