@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -59,6 +60,16 @@ def tiny_data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One harness cache for the whole run: the tiny data tokenised once, MLflow's empty store migrated once."""
     return tmp_path_factory.mktemp("cache")
+
+
+@contextmanager
+def harness_environment(data: Path, cache: Path) -> Iterator[pytest.MonkeyPatch]:
+    """The environment every test runs in (the tiny data, the run's cache), for a fixture of module or session scope:
+    those are set up before a test's own environment (``isolated_env``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOE_HARNESS_DATA", str(data))
+        patch.setenv("MOE_HARNESS_CACHE", str(cache))
+        yield patch
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ import harness.cells
 import harness.tracking
 from harness.metric_names import TRAIN_LOSS, VAL_LOSS, VAL_SUBSET_LOSS
 from harness.tracking import TrackingStore
+from tests.conftest import harness_environment
 from tests.studies import run_study, tiny_spec
 from tests.workers import harness_env, start_worker
 
@@ -71,9 +72,7 @@ def reference(
     """The two-trial study, uninterrupted (on the tiny data: this runs before the per-test environment)."""
     folder = tmp_path_factory.mktemp("reference")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+    with harness_environment(tiny_data, shared_cache):
         assert run_study(folder, two_trials(folder, "intr"), uri) == 0
     return assert_clean(uri, "intr")
 

@@ -22,6 +22,7 @@ from harness.report.render import table_markdown
 from harness.report.statistics import analyse, summarise
 from harness.study.rounds import StudyDesign
 from harness.tags import DESIGN, HEALTH
+from tests.conftest import harness_environment
 from tests.studies import run_study, tiny_spec, trial_runs
 
 
@@ -38,9 +39,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cach
     """Two MoE variants x two seeds plus dense on one seed (too few to test), then ``harness report`` on it."""
     folder = tmp_path_factory.mktemp("report")
     uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+    with harness_environment(tiny_data, shared_cache):
         spec = tiny_spec(folder, "rep", ["baseline", "switch"], [0, 1])
         assert run_study(folder, spec, uri) == 0
         assert run_study(folder, tiny_spec(folder, "rep", ["dense"], [0]), uri) == 0
@@ -66,9 +65,7 @@ def failed_single_seed(
     """
     folder = tmp_path_factory.mktemp("failed")
     uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+    with harness_environment(tiny_data, shared_cache) as patch:
         patch.chdir(folder)
         overrides = {"switch": {"optim": {"lr": 1.0e30, "grad_clip": None}}}
         spec = tiny_spec(folder, "onefail", ["baseline", "switch"], [0], overrides)

@@ -26,6 +26,7 @@ from harness.report.overview import flag_note
 from harness.report.statistics import analyse, matched_points, ppl_at, results_of, verdicts
 from harness.study.rounds import StudyDesign, decision_tag
 from harness.tags import DESIGN, HEALTH, HEALTH_EVIDENCE, PARENT, ROLE, ROLE_STUDY, ROLE_TRIAL
+from tests.conftest import harness_environment
 from tests.studies import tiny_spec
 from tests.test_report import document, records, row, tables
 
@@ -100,9 +101,7 @@ def flagged_study(
     the paired speed measurement has switch at twice baseline's time. Made once: its tests only read the report."""
     tmp_path = tmp_path_factory.mktemp("claims")
     tracking_uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:  # module scope: before the per-test environment
-        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+    with harness_environment(tiny_data, shared_cache):
         spec = load_spec(tiny_spec(tmp_path, "claims", ["baseline"], [0]))
         client = MlflowClient(tracking_uri)
         eid = client.create_experiment("claims")

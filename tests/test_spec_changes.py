@@ -17,6 +17,7 @@ from harness.report.gather import load_study
 from harness.runs import finish_study_run
 from harness.tags import FINGERPRINT, HEALTH, PARENT, ROLE, ROLE_TRIAL, SUPERSEDED
 from harness.tracking import TrackingStore
+from tests.conftest import harness_environment
 from tests.studies import run_study, tiny_spec
 
 STUDY = "edited"
@@ -57,9 +58,7 @@ def refused_line(tmp_path: Path, spec: Path, uri: str, capsys: pytest.CaptureFix
 def finished_once(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path) -> Path:
     """The two-cell study, run once for the module: its folder (spec, embedded store)."""
     folder = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as patch:  # module scope: before the per-test environment
-        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+    with harness_environment(tiny_data, shared_cache):
         spec = tiny_spec(folder, STUDY, ["dense", "switch"], [0])
         assert run_study(folder, spec, f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}") == 0
     return folder

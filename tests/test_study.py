@@ -11,6 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.metric_names import TRAIN_LOSS, VAL_PPL, VAL_SUBSET_PPL
+from tests.conftest import harness_environment
 from tests.studies import run_study, tiny_spec, trial_runs
 
 
@@ -18,9 +19,7 @@ from tests.studies import run_study, tiny_spec, trial_runs
 def lstm_study(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared_cache: Path) -> tuple[str, Path]:
     tmp_path = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+    with harness_environment(tiny_data, shared_cache):
         spec = tiny_spec(tmp_path, "e2e", ["baseline", "switch", "lora", "hybrid", "dense"], [0, 1])
         assert run_study(tmp_path, spec, uri) == 0
     return uri, spec

@@ -21,6 +21,7 @@ from harness.config import load_spec
 from harness.tracking import TrackingStore
 from harness.tune.attrs import INTERRUPTED_ATTR, RUN_ID_ATTR, SURPLUS_ATTR
 from harness.tune.budget import counted
+from tests.conftest import harness_environment
 from tests.studies import BAD_LR, GOOD_LR, tune_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,9 +58,7 @@ def local_tune(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, shared
     fixed = {"moe.lora_rank": 4, "moe.top_k": 2, "moe.aux_loss_coef": 0.01}
     for lr in (GOOD_LR, GOOD_LR * 0.5, BAD_LR):
         study.enqueue_trial({**fixed, "optim.lr": lr})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOE_HARNESS_DATA", str(tiny_data))
-        patch.setenv("MOE_HARNESS_CACHE", str(shared_cache))
+    with harness_environment(tiny_data, shared_cache) as patch:
         patch.chdir(tmp_path)
         code = main(["tune", str(spec), "--tracking-uri", uri, "--no-progress", "--report"])
     assert code == 0
